@@ -11,7 +11,7 @@ from datetime import datetime, timezone
 from enum import Enum
 from typing import Any, Optional
 
-from sqlalchemy import JSON, Column, Index, Text, UniqueConstraint
+from sqlalchemy import JSON, Column, Index, Text, UniqueConstraint, text
 from sqlmodel import Field, SQLModel
 
 
@@ -108,14 +108,20 @@ class Response(SQLModel, table=True):
 class Comparison(SQLModel, table=True):
     """An unordered pair of responses to one prompt, stored with response_a_id < response_b_id."""
 
-    __table_args__ = (UniqueConstraint("response_a_id", "response_b_id"),)
+    __table_args__ = (
+        UniqueConstraint("response_a_id", "response_b_id"),
+        # The annotation queue walks this index in order and stops at the first free pair.
+        Index("ix_comparison_queue", text("priority DESC"), "human_votes", "id"),
+    )
 
     id: Optional[int] = Field(default=None, primary_key=True)
     prompt_id: int = Field(foreign_key="prompt.id", index=True)
     response_a_id: int = Field(foreign_key="response.id")
     response_b_id: int = Field(foreign_key="response.id")
     # Higher is served first to humans (e.g. judge-inconsistent pairs: "judge first, humans on doubt").
-    priority: int = Field(default=0, index=True)
+    priority: int = 0
+    # Votes by human raters, kept in step by record_vote: the queue's "fewest votes first".
+    human_votes: int = 0
     source: Optional[str] = None
     created_at: datetime = Field(default_factory=utcnow)
 

@@ -151,6 +151,7 @@ def upgrade() -> None:
     sa.Column('response_a_id', sa.Integer(), nullable=False),
     sa.Column('response_b_id', sa.Integer(), nullable=False),
     sa.Column('priority', sa.Integer(), nullable=False),
+    sa.Column('human_votes', sa.Integer(), nullable=False),
     sa.Column('source', sa.String(), nullable=True),
     sa.Column('created_at', sa.DateTime(timezone=True), nullable=False),
     sa.ForeignKeyConstraint(['prompt_id'], ['prompt.id'], ),
@@ -160,8 +161,8 @@ def upgrade() -> None:
     sa.UniqueConstraint('response_a_id', 'response_b_id')
     )
     with op.batch_alter_table('comparison', schema=None) as batch_op:
-        batch_op.create_index(batch_op.f('ix_comparison_priority'), ['priority'], unique=False)
         batch_op.create_index(batch_op.f('ix_comparison_prompt_id'), ['prompt_id'], unique=False)
+        batch_op.create_index('ix_comparison_queue', [sa.text('priority DESC'), 'human_votes', 'id'], unique=False)
 
     op.create_table('rating',
     sa.Column('id', sa.Integer(), nullable=False),
@@ -294,7 +295,6 @@ def downgrade() -> None:
     op.drop_table('rating')
     with op.batch_alter_table('comparison', schema=None) as batch_op:
         batch_op.drop_index(batch_op.f('ix_comparison_prompt_id'))
-        batch_op.drop_index(batch_op.f('ix_comparison_priority'))
 
     op.drop_table('comparison')
     with op.batch_alter_table('response', schema=None) as batch_op:

@@ -1,0 +1,219 @@
+"""Recording judgements: pairwise votes and single-response ratings.
+
+Both are idempotent. A retry carrying the same idempotency key returns what was stored;
+a rater holds at most one vote per comparison (one rating per response), and changing it
+updates that row while the superseded state goes to `VoteRevision`. Nothing is lost or
+counted twice, whatever the interleaving of retries, tabs and processes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy import delete, update
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session, select
+
+from feedback_store.models import (
+    Assignment,
+    Choice,
+    Comparison,
+    Rater,
+    RaterKind,
+    Rating,
+    Vote,
+    VoteRevision,
+    utcnow,
+)
+
+STRENGTHS = {1: "slightly better", 2: "clearly better"}
+
+
+class VoteError(ValueError):
+    """A vote that cannot be recorded as given (unknown comparison, bad field, reused key)."""
+
+
+@dataclass(frozen=True)
+class VoteInput:
+    choice: Choice
+    strength: int | None = None
+    rationale: str | None = None
+    left_response_id: int | None = None
+    time_spent_ms: int | None = None
+    confidence: float | None = None
+
+    def same_judgement(self, vote: Vote) -> bool:
+        return (self.choice, self.strength, self.rationale) == (vote.choice, vote.strength, vote.rationale)
+
+
+def _validate(comparison: Comparison | None, comparison_id: int, rater: Rater | None, rater_id: int,
+              vote: VoteInput) -> None:
+    if comparison is None:
+        raise VoteError(f"comparison {comparison_id} does not exist")
+    if rater is None:
+        raise VoteError(f"rater {rater_id} does not exist")
+    if not rater.active:
+        raise VoteError(f"rater {rater.name!r} is deactivated")
+    if vote.strength is not None and vote.strength not in STRENGTHS:
+        raise VoteError(f"strength must be one of {sorted(STRENGTHS)} (got {vote.strength!r})")
+    if vote.strength is not None and vote.choice not in (Choice.a, Choice.b):
+        raise VoteError("strength only applies to a choice of 'a' or 'b'")
+    pair = (comparison.response_a_id, comparison.response_b_id)
+    if vote.left_response_id is not None and vote.left_response_id not in pair:
+        raise VoteError(
+            f"left_response_id {vote.left_response_id} is not part of comparison {comparison_id} {pair}"
+        )
+    if vote.time_spent_ms is not None and vote.time_spent_ms < 0:
+        raise VoteError("time_spent_ms must not be negative")
+
+
+def record_vote(
+    comparison_id: int,
+    rater_id: int,
+    choice: Choice | str,
+    *,
+    session: Session,
+    strength: int | None = None,
+    rationale: str | None = None,
+    left_response_id: int | None = None,
+    time_spent_ms: int | None = None,
+    confidence: float | None = None,
+    idempotency_key: str | None = None,
+) -> Vote:
+    """Store `rater`'s judgement of a comparison and return the vote as now stored."""
+    try:
+        choice = Choice(choice)
+    except ValueError:
+        raise VoteError(f"choice must be one of {[c.value for c in Choice]} (got {choice!r})") from None
+    given = VoteInput(choice, strength, rationale or None, left_response_id, time_spent_ms, confidence)
+
+    if idempotency_key is not None:
+        replay = _vote_for_key(idempotency_key, session=session)
+        if replay is not None:
+            if (replay.comparison_id, replay.rater_id) != (comparison_id, rater_id):
+                raise VoteError(f"idempotency key {idempotency_key!r} was used for another vote")
+            return replay
+
+    comparison = session.get(Comparison, comparison_id)
+    rater = session.get(Rater, rater_id)
+    _validate(comparison, comparison_id, rater, rater_id, given)
+
+    existing = _existing_vote(comparison_id, rater_id, session=session)
+    if existing is None:
+        try:
+            with session.begin_nested():  # a concurrent insert of the same pair lands here (PostgreSQL)
+                vote = Vote(
+                    comparison_id=comparison_id,
+                    rater_id=rater_id,
+                    idempotency_key=idempotency_key,
+                    **given.__dict__,
+                )
+                session.add(vote)
+                session.flush()
+        except IntegrityError:
+            existing = _existing_vote(comparison_id, rater_id, session=session)
+            if existing is None:
+                raise VoteError(f"idempotency key {idempotency_key!r} was used for another vote") from None
+        else:
+            if rater.kind == RaterKind.human:
+                session.execute(
+                    update(Comparison)
+                    .where(Comparison.id == comparison_id)
+                    .values(human_votes=Comparison.human_votes + 1)
+                )
+            _release_assignment(comparison_id, rater_id, session=session)
+            return vote
+
+    if given.same_judgement(existing):
+        return existing  # a retry without a key, or the same answer twice
+    return _revise(existing, given, idempotency_key, session=session)
+
+
+def _vote_for_key(key: str, *, session: Session) -> Vote | None:
+    vote = session.exec(select(Vote).where(Vote.idempotency_key == key)).first()
+    if vote is not None:
+        return vote
+    # A key that produced a since-revised state still answers with the vote as it is now.
+    vote_id = session.exec(select(VoteRevision.vote_id).where(VoteRevision.idempotency_key == key)).first()
+    return session.get(Vote, vote_id) if vote_id is not None else None
+
+
+def _existing_vote(comparison_id: int, rater_id: int, *, session: Session) -> Vote | None:
+    return session.exec(
+        select(Vote).where(Vote.comparison_id == comparison_id, Vote.rater_id == rater_id)
+    ).first()
+
+
+def _revise(vote: Vote, given: VoteInput, idempotency_key: str | None, *, session: Session) -> Vote:
+    session.add(
+        VoteRevision(
+            vote_id=vote.id,
+            revision=vote.revision,
+            choice=vote.choice,
+            strength=vote.strength,
+            rationale=vote.rationale,
+            left_response_id=vote.left_response_id,
+            time_spent_ms=vote.time_spent_ms,
+            idempotency_key=vote.idempotency_key,
+            recorded_at=vote.updated_at,
+        )
+    )
+    for field, value in given.__dict__.items():
+        setattr(vote, field, value)
+    vote.idempotency_key = idempotency_key
+    vote.revision += 1
+    vote.updated_at = utcnow()
+    session.add(vote)
+    session.flush()
+    return vote
+
+
+def _release_assignment(comparison_id: int, rater_id: int, *, session: Session) -> None:
+    session.execute(
+        delete(Assignment).where(Assignment.comparison_id == comparison_id, Assignment.rater_id == rater_id)
+    )
+
+
+def vote_history(vote_id: int, *, session: Session) -> list[VoteRevision]:
+    return list(
+        session.exec(select(VoteRevision).where(VoteRevision.vote_id == vote_id).order_by(VoteRevision.revision))
+    )
+
+
+def votes_by(rater_id: int, *, session: Session) -> list[Vote]:
+    return list(session.exec(select(Vote).where(Vote.rater_id == rater_id).order_by(Vote.id)))
+
+
+def record_rating(
+    response_id: int,
+    rater_id: int,
+    thumbs_up: bool,
+    *,
+    session: Session,
+    comment: str | None = None,
+    idempotency_key: str | None = None,
+) -> Rating:
+    """Thumbs up/down on one response; one rating per (response, rater), updated in place."""
+    from feedback_store.models import Response
+
+    if idempotency_key is not None:
+        replay = session.exec(select(Rating).where(Rating.idempotency_key == idempotency_key)).first()
+        if replay is not None:
+            if (replay.response_id, replay.rater_id) != (response_id, rater_id):
+                raise VoteError(f"idempotency key {idempotency_key!r} was used for another rating")
+            return replay
+    if session.get(Response, response_id) is None:
+        raise VoteError(f"response {response_id} does not exist")
+    if session.get(Rater, rater_id) is None:
+        raise VoteError(f"rater {rater_id} does not exist")
+    rating = session.exec(
+        select(Rating).where(Rating.response_id == response_id, Rating.rater_id == rater_id)
+    ).first()
+    if rating is None:
+        rating = Rating(response_id=response_id, rater_id=rater_id, thumbs_up=bool(thumbs_up))
+    rating.thumbs_up = bool(thumbs_up)
+    rating.comment = comment or None
+    rating.idempotency_key = idempotency_key or rating.idempotency_key
+    session.add(rating)
+    session.flush()
+    return rating
