@@ -1,0 +1,507 @@
+"""Statistics over the store: counts, agreement, position bias, throughput, leaderboard, judge vs human.
+
+`compute_stats(session=...)` reads the votes with one query (columns, not ORM objects) and
+does everything else with numpy, so 100,000 votes take well under a second or two. Every
+part is also a plain function of `VoteColumns`, testable without a database.
+
+Labels: agreement uses the four vote choices as nominal categories. Judge-vs-human
+collapses "both bad" into "tie", because a judge's verdict ([[A]] / [[B]] / [[C]]) has no
+"both bad" and would otherwise disagree by construction. Following MT-Bench, judge-vs-human
+agreement is over every (judge vote, human vote) pair on a comparison both labelled.
+
+NaN marks an undefined statistic in the dataclasses; `Stats.to_dict()` turns it into None.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+
+import numpy as np
+from scipy.stats import binomtest
+from sqlalchemy import func, select
+from sqlalchemy.orm import aliased
+from sqlmodel import Session
+
+from feedback_store.agreement import (
+    cohen_kappa_from_confusion,
+    fleiss_kappa,
+    krippendorff_alpha_from_counts,
+    percent_agreement_from_confusion,
+)
+from feedback_store.leaderboard import Leaderboard, LeaderboardConfig, bradley_terry_leaderboard
+from feedback_store.models import (
+    Comparison,
+    PolicyVersion,
+    Prompt,
+    Rater,
+    RaterKind,
+    Rating,
+    Response,
+    Vote,
+)
+
+CHOICES = ("a", "b", "tie", "both_bad")
+JUDGE_CATEGORIES = ("a", "b", "tie")  # both_bad folded into tie
+KINDS = tuple(kind.value for kind in RaterKind)
+
+
+@dataclass(frozen=True)
+class StatsConfig:
+    min_overlap: int = field(
+        default=5, metadata={"help": "comparisons two raters must share for their pairwise Cohen's kappa to be listed"}
+    )
+    agreement_kinds: tuple[str, ...] = field(
+        default=("human",), metadata={"help": "rater kinds whose votes count for inter-annotator agreement"}
+    )
+    leaderboard_kinds: tuple[str, ...] = field(
+        default=KINDS, metadata={"help": "rater kinds whose votes count for the leaderboard"}
+    )
+    idle_gap_s: float = field(
+        default=600.0, metadata={"help": "a gap between two votes longer than this is a break, not active time"}
+    )
+    leaderboard: LeaderboardConfig = field(default_factory=LeaderboardConfig)
+
+    def __post_init__(self) -> None:
+        for name in ("agreement_kinds", "leaderboard_kinds"):
+            unknown = set(getattr(self, name)) - set(KINDS)
+            if unknown:
+                raise ValueError(f"{name}: unknown rater kind {sorted(unknown)[0]!r} (known: {', '.join(KINDS)})")
+        if self.min_overlap < 1:
+            raise ValueError("min_overlap must be at least 1")
+
+
+# ---- the data, as columns -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RaterTable:
+    ids: np.ndarray  # rater ids, ascending
+    names: list[str]
+    kinds: list[str]
+
+    def index(self, rater_ids: np.ndarray) -> np.ndarray:
+        return np.searchsorted(self.ids, rater_ids)
+
+    def of_kinds(self, kinds) -> np.ndarray:
+        return np.array([kind in kinds for kind in self.kinds], dtype=bool)
+
+
+@dataclass(frozen=True)
+class VoteColumns:
+    """One entry per vote. `rater` indexes RaterTable, `choice` indexes CHOICES, missing = -1 / NaN."""
+
+    comparison: np.ndarray
+    rater: np.ndarray
+    choice: np.ndarray
+    left: np.ndarray
+    response_a: np.ndarray
+    response_b: np.ndarray
+    policy_a: np.ndarray
+    policy_b: np.ndarray
+    time_spent_ms: np.ndarray
+    created_s: np.ndarray  # seconds since the epoch
+
+    def __len__(self) -> int:
+        return len(self.comparison)
+
+    def subset(self, mask: np.ndarray) -> "VoteColumns":
+        return VoteColumns(**{name: value[mask] for name, value in self.__dict__.items()})
+
+
+def _epoch_seconds(values) -> np.ndarray:
+    # SQLite hands back naive datetimes (stored as UTC), PostgreSQL aware ones.
+    return np.array(
+        [(v if v.tzinfo else v.replace(tzinfo=timezone.utc)).timestamp() for v in values], dtype=float
+    )
+
+
+def load_raters(*, session: Session) -> RaterTable:
+    rows = session.execute(select(Rater.id, Rater.name, Rater.kind).order_by(Rater.id)).all()
+    return RaterTable(
+        ids=np.array([r[0] for r in rows], dtype=np.int64),
+        names=[r[1] for r in rows],
+        kinds=[RaterKind(r[2]).value for r in rows],
+    )
+
+
+def load_votes(raters: RaterTable, *, session: Session) -> VoteColumns:
+    response_a, response_b = aliased(Response), aliased(Response)
+    query = (
+        select(
+            Vote.comparison_id,
+            Vote.rater_id,
+            Vote.choice,
+            Vote.left_response_id,
+            Comparison.response_a_id,
+            Comparison.response_b_id,
+            response_a.policy_id,
+            response_b.policy_id,
+            Vote.time_spent_ms,
+            Vote.created_at,
+        )
+        .join(Comparison, Comparison.id == Vote.comparison_id)
+        .join(response_a, response_a.id == Comparison.response_a_id)
+        .join(response_b, response_b.id == Comparison.response_b_id)
+        .order_by(Vote.id)
+    )
+    rows = session.execute(query).all()
+    if not rows:
+        empty = np.zeros(0, dtype=np.int64)
+        return VoteColumns(*(empty,) * 8, np.zeros(0), np.zeros(0))
+    cols = list(zip(*rows))
+    code = {choice: i for i, choice in enumerate(CHOICES)}
+
+    def ints(values, missing=-1):
+        return np.array([missing if v is None else v for v in values], dtype=np.int64)
+
+    return VoteColumns(
+        comparison=ints(cols[0]),
+        rater=raters.index(ints(cols[1])),
+        choice=np.array([code[getattr(c, "value", c)] for c in cols[2]], dtype=np.int64),
+        left=ints(cols[3]),
+        response_a=ints(cols[4]),
+        response_b=ints(cols[5]),
+        policy_a=ints(cols[6]),
+        policy_b=ints(cols[7]),
+        time_spent_ms=np.array([np.nan if v is None else v for v in cols[8]], dtype=float),
+        created_s=_epoch_seconds(cols[9]),
+    )
+
+
+# ---- results --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Counts:
+    prompts: int
+    responses: int
+    comparisons: int
+    votes: int
+    ratings: int
+    raters: int
+    policies: int
+    raters_by_kind: dict[str, int]
+    votes_by_kind: dict[str, int]
+
+
+@dataclass(frozen=True)
+class PairAgreement:
+    rater_a: str
+    rater_b: str
+    n: int  # comparisons both rated
+    percent_agreement: float
+    kappa: float
+
+
+@dataclass(frozen=True)
+class Agreement:
+    categories: list[str]
+    raters: int  # raters with at least one vote counted
+    items_multi: int  # comparisons with two or more of their votes
+    percent_agreement: float  # over every pair of votes on the same comparison
+    pairwise: list[PairAgreement]  # Cohen's kappa per pair of raters with enough overlap
+    mean_pairwise_kappa: float  # weighted by overlap
+    fleiss_kappa: float
+    fleiss_items: int
+    fleiss_raters_per_item: int  # the most common number of raters per comparison
+    krippendorff_alpha: float
+    krippendorff_items: int
+
+
+@dataclass(frozen=True)
+class PositionBias:
+    rater: str
+    kind: str
+    n: int  # decisive votes with a known left side
+    left_picks: int
+    left_rate: float
+    p_value: float  # two-sided binomial test against 0.5
+
+
+@dataclass(frozen=True)
+class Throughput:
+    rater: str
+    kind: str
+    votes: int
+    active_hours: float
+    votes_per_hour: float  # over active time (gaps longer than idle_gap_s are breaks)
+    median_time_spent_ms: float
+
+
+@dataclass(frozen=True)
+class JudgeAgreement:
+    judge: str
+    n_comparisons: int
+    n_pairs: int
+    percent_agreement: float
+    kappa: float
+    decisive_agreement: float  # over pairs where both said a or b
+
+
+@dataclass(frozen=True)
+class JudgeVsHuman:
+    categories: list[str]
+    n_comparisons: int
+    n_pairs: int
+    percent_agreement: float
+    kappa: float
+    decisive_agreement: float
+    by_judge: list[JudgeAgreement]
+
+
+@dataclass(frozen=True)
+class Stats:
+    counts: Counts
+    agreement: Agreement
+    position_bias: list[PositionBias]
+    throughput: list[Throughput]
+    leaderboard: Leaderboard
+    judge_vs_human: JudgeVsHuman
+
+    def to_dict(self) -> dict:
+        """A JSON-ready dict: `leaderboard` is the list of ratings; the matrices sit in `win_rate`."""
+        board = self.leaderboard.to_dict()
+        result = {
+            "counts": asdict(self.counts),
+            "agreement": asdict(self.agreement),
+            "position_bias": [asdict(row) for row in self.position_bias],
+            "throughput": [asdict(row) for row in self.throughput],
+            "leaderboard": board.pop("ratings"),
+            "win_rate": board,
+            "judge_vs_human": asdict(self.judge_vs_human),
+        }
+        return _json_safe(result)
+
+
+def _json_safe(value):
+    if isinstance(value, float):
+        return None if math.isnan(value) or math.isinf(value) else value
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, np.generic):
+        return _json_safe(value.item())
+    return value
+
+
+# ---- the statistics -------------------------------------------------------------------------
+
+
+def count_rows(raters: RaterTable, votes: VoteColumns, *, session: Session) -> Counts:
+    def count(model) -> int:
+        return int(session.execute(select(func.count()).select_from(model)).scalar_one())
+
+    kinds = np.array(raters.kinds, dtype=object)
+    voted_kinds = kinds[votes.rater] if len(votes) else np.zeros(0, dtype=object)
+    return Counts(
+        prompts=count(Prompt),
+        responses=count(Response),
+        comparisons=count(Comparison),
+        votes=len(votes),
+        ratings=count(Rating),
+        raters=len(raters.ids),
+        policies=count(PolicyVersion),
+        raters_by_kind={kind: int((kinds == kind).sum()) for kind in KINDS},
+        votes_by_kind={kind: int((voted_kinds == kind).sum()) for kind in KINDS},
+    )
+
+
+def _vote_pairs(comparison: np.ndarray, rater: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Index pairs (i, j) of votes on the same comparison, with rater[i] < rater[j]."""
+    order = np.lexsort((rater, comparison))
+    sorted_comparison = comparison[order]
+    firsts, seconds = [], []
+    for offset in range(1, len(order)):
+        same = sorted_comparison[:-offset] == sorted_comparison[offset:]
+        if not same.any():
+            break  # groups are contiguous: no pair this far apart means none farther either
+        where = np.flatnonzero(same)
+        firsts.append(order[where])
+        seconds.append(order[where + offset])
+    if not firsts:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    return np.concatenate(firsts), np.concatenate(seconds)
+
+
+def _comparison_counts(comparison: np.ndarray, labels: np.ndarray, n_categories: int) -> np.ndarray:
+    _, item = np.unique(comparison, return_inverse=True)
+    n_items = int(item.max()) + 1 if len(item) else 0
+    return np.bincount(item * n_categories + labels, minlength=n_items * n_categories).reshape(n_items, n_categories)
+
+
+def agreement_stats(votes: VoteColumns, raters: RaterTable, config: StatsConfig = StatsConfig()) -> Agreement:
+    votes = votes.subset(raters.of_kinds(config.agreement_kinds)[votes.rater]) if len(votes) else votes
+    c = len(CHOICES)
+    first, second = _vote_pairs(votes.comparison, votes.rater)
+    r1, r2 = votes.rater[first], votes.rater[second]
+    pair_key, pair_index = np.unique(r1 * len(raters.ids) + r2, return_inverse=True)
+    confusions = np.bincount(
+        pair_index * c * c + votes.choice[first] * c + votes.choice[second], minlength=len(pair_key) * c * c
+    ).reshape(len(pair_key), c, c)
+    overlap = confusions.sum(axis=(1, 2))
+    kappas = np.atleast_1d(cohen_kappa_from_confusion(confusions))
+    agreements = np.atleast_1d(percent_agreement_from_confusion(confusions))
+    listed = np.flatnonzero(overlap >= config.min_overlap)
+    pairwise = [
+        PairAgreement(
+            raters.names[pair_key[k] // len(raters.ids)],
+            raters.names[pair_key[k] % len(raters.ids)],
+            int(overlap[k]),
+            float(agreements[k]),
+            float(kappas[k]),
+        )
+        for k in listed
+    ]
+    defined = listed[~np.isnan(kappas[listed])]
+    mean_kappa = float(np.average(kappas[defined], weights=overlap[defined])) if len(defined) else math.nan
+
+    counts = _comparison_counts(votes.comparison, votes.choice, c)
+    per_item = counts.sum(axis=1)
+    multi = per_item[per_item >= 2]
+    if len(multi):
+        sizes, frequency = np.unique(multi, return_counts=True)
+        m = int(sizes[np.flatnonzero(frequency == frequency.max())[-1]])  # most common; the larger on a tie
+        fleiss_rows = counts[per_item == m]
+        fleiss = fleiss_kappa(fleiss_rows)
+    else:
+        m, fleiss_rows, fleiss = 0, counts[:0], math.nan
+    return Agreement(
+        categories=list(CHOICES),
+        raters=int(len(np.unique(votes.rater))),
+        items_multi=int(len(multi)),
+        percent_agreement=float(percent_agreement_from_confusion(confusions.sum(axis=0))),
+        pairwise=pairwise,
+        mean_pairwise_kappa=mean_kappa,
+        fleiss_kappa=fleiss,
+        fleiss_items=int(len(fleiss_rows)),
+        fleiss_raters_per_item=m,
+        krippendorff_alpha=krippendorff_alpha_from_counts(counts),
+        krippendorff_items=int(len(multi)),
+    )
+
+
+def position_bias_stats(votes: VoteColumns, raters: RaterTable) -> list[PositionBias]:
+    decisive = (votes.choice <= 1) & (votes.left >= 0)
+    picked = np.where(votes.choice == 0, votes.response_a, votes.response_b)
+    left_pick = decisive & (picked == votes.left)
+    n = np.bincount(votes.rater[decisive], minlength=len(raters.ids))
+    k = np.bincount(votes.rater[left_pick], minlength=len(raters.ids))
+    return [
+        PositionBias(
+            raters.names[r], raters.kinds[r], int(n[r]), int(k[r]), float(k[r] / n[r]),
+            float(binomtest(int(k[r]), int(n[r]), 0.5).pvalue),
+        )
+        for r in np.flatnonzero(n)
+    ]
+
+
+def throughput_stats(votes: VoteColumns, raters: RaterTable, config: StatsConfig = StatsConfig()) -> list[Throughput]:
+    order = np.lexsort((votes.created_s, votes.rater))
+    rater, created, spent = votes.rater[order], votes.created_s[order], votes.time_spent_ms[order]
+    gaps = np.diff(created)
+    active_gap = (rater[1:] == rater[:-1]) & (gaps <= config.idle_gap_s)
+    # Within a stretch of activity, k votes span k - 1 gaps: the rate is (active gaps) / (their time).
+    n_gaps = np.bincount(rater[1:][active_gap], minlength=len(raters.ids))
+    seconds = np.bincount(rater[1:][active_gap], weights=gaps[active_gap], minlength=len(raters.ids))
+    n_votes = np.bincount(rater, minlength=len(raters.ids))
+    starts = np.concatenate([[0], np.cumsum(n_votes)])
+    rows = []
+    for r in np.flatnonzero(n_votes):
+        own = spent[starts[r] : starts[r + 1]]
+        own = own[~np.isnan(own)]
+        rows.append(
+            Throughput(
+                rater=raters.names[r],
+                kind=raters.kinds[r],
+                votes=int(n_votes[r]),
+                active_hours=float(seconds[r] / 3600),
+                votes_per_hour=float(n_gaps[r] / seconds[r] * 3600) if seconds[r] > 0 else math.nan,
+                median_time_spent_ms=float(np.median(own)) if len(own) else math.nan,
+            )
+        )
+    return rows
+
+
+def _judge_agreement(name: str, confusion: np.ndarray, n_comparisons: int) -> JudgeAgreement:
+    return JudgeAgreement(
+        judge=name,
+        n_comparisons=n_comparisons,
+        n_pairs=int(confusion.sum()),
+        percent_agreement=float(percent_agreement_from_confusion(confusion)),
+        kappa=float(cohen_kappa_from_confusion(confusion)),
+        decisive_agreement=float(percent_agreement_from_confusion(confusion[:2, :2])),
+    )
+
+
+def judge_vs_human_stats(votes: VoteColumns, raters: RaterTable) -> JudgeVsHuman:
+    c = len(JUDGE_CATEGORIES)
+    labels = np.minimum(votes.choice, 2)  # both_bad -> tie
+    is_judge = raters.of_kinds({RaterKind.judge.value})[votes.rater]
+    is_human = raters.of_kinds({RaterKind.human.value})[votes.rater]
+    judge_idx, human_idx = np.flatnonzero(is_judge), np.flatnonzero(is_human)
+    human_idx = human_idx[np.argsort(votes.comparison[human_idx], kind="stable")]
+    human_comparisons = votes.comparison[human_idx]
+    # Every (judge vote, human vote) pair on the same comparison.
+    lo = np.searchsorted(human_comparisons, votes.comparison[judge_idx], side="left")
+    hi = np.searchsorted(human_comparisons, votes.comparison[judge_idx], side="right")
+    matches = hi - lo
+    pair_judge = np.repeat(judge_idx, matches)
+    offsets = np.arange(matches.sum()) - np.repeat(np.cumsum(matches) - matches, matches)
+    pair_human = human_idx[np.repeat(lo, matches) + offsets]
+
+    judge_rater = votes.rater[pair_judge]
+    judges, judge_of_pair = np.unique(judge_rater, return_inverse=True)
+    confusions = np.bincount(
+        judge_of_pair * c * c + labels[pair_judge] * c + labels[pair_human], minlength=len(judges) * c * c
+    ).reshape(len(judges), c, c)
+    by_judge = [
+        _judge_agreement(
+            raters.names[r], confusions[j], int(len(np.unique(votes.comparison[pair_judge[judge_of_pair == j]])))
+        )
+        for j, r in enumerate(judges)
+    ]
+    overall = _judge_agreement("all", confusions.sum(axis=0), int(len(np.unique(votes.comparison[pair_judge]))))
+    return JudgeVsHuman(
+        categories=list(JUDGE_CATEGORIES),
+        n_comparisons=overall.n_comparisons,
+        n_pairs=overall.n_pairs,
+        percent_agreement=overall.percent_agreement,
+        kappa=overall.kappa,
+        decisive_agreement=overall.decisive_agreement,
+        by_judge=by_judge,
+    )
+
+
+def leaderboard_stats(votes: VoteColumns, raters: RaterTable, policy_names: dict[int, str],
+                      config: StatsConfig = StatsConfig()) -> Leaderboard:
+    if len(votes):
+        votes = votes.subset(raters.of_kinds(config.leaderboard_kinds)[votes.rater])
+    ids = np.array(sorted(policy_names), dtype=np.int64)
+    return bradley_terry_leaderboard(
+        np.searchsorted(ids, votes.policy_a),
+        np.searchsorted(ids, votes.policy_b),
+        np.array(CHOICES)[votes.choice],
+        [policy_names[i] for i in ids],
+        config.leaderboard,
+    )
+
+
+def compute_stats(*, session: Session, config: StatsConfig = StatsConfig()) -> Stats:
+    raters = load_raters(session=session)
+    votes = load_votes(raters, session=session)
+    policy_names = dict(session.execute(select(PolicyVersion.id, PolicyVersion.name)).all())
+    return Stats(
+        counts=count_rows(raters, votes, session=session),
+        agreement=agreement_stats(votes, raters, config),
+        position_bias=position_bias_stats(votes, raters),
+        throughput=throughput_stats(votes, raters, config),
+        leaderboard=leaderboard_stats(votes, raters, policy_names, config),
+        judge_vs_human=judge_vs_human_stats(votes, raters),
+    )
+
+
+def stats_dict(*, session: Session, config: StatsConfig = StatsConfig()) -> dict:
+    return compute_stats(session=session, config=config).to_dict()
