@@ -13,6 +13,16 @@ from labeling.cli import store_commands
 from labeling.cli.common import CliError, common_parser
 
 COMMAND_MODULES = [store_commands]
+OPTIONAL_COMMANDS = (
+    "stats_command",
+    "export_command",
+    "users_command",
+    "generate_command",
+    "judge_command",
+    "train_command",
+    "serve_command",
+    "demo_command",
+)
 
 
 def _optional_modules() -> list:
@@ -20,7 +30,7 @@ def _optional_modules() -> list:
     import importlib
 
     modules = []
-    for name in ("generate_command", "judge_command", "train_command", "serve_command"):
+    for name in OPTIONAL_COMMANDS:
         try:
             modules.append(importlib.import_module(f"labeling.cli.{name}"))
         except ModuleNotFoundError as error:
