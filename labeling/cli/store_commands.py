@@ -6,6 +6,7 @@ import argparse
 
 from feedback_store.db import current_revision, upgrade
 from feedback_store.settings import Settings
+from labeling.cli.common import CliError, open_store
 
 
 def register(subparsers, common: argparse.ArgumentParser) -> None:
@@ -15,9 +16,39 @@ def register(subparsers, common: argparse.ArgumentParser) -> None:
     up.add_argument("--revision", default="head", help="target revision (default: head)")
     up.set_defaults(handler=run_db_upgrade)
 
+    prompts = subparsers.add_parser("prompts", help="prompt collection")
+    prompts_sub = prompts.add_subparsers(dest="prompts_command", required=True, metavar="ACTION")
+    imp = prompts_sub.add_parser(
+        "import",
+        parents=[common],
+        help="import prompts (and chosen/rejected preference pairs) from .jsonl, .csv or .parquet",
+        description="Rows carry `prompt` (string or chat list) or `messages` (chat list), optional `tags`; "
+        "rows with `chosen`/`rejected` (TRL preference format) become comparisons voted by the `import` "
+        "rater. All or nothing: a bad row imports nothing. Re-importing a file adds nothing.",
+    )
+    imp.add_argument("file", metavar="FILE", help="a .jsonl, .csv or .parquet file")
+    imp.add_argument("--source", default=None, help="label stored with the new prompts (default: the file name)")
+    imp.set_defaults(handler=run_prompts_import)
+
 
 def run_db_upgrade(args: argparse.Namespace) -> int:
     url = Settings.from_env(args.db).db_url
     upgrade(url, args.revision)
     print(f"database {url} at revision {current_revision(url)}")
+    return 0
+
+
+def run_prompts_import(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from feedback_store.db import session_scope
+    from feedback_store.importing import ImportFileError, import_prompts
+
+    engine = open_store(args)
+    try:
+        with Console(stderr=True).status(f"importing {args.file}"), session_scope(engine) as session:
+            report = import_prompts(args.file, session=session, source=args.source)
+    except ImportFileError as error:
+        raise CliError(f"{error} (nothing imported)") from None
+    print(f"imported {report.summary()}")
     return 0
