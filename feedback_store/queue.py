@@ -72,25 +72,16 @@ def next_comparison_for(
     ).first()
     if held is not None:
         return held
-    session.execute(delete(Assignment).where(Assignment.reserved_until <= now))
+    # Only this rater's own stale rows: others' expired reservations are ignored below, and
+    # deleting only ours keeps concurrent callers from contending for the same rows.
+    session.execute(delete(Assignment).where(Assignment.rater_id == rater_id, Assignment.reserved_until <= now))
 
-    voted = exists().where(Vote.comparison_id == Comparison.id, Vote.rater_id == rater_id)
-    reserved = (
-        sa_select(func.count())
-        .where(Assignment.comparison_id == Comparison.id, Assignment.rater_id != rater_id)
-        .scalar_subquery()
-    )
-    query = (
-        select(Comparison)
-        .where(Comparison.human_votes < overlap, ~voted, Comparison.human_votes + reserved < overlap)
-        .where(col(Comparison.id).not_in(exclude))
-        .order_by(col(Comparison.priority).desc(), Comparison.human_votes, Comparison.id)
-        .limit(1)
-        # PostgreSQL: two raters asking at once skip each other's candidate row.
-        .with_for_update(skip_locked=True, of=Comparison)
-    )
-    comparison = session.exec(query).first()
-    if comparison is None:
+    skipped = set(exclude)
+    while (comparison := session.exec(_next_open(rater_id, overlap, now, skipped)).first()) is not None:
+        if _still_open(comparison.id, rater_id, overlap, now, session=session):
+            break
+        skipped.add(comparison.id)
+    else:
         return None
     rng = rng or random.SystemRandom()
     left = comparison.response_a_id if rng.random() < 0.5 else comparison.response_b_id
@@ -100,6 +91,46 @@ def next_comparison_for(
     session.add(assignment)
     session.flush()
     return assignment
+
+
+def _reserved_by_others(rater_id: int, now):
+    return (
+        sa_select(func.count())
+        .where(
+            Assignment.comparison_id == Comparison.id,
+            Assignment.rater_id != rater_id,
+            Assignment.reserved_until > now,
+        )
+        .scalar_subquery()
+    )
+
+
+def _next_open(rater_id: int, overlap: int, now, skipped: Collection[int]):
+    """The first comparison, in queue order, with a slot free for this rater."""
+    voted = exists().where(Vote.comparison_id == Comparison.id, Vote.rater_id == rater_id)
+    return (
+        select(Comparison)
+        .where(
+            Comparison.human_votes < overlap,
+            ~voted,
+            Comparison.human_votes + _reserved_by_others(rater_id, now) < overlap,
+        )
+        .where(col(Comparison.id).not_in(skipped))
+        .order_by(col(Comparison.priority).desc(), Comparison.human_votes, Comparison.id)
+        .limit(1)
+        # PostgreSQL: two raters asking at once skip each other's candidate row.
+        .with_for_update(skip_locked=True, of=Comparison)
+    )
+
+
+def _still_open(comparison_id: int, rater_id: int, overlap: int, now, *, session: Session) -> bool:
+    """Check again, in a statement that starts after we got the row lock. On PostgreSQL the
+    search above sees a snapshot taken before it waited: a rater whose reservation committed
+    in between released the lock but is invisible to it, and would otherwise share the slot."""
+    taken = session.execute(
+        sa_select(Comparison.human_votes + _reserved_by_others(rater_id, now)).where(Comparison.id == comparison_id)
+    ).scalar_one()
+    return taken < overlap
 
 
 def pair_view(assignment: Assignment, *, session: Session) -> PairView:

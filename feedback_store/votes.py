@@ -87,12 +87,8 @@ def record_vote(
         raise VoteError(f"choice must be one of {[c.value for c in Choice]} (got {choice!r})") from None
     given = VoteInput(choice, strength, rationale or None, left_response_id, time_spent_ms, confidence)
 
-    if idempotency_key is not None:
-        replay = _vote_for_key(idempotency_key, session=session)
-        if replay is not None:
-            if (replay.comparison_id, replay.rater_id) != (comparison_id, rater_id):
-                raise VoteError(f"idempotency key {idempotency_key!r} was used for another vote")
-            return replay
+    if idempotency_key is not None and (replay := _replay(idempotency_key, comparison_id, rater_id, session=session)):
+        return replay
 
     comparison = session.get(Comparison, comparison_id)
     rater = session.get(Rater, rater_id)
@@ -124,9 +120,21 @@ def record_vote(
             _release_assignment(comparison_id, rater_id, session=session)
             return vote
 
+    # We hold the vote's row lock now, so a twin of this retry that got in first is visible:
+    # its key must not be applied a second time on top of someone else's change.
+    if idempotency_key is not None and (replay := _replay(idempotency_key, comparison_id, rater_id, session=session)):
+        return replay
     if given.same_judgement(existing):
         return existing  # a retry without a key, or the same answer twice
     return _revise(existing, given, idempotency_key, session=session)
+
+
+def _replay(key: str, comparison_id: int, rater_id: int, *, session: Session) -> Vote | None:
+    """The vote a key already produced, if any; a key belongs to one (comparison, rater)."""
+    replay = _vote_for_key(key, session=session)
+    if replay is not None and (replay.comparison_id, replay.rater_id) != (comparison_id, rater_id):
+        raise VoteError(f"idempotency key {key!r} was used for another vote")
+    return replay
 
 
 def _vote_for_key(key: str, *, session: Session) -> Vote | None:
@@ -139,9 +147,15 @@ def _vote_for_key(key: str, *, session: Session) -> Vote | None:
 
 
 def _existing_vote(comparison_id: int, rater_id: int, *, session: Session) -> Vote | None:
-    return session.exec(
-        select(Vote).where(Vote.comparison_id == comparison_id, Vote.rater_id == rater_id)
-    ).first()
+    """The rater's vote on the comparison, row-locked until commit (PostgreSQL; SQLite's
+    BEGIN IMMEDIATE already serialises writers), so two changes of mind never interleave."""
+    query = (
+        select(Vote)
+        .where(Vote.comparison_id == comparison_id, Vote.rater_id == rater_id)
+        .with_for_update()
+        .execution_options(populate_existing=True)
+    )
+    return session.exec(query).first()
 
 
 def _revise(vote: Vote, given: VoteInput, idempotency_key: str | None, *, session: Session) -> Vote:
