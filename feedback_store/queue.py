@@ -157,8 +157,12 @@ def open_comparisons(rater_id: int, *, session: Session, overlap: int | None = N
     ).one()[0]
 
 
-def next_response_for(rater_id: int, *, session: Session) -> Response | None:
-    """Single-response mode: a response this rater has not rated, least-rated first."""
+def next_response_for(rater_id: int, *, session: Session, exclude: Collection[int] = ()) -> Response | None:
+    """Single-response mode: a response this rater has not rated, least-rated first.
+
+    `exclude` holds responses the rater skipped in this sitting.
+    """
     rated_by_me = exists().where(and_(Rating.response_id == Response.id, Rating.rater_id == rater_id))
     n_ratings = sa_select(func.count()).where(Rating.response_id == Response.id).scalar_subquery()
-    return session.exec(select(Response).where(~rated_by_me).order_by(n_ratings, Response.id).limit(1)).first()
+    query = select(Response).where(~rated_by_me, col(Response.id).not_in(exclude))
+    return session.exec(query.order_by(n_ratings, Response.id).limit(1)).first()

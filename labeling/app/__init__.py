@@ -1,0 +1,1 @@
+"""The labeling web app (Gradio): pairwise and single-response feedback, admin, dashboard."""

@@ -1,0 +1,156 @@
+"""Who is asking: Gradio's login backed by the store, a lockout on failed logins, and the
+server-side identity every handler uses.
+
+Identity comes only from the server: Gradio's `auth=` login sets an httponly cookie mapped
+to a user name in the server's token table, and every event (page or direct HTTP API call)
+carries that name in `gr.Request.username`. No handler takes a user from client input.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import anyio.to_thread
+from fastapi import HTTPException
+
+from feedback_store.db import session_scope
+from feedback_store.models import RaterKind, Role
+from feedback_store.raters import authenticate, get_rater
+
+# Gradio calls the auth function with (user, password) only; the peer address reaches it
+# through this per-request context variable, set by ClientAddressMiddleware.
+_CLIENT_ADDRESS: contextvars.ContextVar[str] = contextvars.ContextVar("prefloop_client_address", default="unknown")
+
+
+class ClientAddressMiddleware:
+    """Pure ASGI middleware: records the TCP peer (not a spoofable header) for the login limiter."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        client = scope.get("client")
+        token = _CLIENT_ADDRESS.set(client[0] if client else "unknown")
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            _CLIENT_ADDRESS.reset(token)
+
+
+class LoginLimiter:
+    """Counts failed logins per (user, address) and per address over a sliding window."""
+
+    def __init__(self, *, max_failures: int, max_failures_per_address: int, window_s: float,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.max_failures = max_failures
+        self.max_failures_per_address = max_failures_per_address
+        self.window_s = window_s
+        self.clock = clock
+        self._failures: dict[tuple, deque[float]] = {}
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _keys(user: str, address: str) -> tuple[tuple, tuple]:
+        return ("user", user.strip().lower(), address), ("address", address)
+
+    def _recent(self, key: tuple, now: float) -> deque[float]:
+        times = self._failures.get(key, deque())
+        while times and times[0] <= now - self.window_s:
+            times.popleft()
+        return times
+
+    def retry_after(self, user: str, address: str) -> float:
+        """Seconds until this user may try again from this address; 0 when not locked out."""
+        now = self.clock()
+        wait = 0.0
+        with self._lock:
+            for key, limit in zip(self._keys(user, address), (self.max_failures, self.max_failures_per_address)):
+                times = self._recent(key, now)
+                if len(times) >= limit:
+                    wait = max(wait, times[-limit] + self.window_s - now)
+        return wait
+
+    def failed(self, user: str, address: str) -> None:
+        now = self.clock()
+        with self._lock:
+            if len(self._failures) > 10_000:  # keep memory bounded under a spray of names
+                for key in [k for k, v in self._failures.items() if not self._recent(k, now)]:
+                    del self._failures[key]
+            for key in self._keys(user, address):
+                self._failures.setdefault(key, deque()).append(now)
+
+    def succeeded(self, user: str, address: str) -> None:
+        with self._lock:
+            self._failures.pop(self._keys(user, address)[0], None)
+
+
+def make_auth(state) -> Callable:
+    """The `auth=` callable for Gradio: checks the password off the event loop, with a lockout."""
+
+    def check(user: str, password: str) -> bool:
+        with session_scope(state.engine) as session:
+            return authenticate(user, password, session=session) is not None
+
+    async def auth(user: str, password: str) -> bool:
+        address = _CLIENT_ADDRESS.get()
+        wait = state.limiter.retry_after(user, address)
+        if wait > 0:
+            raise HTTPException(
+                status_code=429,
+                detail=f"Too many failed logins. Try again in {int(wait // 60) + 1} minute(s).",
+                headers={"Retry-After": str(int(wait) + 1)},
+            )
+        # scrypt takes ~50 ms of CPU: run it in a worker thread, never on the event loop.
+        ok = await anyio.to_thread.run_sync(check, user, password)
+        (state.limiter.succeeded if ok else state.limiter.failed)(user, address)
+        return ok
+
+    return auth
+
+
+@dataclass(frozen=True)
+class Caller:
+    """The rater behind a request, as the server knows it."""
+
+    id: int
+    name: str
+    role: Role
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role == Role.admin
+
+
+class AccessDenied(Exception):
+    """Raised to refuse an event; the app shows it as an error, never as data."""
+
+
+def caller_for(state, username: str | None) -> Caller:
+    """The signed-in rater: the --single-user account, or the name Gradio's login put on the request."""
+    with session_scope(state.engine) as session:
+        if state.local_rater_id is not None:
+            from feedback_store.models import Rater
+
+            rater = session.get(Rater, state.local_rater_id)
+        elif username:
+            rater = get_rater(username, session=session)
+        else:
+            raise AccessDenied("not signed in")
+        if rater is None or rater.kind != RaterKind.human or not rater.active:
+            raise AccessDenied("this account is unknown or deactivated")
+        return Caller(id=rater.id, name=rater.name, role=Role(rater.role or Role.annotator))
+
+
+def admin_for(state, username: str | None) -> Caller:
+    caller = caller_for(state, username)
+    if not caller.is_admin:
+        raise AccessDenied(f"{caller.name} is not an admin")
+    return caller

@@ -1,0 +1,61 @@
+"""`prefloop serve`: the labeling app."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from labeling.cli.common import CliError, open_store
+
+
+def register(subparsers, common: argparse.ArgumentParser) -> None:
+    parser = subparsers.add_parser(
+        "serve",
+        parents=[common],
+        help="run the labeling web app (login required unless --single-user)",
+        description="Run the labeling web app. Accounts come from `prefloop users add`; "
+        "--single-user NAME skips login and makes every visitor the admin NAME (local use only).",
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=7860, help="port to listen on (default: 7860)")
+    parser.add_argument(
+        "--single-user",
+        metavar="NAME",
+        default=None,
+        help="no login: every visitor acts as the admin account NAME (created if missing)",
+    )
+    parser.add_argument("--job-dir", default=None, help="where admin-started job logs go (default: a temp dir)")
+    parser.set_defaults(handler=run_serve)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from feedback_store.db import session_scope
+    from feedback_store.raters import list_users
+
+    engine = open_store(args)
+    if not args.single_user:
+        with session_scope(engine) as session:
+            if not any(user.password_hash and user.active for user in list_users(session=session)):
+                raise CliError(
+                    "no user can sign in: add one with `prefloop users add NAME --role admin`, "
+                    "or run `prefloop serve --single-user NAME` for local use"
+                )
+    elif args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: --single-user on {args.host}: anyone who can reach this address is an admin",
+              file=sys.stderr)
+
+    from labeling.app.server import serve
+    from labeling.app.state import AppConfig, AppState
+
+    config = AppConfig(
+        db_url=engine.url.render_as_string(hide_password=False),
+        single_user=args.single_user,
+        job_dir=Path(args.job_dir) if args.job_dir else None,
+    )
+    state = AppState.create(config, engine=engine)
+    print(f"prefloop app on http://{args.host}:{args.port}"
+          + (f" (single user: {args.single_user})" if args.single_user else " (sign-in required)"), flush=True)
+    serve(state, host=args.host, port=args.port)
+    return 0
