@@ -15,15 +15,13 @@ PG_URL = os.environ.get("PREFLOOP_TEST_PG_URL")
 
 
 @pytest.fixture
-def sqlite_url(tmp_path) -> str:
-    url = f"sqlite:///{tmp_path / 'prefloop.db'}"
-    upgrade(url)
-    return url
+def empty_sqlite_url(tmp_path) -> str:
+    return f"sqlite:///{tmp_path / 'prefloop.db'}"
 
 
 @pytest.fixture
-def postgres_url() -> str:
-    """A fresh database on the test PostgreSQL server, dropped afterwards."""
+def empty_postgres_url() -> str:
+    """A fresh, empty database on the test PostgreSQL server, dropped afterwards."""
     if not PG_URL:
         pytest.skip("PREFLOOP_TEST_PG_URL is not set (.ci/run starts a PostgreSQL server)")
     admin_url = normalize_db_url(PG_URL)
@@ -32,7 +30,6 @@ def postgres_url() -> str:
     with admin.connect() as conn:
         conn.execute(text(f'CREATE DATABASE "{name}"'))
     url = admin_url.rsplit("/", 1)[0] + f"/{name}"
-    upgrade(url)
     yield url
     engine_for(url).dispose()
     with admin.connect() as conn:
@@ -40,10 +37,28 @@ def postgres_url() -> str:
     admin.dispose()
 
 
+@pytest.fixture
+def sqlite_url(empty_sqlite_url) -> str:
+    upgrade(empty_sqlite_url)
+    return empty_sqlite_url
+
+
+@pytest.fixture
+def postgres_url(empty_postgres_url) -> str:
+    upgrade(empty_postgres_url)
+    return empty_postgres_url
+
+
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def db_url(request) -> str:
     """Each store test runs on a real SQLite file and on the real PostgreSQL server."""
     return request.getfixturevalue(f"{request.param}_url")
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def empty_db_url(request) -> str:
+    """Like db_url, but with no schema: for the migration tests."""
+    return request.getfixturevalue(f"empty_{request.param}_url")
 
 
 @pytest.fixture

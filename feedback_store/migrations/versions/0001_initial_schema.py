@@ -328,3 +328,6 @@ def downgrade() -> None:
 
     op.drop_table('prompt')
     op.drop_table('appsetting')
+    # PostgreSQL keeps the enum types that create_table made; without this a second upgrade fails.
+    for enum_name in ('choice', 'runstatus', 'role', 'raterkind'):
+        sa.Enum(name=enum_name).drop(op.get_bind(), checkfirst=True)
