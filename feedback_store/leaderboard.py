@@ -78,7 +78,7 @@ def outcome_scores(choices) -> np.ndarray:
     choices = np.asarray(choices).astype(str)
     known = np.isin(choices, ["a", "b", "tie", "both_bad"])
     if not known.all():
-        raise ValueError(f"unknown vote choice {choices[~known][0]!r}")
+        raise ValueError(f"unknown vote choice {str(choices[~known][0])!r}")
     return np.where(choices == "a", 1.0, np.where(choices == "b", 0.0, 0.5))
 
 
@@ -157,9 +157,11 @@ def _to_elo(scores: np.ndarray, anchor_index: int | None) -> np.ndarray:
 
 def _bootstrap_wins(first, second, score, n_players: int, n_resamples: int, rng: np.random.Generator) -> np.ndarray:
     """(n_resamples, P, P) win matrices, each from N votes drawn with replacement from the N given."""
-    kinds, counts = np.unique(np.stack([first, second, score * 2], axis=1), axis=0, return_counts=True)
+    # A vote's kind is (first, second, outcome); an integer key makes np.unique fast.
+    keys, counts = np.unique((first * n_players + second) * 3 + np.rint(score * 2).astype(np.int64),
+                             return_counts=True)
     draws = rng.multinomial(len(first), counts / counts.sum(), size=n_resamples)  # (B, kinds)
-    i, j, s = kinds[:, 0].astype(np.int64), kinds[:, 1].astype(np.int64), kinds[:, 2] / 2
+    i, j, s = keys // 3 // n_players, keys // 3 % n_players, keys % 3 / 2
     size = n_players * n_players
     base = (np.arange(n_resamples) * size)[:, None]
     flat = np.bincount((base + i * n_players + j).ravel(), weights=(draws * s).ravel(), minlength=n_resamples * size)

@@ -1,0 +1,119 @@
+"""`prefloop stats [--json]`: counts, agreement, position bias, throughput, leaderboard, judge vs human."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def register(subparsers, common: argparse.ArgumentParser) -> None:
+    parser = subparsers.add_parser(
+        "stats", parents=[common], help="statistics: agreement, position bias, Bradley-Terry leaderboard"
+    )
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    parser.add_argument("--bootstrap", type=int, default=200, metavar="N",
+                        help="bootstrap resamples for the leaderboard's 95%% intervals (default: 200; 0 = none)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap (default: 0)")
+    parser.add_argument("--anchor", default=None, metavar="POLICY",
+                        help="policy pinned at rating 1000 (default: the mean rating is 1000)")
+    parser.add_argument("--leaderboard-raters", default="human,judge,import", metavar="KINDS",
+                        help="rater kinds whose votes rank the policies (default: human,judge,import)")
+    parser.add_argument("--min-overlap", type=int, default=5, metavar="N",
+                        help="comparisons two raters must share to list their Cohen's kappa (default: 5)")
+    parser.set_defaults(handler=run_stats)
+
+
+def run_stats(args: argparse.Namespace) -> int:
+    from feedback_store.db import session_scope
+    from feedback_store.leaderboard import LeaderboardConfig
+    from feedback_store.stats import StatsConfig, compute_stats
+    from labeling.cli.common import CliError, open_store
+
+    if args.bootstrap < 0:
+        raise CliError("--bootstrap must not be negative")
+    try:
+        config = StatsConfig(
+            min_overlap=args.min_overlap,
+            leaderboard_kinds=tuple(kind.strip() for kind in args.leaderboard_raters.split(",") if kind.strip()),
+            leaderboard=LeaderboardConfig(n_bootstrap=args.bootstrap, seed=args.seed, anchor=args.anchor),
+        )
+    except ValueError as error:
+        raise CliError(str(error)) from None
+    engine = open_store(args)
+    with session_scope(engine) as session:
+        try:
+            stats = compute_stats(session=session, config=config)
+        except ValueError as error:  # e.g. an --anchor policy without votes
+            raise CliError(str(error)) from None
+    if args.json:
+        print(json.dumps(stats.to_dict(), ensure_ascii=False, allow_nan=False))
+    else:
+        render(stats)
+    return 0
+
+
+def _fmt(value, digits: int = 3) -> str:
+    if value is None or value != value:  # None or NaN: undefined
+        return "–"
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def render(stats) -> None:
+    """The same figures as --json, as rich tables."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    counts = stats.counts
+    console.print(
+        f"[bold]prompts[/] {counts.prompts}  [bold]responses[/] {counts.responses}  "
+        f"[bold]comparisons[/] {counts.comparisons}  [bold]votes[/] {counts.votes}  "
+        f"[bold]ratings[/] {counts.ratings}  [bold]raters[/] {counts.raters}  [bold]policies[/] {counts.policies}"
+    )
+
+    board = Table(title="Leaderboard (Bradley-Terry, Elo scale, 95% bootstrap CI)")
+    for column in ("#", "policy", "rating", "95% CI", "votes"):
+        board.add_column(column, justify="left" if column == "policy" else "right")
+    for rank, row in enumerate(stats.leaderboard.ratings, 1):
+        board.add_row(str(rank), row.policy, f"{row.rating:.0f}",
+                      f"{_fmt(row.ci_low, 0)} – {_fmt(row.ci_high, 0)}", str(row.n))
+    console.print(board if stats.leaderboard.ratings else "[dim]leaderboard: no votes between two different policies[/]")
+
+    agreement = stats.agreement
+    console.print(
+        f"[bold]Agreement[/] ({agreement.raters} raters, {agreement.items_multi} comparisons with 2+ votes): "
+        f"percent {_fmt(agreement.percent_agreement)}, "
+        f"mean pairwise Cohen's kappa {_fmt(agreement.mean_pairwise_kappa)}, "
+        f"Fleiss' kappa {_fmt(agreement.fleiss_kappa)} ({agreement.fleiss_items} comparisons × "
+        f"{agreement.fleiss_raters_per_item} raters), "
+        f"Krippendorff's alpha {_fmt(agreement.krippendorff_alpha)}"
+    )
+    if agreement.pairwise:
+        pairs = Table(title="Pairwise Cohen's kappa")
+        for column in ("rater", "rater", "shared", "agreement", "kappa"):
+            pairs.add_column(column, justify="right" if column not in ("rater",) else "left")
+        for pair in sorted(agreement.pairwise, key=lambda p: -p.n)[:20]:
+            pairs.add_row(pair.rater_a, pair.rater_b, str(pair.n), _fmt(pair.percent_agreement), _fmt(pair.kappa))
+        console.print(pairs)
+
+    judge = stats.judge_vs_human
+    console.print(
+        f"[bold]Judge vs human[/] ({judge.n_comparisons} comparisons, {judge.n_pairs} vote pairs): "
+        f"agreement {_fmt(judge.percent_agreement)}, Cohen's kappa {_fmt(judge.kappa)}, "
+        f"agreement where both decisive {_fmt(judge.decisive_agreement)}"
+    )
+
+    raters = Table(title="Raters: throughput and position bias")
+    for column in ("rater", "kind", "votes", "votes/h", "median s/vote", "left-pick rate", "n", "p"):
+        raters.add_column(column, justify="left" if column in ("rater", "kind") else "right")
+    bias = {row.rater: row for row in stats.position_bias}
+    for row in stats.throughput:
+        left = bias.get(row.rater)
+        raters.add_row(
+            row.rater, row.kind, str(row.votes), _fmt(row.votes_per_hour, 0),
+            _fmt(row.median_time_spent_ms / 1000 if row.median_time_spent_ms == row.median_time_spent_ms else None, 1),
+            _fmt(left.left_rate if left else None), str(left.n) if left else "0",
+            _fmt(left.p_value if left else None, 3),
+        )
+    if stats.throughput:
+        console.print(raters)
