@@ -117,14 +117,25 @@ def _read_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
 def _read_csv(path: Path) -> Iterator[tuple[str, Any]]:
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # long answers exceed the 128 KiB default
     with path.open("r", encoding="utf-8-sig", newline="") as handle:
-        reader = csv.DictReader(handle)
+        reader = csv.reader(handle)
         try:
-            for number, record in enumerate(reader, start=1):
-                where = f"row {number} (line {reader.line_num})"
-                if None in record:
+            header = next(reader, None)
+            if header is None:
+                return
+            number = 0
+            while True:
+                first_line = reader.line_num + 1  # a quoted cell may span lines: name where the row starts
+                cells = next(reader, None)
+                if cells is None:
+                    return
+                if not cells:
+                    continue  # a blank line
+                number += 1
+                where = f"row {number} (line {first_line})"
+                if len(cells) > len(header):
                     yield where, _RowError("has more cells than the header has columns")
                     continue
-                yield where, {key: _csv_cell(key, value) for key, value in record.items() if key}
+                yield where, {key: _csv_cell(key, value) for key, value in zip(header, cells) if key}
         except csv.Error as error:
             raise ImportFileError(f"{path} line {reader.line_num}: malformed CSV ({error})") from None
 
