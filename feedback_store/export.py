@@ -527,7 +527,7 @@ def write_dataset(dataset, path: str | Path) -> Path:
     os.close(fd)
     try:
         if path.suffix.lower() == ".jsonl":
-            dataset.to_json(tmp, lines=True, force_ascii=False)
+            _write_jsonl(dataset, tmp)
         else:
             dataset.to_parquet(tmp)
         os.replace(tmp, path)
@@ -535,6 +535,17 @@ def write_dataset(dataset, path: str | Path) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _write_jsonl(dataset, path: str) -> None:
+    # json.dumps rather than datasets' to_json: pandas rounds floats to 10 digits and escapes "/".
+    import json
+
+    with open(path, "w", encoding="utf-8") as handle:
+        for batch in dataset.iter(batch_size=2048):
+            names = list(batch)
+            for values in zip(*(batch[name] for name in names)):
+                handle.write(json.dumps(dict(zip(names, values)), ensure_ascii=False) + "\n")
 
 
 def snapshot(dataset) -> tuple[dict[str, list[int]], str]:
