@@ -9,7 +9,9 @@ not of votes.
 A faint Gaussian prior on the scores (sd `prior_sd` Elo points, 1000 by default) keeps the
 fit finite when one policy has won every game (where the plain MLE is infinite) and pins
 down the offset between groups of policies never compared with each other. Its pull on
-ratings backed by a few dozen votes is below a percent of their gap.
+ratings backed by a few dozen votes is below a percent of their gap. For a policy that has
+won (or lost) every one of its games, the size of its lead and its interval are set by that
+prior, not measured: read them as "ahead by a lot", and collect games against stronger rivals.
 
 Ratings are shown on the Elo scale: rating = 400 / ln(10) * s + offset, with the mean (or a
 named anchor policy) at 1000. Confidence intervals come from a bootstrap over votes: all

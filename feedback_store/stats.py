@@ -20,7 +20,7 @@ from datetime import timezone
 
 import numpy as np
 from scipy.stats import binom
-from sqlalchemy import Float, case, cast, func, select
+from sqlalchemy import Float, case, func, select
 from sqlalchemy.orm import aliased
 from sqlmodel import Session
 
@@ -116,7 +116,7 @@ def _epoch_seconds(column, dialect: str):
     if dialect == "sqlite":
         return (func.julianday(column) - 2440587.5) * 86400.0
     if dialect == "postgresql":
-        return cast(func.extract("epoch", column), Float)
+        return func.date_part("epoch", column, type_=Float)  # double precision; extract() is a slower numeric
     return None
 
 
@@ -156,12 +156,17 @@ def load_votes(raters: RaterTable, *, session: Session) -> VoteColumns:
         .join(Comparison, Comparison.id == Vote.comparison_id)
         .join(response_a, response_a.id == Comparison.response_a_id)
         .join(response_b, response_b.id == Comparison.response_b_id)
-        .order_by(Vote.id)
     )
-    rows = [tuple(row) for row in session.connection().execute(query).all()]  # numpy reads tuples fast
+    result = session.connection().execute(query)
     if epoch is None:
+        rows = [tuple(row) for row in result.all()]
         created = _python_epoch_seconds([row[-1] for row in rows])
         rows = [row[:-1] + (0.0,) for row in rows]
+    else:
+        # Every column is a plain number the driver already converted: read the DBAPI cursor's
+        # tuples directly, which numpy takes at once (SQLAlchemy's Row objects would triple the time).
+        rows = result.cursor.fetchall()
+        result.close()
     table = np.array(rows, dtype=float).reshape(len(rows), 10)  # None -> NaN
     if epoch is not None:
         created = table[:, 9]
