@@ -40,7 +40,7 @@ from alignment.models.default_model import cache_dir, default_model_dir, gguf_pa
 from alignment.models.errors import ModelError
 from alignment.models.loading import context_length, load_model, load_tokenizer, resolve_model_path
 from alignment.models.policy_pool import PolicyPool
-from alignment.models.quantization import is_quantized, quantization_config
+from alignment.models.quantization import is_quantized, keep_4bit_trainable, quantization_config
 from alignment.models.spec import (
     DEFAULT_MODEL,
     DEFAULT_MODEL_ALIASES,
@@ -70,6 +70,7 @@ __all__ = [
     "find_targets",
     "gguf_path",
     "is_quantized",
+    "keep_4bit_trainable",
     "load_adapter",
     "load_model",
     "load_tokenizer",

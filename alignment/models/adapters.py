@@ -7,9 +7,13 @@
     model = load_adapter(base, "runs/7/adapter")   # ModelError if it does not fit the base
 
 Targets come from the model's own modules, never from its name:
-- every Linear (or GPT-2 Conv1D) layer inside the backbone, by leaf name: q/k/v/o/gate/up/down
-  on Llama/Mistral/Qwen, in/x/dt/out_proj on Mamba, both on Jamba, query/key/value/dense on
-  BERT/DeBERTa/CamemBERT, q/k/v/o/wi/wo on T5;
+- every Linear (or GPT-2 Conv1D) layer inside the backbone that a training forward calls as a
+  module, by leaf name: q/k/v/o/gate/up/down on Llama/Mistral/Qwen, query/key/value/dense on
+  BERT/DeBERTa/CamemBERT, q/k/v/o/wi/wo on T5. A four-token probe drops layers whose weight a
+  block reads directly, where a LoRA would silently do nothing: transformers' Mamba mixer
+  multiplies by dt_proj.weight itself (and, with the mamba-ssm CUDA kernels, hands x_proj and
+  out_proj weights to the fused scan too), and peft refuses Mamba's out_proj, so Mamba gets
+  in_proj + x_proj here; Jamba gets in/x/out_proj beside attention and its dense MLPs;
 - Mixture-of-Experts blocks whose experts are fused 3-D parameters (Mixtral, Jamba, Qwen-MoE in
   transformers 5) and routers that are bare weight matrices: as peft `target_parameters`.
   peft's parameter wrapper supports neither dropout nor DoRA, so with dropout > 0 or DoRA the
@@ -33,7 +37,7 @@ import torch
 from torch import nn
 
 from alignment.models.errors import ModelError
-from alignment.models.quantization import is_quantized
+from alignment.models.quantization import is_quantized, keep_4bit_trainable
 
 log = logging.getLogger(__name__)
 
@@ -149,12 +153,62 @@ def find_targets(model) -> Targets:
             ):
                 parameters.add(f"{leaf}.weight")
 
+    called = _linear_leaves_called(model, backbone, linear)
+    modules = {name for name in modules if _peft_accepts(model, name) and (called is None or name in called)}
     if not modules and not parameters:
         raise ModelError(f"{type(model).__name__}: found no Linear layers to adapt; pass target_modules explicitly")
     # peft matches target names by suffix: keep LoRA out of heads (trained in full) and other
     # layers outside the backbone that happen to share a leaf name (DeBERTa's pooler.dense).
     excluded = sorted(n for n in outside_linear if n.rsplit(".", 1)[-1] in modules)
     return Targets(sorted(modules), sorted(parameters), heads, excluded)
+
+
+def _linear_leaves_called(model, backbone: nn.Module, linear: tuple[type, ...]) -> set[str] | None:
+    """Leaf names of the Linear layers a training-mode forward actually calls as modules.
+
+    Some blocks read a layer's weight directly instead of calling it (transformers' Mamba mixer
+    passes x_proj/dt_proj/out_proj weights to its fused selective-scan function), so a LoRA
+    wrapped around such a layer would never act. A four-token probe finds them, whatever the
+    architecture. None if the probe cannot run (a model that needs other inputs): no filtering."""
+    seen: set[str] = set()
+    hooks = [
+        module.register_forward_hook(lambda m, i, o, leaf=name.rsplit(".", 1)[-1]: seen.add(leaf))
+        for name, module in backbone.named_modules()
+        if isinstance(module, linear)
+    ]
+    vocab = getattr(model.config, "vocab_size", None) or 8
+    device = next(model.parameters()).device
+    ids = (torch.arange(1, 5, device=device) % vocab).unsqueeze(0)
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if getattr(model.config, "is_encoder_decoder", False):
+        inputs["decoder_input_ids"] = ids
+    was_training = model.training
+    try:
+        model.train()
+        with torch.no_grad():
+            model(**inputs)
+    except Exception:  # the probe is an optimisation of the target list, never a failure
+        return None
+    finally:
+        model.train(was_training)
+        for hook in hooks:
+            hook.remove()
+    return seen
+
+
+def _peft_accepts(model, leaf: str) -> bool:
+    """peft refuses some layers per architecture: Mamba's out_proj, whose weight the fused
+    selective-scan kernel reads directly (a LoRA on it would be silently bypassed)."""
+    try:
+        from peft import LoraConfig
+        from peft.tuners.tuners_utils import _check_lora_target_modules_mamba
+    except ImportError:  # a peft without the check accepts everything
+        return True
+    try:
+        _check_lora_target_modules_mamba(LoraConfig(), model, leaf)
+    except ValueError:
+        return False
+    return True
 
 
 def target_modules_for(model) -> list[str]:
@@ -182,6 +236,7 @@ def _enable_checkpointing(model) -> None:
 
 def apply_adapter(model, cfg: AdapterConfig):
     """Make `model` trainable as `cfg` says; returns the model to train (a PeftModel for LoRA/DoRA)."""
+    keep_4bit_trainable(model)
     if cfg.method == "full":
         if is_quantized(model):
             raise ModelError("full fine-tuning needs an unquantized model: load it with quantize=none")
@@ -316,6 +371,8 @@ def set_output_weights(model, tensors: dict[str, torch.Tensor], *, source: str =
 def load_adapter(model, path: str | Path, *, trainable: bool = False, adapter_name: str = "default"):
     """Put the adapter saved at `path` on `model`; a ModelError if it does not fit."""
     kind = adapter_kind(path)
+    if trainable:
+        keep_4bit_trainable(model)
     if kind == "model":
         raise ModelError(f"{path} holds a full model, not an adapter: use it as the model instead")
     if kind == "lm_head":
