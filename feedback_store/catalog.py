@@ -160,6 +160,14 @@ def prompts_without_responses(policy_id: int, *, session: Session, limit: int | 
     return list(session.exec(query))
 
 
+def list_responses(prompt_id: int, *, session: Session, policy_id: int | None = None) -> list[Response]:
+    """A prompt's responses (of one policy, if given), oldest first."""
+    query = select(Response).where(Response.prompt_id == prompt_id)
+    if policy_id is not None:
+        query = query.where(Response.policy_id == policy_id)
+    return list(session.exec(query.order_by(Response.id)))
+
+
 def list_prompts(*, session: Session, limit: int | None = None) -> list[Prompt]:
     query = select(Prompt).order_by(Prompt.id)
     if limit is not None:
