@@ -15,7 +15,7 @@ import time
 from datetime import datetime, timedelta, timezone
 
 import numpy as np
-from sqlalchemy import insert
+from sqlalchemy import func, insert, select
 
 from feedback_store.db import engine_for, session_scope, upgrade
 from feedback_store.models import Comparison, PolicyVersion, Prompt, Rater, RaterKind, Response, Vote
@@ -67,11 +67,14 @@ def build(url: str, n_votes: int, seed: int = 0) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--votes", type=int, default=100_000)
-    parser.add_argument("--db", default=None, help="an empty database URL (default: a temp SQLite file)")
+    parser.add_argument("--db", default=None, help="a throwaway, empty database URL (default: a temp SQLite file)")
     parser.add_argument("--goal-s", type=float, default=2.0)
     args = parser.parse_args()
     url = args.db or f"sqlite:///{tempfile.mkdtemp()}/bench-stats.db"
     upgrade(url)
+    with session_scope(engine_for(url)) as s:
+        if s.execute(select(func.count()).select_from(PolicyVersion)).scalar_one():
+            raise SystemExit(f"bench/stats.py: --db {url} must be an empty database (it has policies already)")
     started = time.perf_counter()
     build(url, args.votes)
     print(f"built {args.votes} votes in {time.perf_counter() - started:.1f} s ({url.split(':')[0]})")
