@@ -1,0 +1,418 @@
+"""Judge every stored comparison a judge rater has not voted on yet, in both orders.
+
+    summary = run_judge(engine, backend, JudgeRunConfig(concurrency=64))
+
+Each comparison is asked twice, once with response_a shown first ("ab") and once with
+response_b first ("ba"). Agreement gives the verdict; disagreement is recorded as a tie
+marked inconsistent (the judge was swayed by position). A call whose verdict cannot be
+read is a parse failure, stored with the raw text, and the comparison stays undecided.
+
+`concurrency` workers pull requests from a bounded queue, so at most that many are in
+flight and memory does not grow with the number of comparisons. Decided comparisons go to
+one writer thread that stores each in its own short transaction while the requests go on;
+on Ctrl-C or SIGTERM the workers stop, every answered call is still written, and the run is
+marked aborted: only requests in flight are lost. A rerun skips voted comparisons and
+reuses answered orders of undecided ones, so nothing is asked twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import signal
+import threading
+import time
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+
+from sqlalchemy.engine import Engine
+
+from feedback_store.db import session_scope
+from feedback_store.judge_runs import (
+    CallRecord,
+    Decision,
+    Judgement,
+    PairTexts,
+    comparisons_to_judge,
+    finish_judge_run,
+    load_pairs,
+    record_judgements,
+    reusable_calls,
+    start_judge_run,
+)
+from feedback_store.models import Choice, JudgeRun, RunStatus
+from feedback_store.raters import get_or_create_judge
+from labeling.judge.backends import JudgeBackend, JudgeCallError, JudgeRequest
+from labeling.judge.parsing import ORDERS, VerdictParseError, parse_verdict, to_choice, verdict_confidence
+from labeling.judge.ratelimit import RateLimiter
+from labeling.judge.templates import DEFAULT_TEMPLATE, get_template
+
+RULE_TEMPLATE_VERSION = "rule"  # rubric judges use no prompt template
+
+
+@dataclass(frozen=True)
+class JudgeRunConfig:
+    template: str = field(default=DEFAULT_TEMPLATE, metadata={"help": "prompt template id (see `prefloop judge --list-templates`)"})
+    criteria: str | None = field(default=None, metadata={"help": "judging criteria / short constitution replacing the template's default"})
+    concurrency: int | None = field(default=None, metadata={"help": "requests in flight (default: what the backend prefers)"})
+    rpm: float | None = field(default=None, metadata={"help": "at most this many requests per minute"})
+    tpm: float | None = field(default=None, metadata={"help": "at most this many tokens per minute (estimated before, settled after)"})
+    limit: int | None = field(default=None, metadata={"help": "judge at most this many comparisons"})
+    price_prompt: float | None = field(default=None, metadata={"help": "price per 1M prompt tokens"})
+    price_completion: float | None = field(default=None, metadata={"help": "price per 1M completion tokens"})
+    route_doubts: bool = field(default=False, metadata={"help": "raise the human-queue priority of inconsistent or low-confidence comparisons"})
+    doubt_confidence: float = field(default=0.75, metadata={"help": "a verdict below this confidence counts as a doubt"})
+    doubt_priority: int = field(default=10, metadata={"help": "queue priority given to doubtful comparisons"})
+    page_size: int = field(default=256, metadata={"help": "comparisons loaded from the store at a time"})
+    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+
+    def __post_init__(self) -> None:
+        if self.concurrency is not None and self.concurrency < 1:
+            raise ValueError(f"concurrency must be at least 1 (got {self.concurrency})")
+        if self.limit is not None and self.limit < 0:
+            raise ValueError(f"limit must not be negative (got {self.limit})")
+        for name in ("rpm", "tpm", "price_prompt", "price_completion"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"{name} must not be negative (got {value})")
+
+
+@dataclass(frozen=True)
+class JudgeRunSummary:
+    run_id: int
+    rater: str
+    status: str
+    comparisons: int  # undecided comparisons this run set out to judge
+    requests: int  # judge calls made (one per comparison and order)
+    attempts: int  # HTTP attempts, retries included
+    decided: int
+    inconsistent: int
+    failed: int  # comparisons left undecided by a failed call
+    doubts: int  # comparisons routed to humans
+    failures: dict  # call status -> count
+    prompt_tokens: int
+    completion_tokens: int
+    cost: float | None
+    elapsed_s: float
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    run_id: int
+    rater_id: int
+    rater: str
+    pending: list[int]
+    reused: dict[tuple[int, str], CallRecord]
+
+
+def decide(calls: Mapping[str, CallRecord]) -> Decision | None:
+    """Both orders agree: that verdict. They disagree: an inconsistent tie. A failure: undecided."""
+    ab, ba = calls["ab"], calls["ba"]
+    if ab.status != "ok" or ba.status != "ok":
+        return None
+    if ab.verdict == ba.verdict:
+        known = [c.confidence for c in (ab, ba) if c.confidence is not None]
+        return Decision(ab.verdict, sum(known) / len(known) if known else None, inconsistent=False)
+    return Decision(
+        Choice.tie,
+        None,
+        inconsistent=True,
+        rationale=f"inconsistent across orders: {ab.verdict.value} with a shown first, {ba.verdict.value} with b shown first",
+    )
+
+
+def is_doubt(decision: Decision | None, threshold: float) -> bool:
+    if decision is None:
+        return False
+    return decision.inconsistent or (decision.confidence is not None and decision.confidence < threshold)
+
+
+def run_judge(engine: Engine, backend: JudgeBackend, config: JudgeRunConfig = JudgeRunConfig()) -> JudgeRunSummary:
+    """Run to the end, or until Ctrl-C/SIGTERM: the summary's status says which ("done"/"aborted")."""
+    plan, stats = _prepare(engine, backend, config), _Stats()
+    started = time.monotonic()
+    try:
+        asyncio.run(_execute(engine, backend, config, plan, stats))
+    except KeyboardInterrupt:
+        pass  # the run is stored as aborted; the summary says so
+    return _summarize(engine, plan, stats, time.monotonic() - started)
+
+
+async def judge_comparisons(
+    engine: Engine, backend: JudgeBackend, config: JudgeRunConfig = JudgeRunConfig()
+) -> JudgeRunSummary:
+    """`run_judge` for callers already inside an event loop (cancellation aborts the run)."""
+    plan, stats = await asyncio.to_thread(_prepare, engine, backend, config), _Stats()
+    started = time.monotonic()
+    await _execute(engine, backend, config, plan, stats)
+    return _summarize(engine, plan, stats, time.monotonic() - started)
+
+
+def _prepare(engine: Engine, backend: JudgeBackend, config: JudgeRunConfig) -> _Plan:
+    template = get_template(config.template)
+    version = template.version_id(config.criteria) if backend.uses_template else RULE_TEMPLATE_VERSION
+    settings = {k: v for k, v in asdict(config).items() if k not in ("progress", "page_size")}
+    settings["concurrency"] = config.concurrency or backend.preferred_concurrency
+    with session_scope(engine) as session:
+        rater = get_or_create_judge(backend.model_id, version, session=session)
+        pending = comparisons_to_judge(rater.id, session=session, limit=config.limit)
+        wanted = set(pending)
+        reused = {key: call for key, call in reusable_calls(rater.id, session=session).items() if key[0] in wanted}
+        run = start_judge_run(rater.id, backend.kind, backend.model_id, version, settings, session=session)
+        return _Plan(run.id, rater.id, rater.name, pending, reused)
+
+
+@dataclass
+class _Stats:
+    attempts: int = 0
+    doubts: int = 0
+    tokens: int = 0
+    failures: Counter = field(default_factory=Counter)  # call status -> count
+    outcomes: Counter = field(default_factory=Counter)  # decided / inconsistent / failed comparisons
+
+
+def _summarize(engine: Engine, plan: _Plan, stats: _Stats, elapsed: float) -> JudgeRunSummary:
+    with session_scope(engine) as session:
+        run = session.get(JudgeRun, plan.run_id)
+        return JudgeRunSummary(
+            run_id=run.id,
+            rater=plan.rater,
+            status=run.status.value,
+            comparisons=len(plan.pending),
+            requests=run.n_requests,
+            attempts=stats.attempts,
+            decided=run.n_decided,
+            inconsistent=run.n_inconsistent,
+            failed=run.n_failed,
+            doubts=stats.doubts,
+            failures=dict(stats.failures),
+            prompt_tokens=run.prompt_tokens,
+            completion_tokens=run.completion_tokens,
+            cost=run.cost,
+            elapsed_s=elapsed,
+        )
+
+
+class _StoreWriter:
+    """One thread that stores finished comparisons, each as soon as it is handed over.
+
+    While one transaction commits, comparisons that finish meanwhile queue up; the next
+    transaction takes all of them (a group commit). So a store that keeps up writes one
+    comparison per transaction, and a busy one never falls behind the requests. Either
+    way a comparison's calls, vote and ledger entry land together or not at all."""
+
+    MAX_GROUP = 256
+
+    def __init__(self, engine: Engine, plan: _Plan, config: JudgeRunConfig):
+        self._engine, self._plan, self._config = engine, plan, config
+        self._queue: queue.Queue = queue.Queue()
+        self.error: BaseException | None = None
+        self.transactions = 0
+        self._thread = threading.Thread(target=self._loop, name="judge-store-writer", daemon=True)
+        self._thread.start()
+
+    def submit(self, comparison_id: int, calls: Mapping[str, CallRecord], decision: Decision | None,
+               *, failed: bool, doubt: bool = False) -> None:
+        new = [c for order, c in sorted(calls.items()) if (comparison_id, order) not in self._plan.reused]
+        self._queue.put(Judgement(comparison_id, new, decision, failed=failed, doubt=doubt))
+
+    def _loop(self) -> None:
+        done = False
+        while not done:
+            group = [self._queue.get()]
+            while len(group) < self.MAX_GROUP and not self._queue.empty():
+                group.append(self._queue.get_nowait())
+            done = None in group  # close() puts it last, after every submit
+            group = [j for j in group if j is not None]
+            if group and self.error is None:  # after a failure, stop writing: the run reports it
+                self._write(group)
+
+    def _write(self, group: list[Judgement]) -> None:
+        try:
+            with session_scope(self._engine) as session:
+                record_judgements(
+                    self._plan.run_id,
+                    self._plan.rater_id,
+                    group,
+                    session=session,
+                    doubt_priority=self._config.doubt_priority,
+                    price_prompt=self._config.price_prompt,
+                    price_completion=self._config.price_completion,
+                )
+            self.transactions += 1
+        except BaseException as error:  # noqa: BLE001 - handed to the event loop to raise
+            self.error = error
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+
+
+def _progress(config: JudgeRunConfig, total: int):
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        ProgressColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+    from rich.text import Text
+
+    class RateColumn(ProgressColumn):
+        def render(self, task) -> Text:
+            return Text(f"{task.speed:.1f} req/s" if task.speed else "- req/s", style="progress.data.speed")
+
+    progress = Progress(
+        TextColumn("judging"),
+        BarColumn(bar_width=24),
+        MofNCompleteColumn(),
+        RateColumn(),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[status]}"),
+        console=Console(stderr=True),
+        disable=not config.progress,
+    )
+    task = progress.add_task("judge", total=total, status="")
+    return progress, task
+
+
+async def _execute(engine: Engine, backend: JudgeBackend, config: JudgeRunConfig, plan: _Plan, stats: _Stats) -> None:
+    template = get_template(config.template)
+    concurrency = config.concurrency or backend.preferred_concurrency
+    limiter = RateLimiter(config.rpm, config.tpm)
+    answered: dict[int, dict[str, CallRecord]] = {}  # comparisons with an order still to come
+    work: asyncio.Queue = asyncio.Queue(maxsize=2 * concurrency)
+    writer = _StoreWriter(engine, plan, config)
+    total = 2 * len(plan.pending) - len(plan.reused)
+    progress, task = _progress(config, total)
+
+    def finish(comparison_id: int, calls: dict[str, CallRecord]) -> None:
+        decision = decide(calls)
+        doubt = config.route_doubts and is_doubt(decision, config.doubt_confidence)
+        stats.doubts += int(doubt)
+        stats.outcomes["decided" if decision else "failed"] += 1
+        stats.outcomes["inconsistent"] += int(bool(decision and decision.inconsistent))
+        writer.submit(comparison_id, calls, decision, failed=decision is None, doubt=doubt)
+
+    async def call(pair: PairTexts, order: str) -> CallRecord:
+        first, second = (pair.text_a, pair.text_b) if order == "ab" else (pair.text_b, pair.text_a)
+        messages = template.render(pair.conversation, first, second, config.criteria) if backend.uses_template else []
+        request = JudgeRequest(pair.conversation, first, second, messages)
+        estimate = sum(len(m["content"]) for m in messages) // 4 + backend.max_output_tokens
+        await limiter.acquire(estimate)
+        base = {"comparison_id": pair.comparison_id, "order": order}
+        try:
+            reply = await backend.judge(request)
+        except JudgeCallError as error:
+            limiter.settle(estimate, error.prompt_tokens + error.completion_tokens)
+            stats.attempts += error.attempts
+            stats.tokens += error.prompt_tokens + error.completion_tokens
+            return CallRecord(**base, status=error.status, raw_text=error.raw_text, error=error.reason,
+                              attempts=error.attempts, prompt_tokens=error.prompt_tokens,
+                              completion_tokens=error.completion_tokens)
+        limiter.settle(estimate, reply.prompt_tokens + reply.completion_tokens)
+        stats.attempts += reply.attempts
+        stats.tokens += reply.prompt_tokens + reply.completion_tokens
+        usage = {"attempts": reply.attempts, "prompt_tokens": reply.prompt_tokens,
+                 "completion_tokens": reply.completion_tokens, "raw_text": reply.text}
+        try:
+            verdict = parse_verdict(reply.text, truncated=reply.truncated)
+        except VerdictParseError as error:
+            return CallRecord(**base, status="parse_error", error=error.reason, **usage)
+        confidence = verdict_confidence(reply.text, verdict, reply.logprobs)
+        return CallRecord(**base, status="ok", verdict=to_choice(verdict.letter, order), confidence=confidence, **usage)
+
+    async def produce() -> None:
+        for start in range(0, len(plan.pending), config.page_size):
+            page = plan.pending[start : start + config.page_size]
+            for pair in await asyncio.to_thread(_load_pairs, engine, page):
+                known = {o: plan.reused[(pair.comparison_id, o)] for o in ORDERS if (pair.comparison_id, o) in plan.reused}
+                if len(known) == len(ORDERS):
+                    finish(pair.comparison_id, known)
+                    continue
+                answered[pair.comparison_id] = known
+                for order in ORDERS:
+                    if order not in known:
+                        await work.put((pair, order))
+        for _ in range(concurrency):
+            await work.put(None)
+
+    async def consume() -> None:
+        while (item := await work.get()) is not None:
+            pair, order = item
+            record = await call(pair, order)
+            if record.status != "ok":
+                stats.failures[record.status] += 1
+            calls = answered[pair.comparison_id]
+            calls[order] = record
+            if len(calls) == len(ORDERS):
+                del answered[pair.comparison_id]
+                finish(pair.comparison_id, calls)
+            if writer.error is not None:
+                raise writer.error
+            progress.update(task, advance=1, status=_status_line(stats))
+
+    loop = asyncio.get_running_loop()
+    main = asyncio.current_task()
+    sigterm = _on_sigterm(loop, main.cancel if main else None)
+    status = RunStatus.failed
+    progress.start()
+    try:
+        async with asyncio.TaskGroup() as group:
+            group.create_task(produce())
+            for _ in range(concurrency):
+                group.create_task(consume())
+        status = RunStatus.done
+    except (asyncio.CancelledError, KeyboardInterrupt):
+        status = RunStatus.aborted
+        raise
+    finally:
+        progress.stop()
+        if sigterm:
+            loop.remove_signal_handler(signal.SIGTERM)
+        # Answered orders of comparisons still waiting for their other order: keep them.
+        for comparison_id, calls in answered.items():
+            if calls:
+                writer.submit(comparison_id, calls, None, failed=False)
+        await asyncio.shield(asyncio.to_thread(_close_and_finish, engine, writer, plan.run_id, status))
+        await backend.aclose()
+    if writer.error is not None:
+        raise writer.error
+
+
+def _load_pairs(engine: Engine, ids: list[int]) -> list[PairTexts]:
+    with session_scope(engine) as session:
+        return load_pairs(ids, session=session)
+
+
+def _close_and_finish(engine: Engine, writer: _StoreWriter, run_id: int, status: RunStatus) -> None:
+    writer.close()
+    if writer.error is not None:
+        status = RunStatus.failed
+    with session_scope(engine) as session:
+        finish_judge_run(run_id, status, session=session)
+
+
+def _on_sigterm(loop: asyncio.AbstractEventLoop, cancel) -> bool:
+    """Treat SIGTERM (`kill`) like Ctrl-C while the run lasts, where this thread may set handlers."""
+    if cancel is None or threading.current_thread() is not threading.main_thread():
+        return False
+    try:
+        loop.add_signal_handler(signal.SIGTERM, cancel)
+    except (NotImplementedError, RuntimeError, ValueError):
+        return False
+    return True
+
+
+def _status_line(stats: _Stats) -> str:
+    o = stats.outcomes
+    return f"decided {o['decided']} (inconsistent {o['inconsistent']})  failed {o['failed']}  tokens {stats.tokens}"
