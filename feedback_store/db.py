@@ -20,6 +20,7 @@ from sqlmodel import Session, create_engine
 from feedback_store.settings import Settings
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+READ_ONLY_OPTION = "prefloop_read_only"
 
 
 def make_engine(db_url: str, *, busy_timeout_ms: int = 30_000, echo: bool = False) -> Engine:
@@ -46,8 +47,10 @@ def make_engine(db_url: str, *, busy_timeout_ms: int = 30_000, echo: bool = Fals
         cursor.close()
 
     @event.listens_for(engine, "begin")
-    def _begin_immediate(conn) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+    def _begin(conn) -> None:
+        # Reads (stats, dashboards) must not take the write lock for their whole duration.
+        read_only = conn.get_execution_options().get(READ_ONLY_OPTION, False)
+        conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
     return engine
 
@@ -72,6 +75,16 @@ def session_scope(engine: Engine) -> Iterator[Session]:
         except BaseException:
             session.rollback()
             raise
+
+
+@contextmanager
+def read_scope(engine: Engine) -> Iterator[Session]:
+    """A read-only unit of work: on SQLite a plain (deferred) BEGIN, so writers keep going."""
+    with Session(engine.execution_options(**{READ_ONLY_OPTION: True}), expire_on_commit=False) as session:
+        try:
+            yield session
+        finally:
+            session.rollback()
 
 
 def alembic_config(db_url: str):

@@ -24,7 +24,7 @@ def register(subparsers, common: argparse.ArgumentParser) -> None:
 
 
 def run_stats(args: argparse.Namespace) -> int:
-    from feedback_store.db import session_scope
+    from feedback_store.db import read_scope
     from feedback_store.leaderboard import LeaderboardConfig
     from feedback_store.stats import StatsConfig, compute_stats
     from labeling.cli.common import CliError, open_store
@@ -40,7 +40,7 @@ def run_stats(args: argparse.Namespace) -> int:
     except ValueError as error:
         raise CliError(str(error)) from None
     engine = open_store(args)
-    with session_scope(engine) as session:
+    with read_scope(engine) as session:
         try:
             stats = compute_stats(session=session, config=config)
         except ValueError as error:  # e.g. an --anchor policy without votes
