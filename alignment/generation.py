@@ -166,3 +166,256 @@ def generate_local(
         if progress is not None:
             progress(len(batch))
     return results  # type: ignore[return-value]
+
+
+# ---------------------------------------------------------------------------------------------
+# Filling the store: `prefloop generate`.
+
+Backend = Literal["local", "openai"]
+COMPARISON_SOURCE = "generate"
+
+
+@dataclass(frozen=True)
+class GenerationJob:
+    """One `prefloop generate` run."""
+
+    policies: tuple[str, ...] = field(default=("default",), metadata={"help": "policy names to sample"})
+    prompts: int | None = field(default=None, metadata={"help": "the first N prompts of the store; None = all"})
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    backend: Backend = field(default="local", metadata={"help": "local (in-process) or openai (a server)"})
+    model: str | None = field(
+        default=None,
+        metadata={"help": "openai: the served model; local: the base model that the name 'base' stands for"},
+    )
+    base_url: str | None = field(default=None, metadata={"help": "openai backend: the server's API root"})
+    quantize: str = field(default="auto", metadata={"help": "local backend: none, 8bit, 4bit or auto"})
+    api_key_env: str = field(default="OPENAI_API_KEY", metadata={"help": "openai backend: key variable"})
+
+
+@dataclass
+class GenerationReport:
+    policies: list[str]
+    prompts_selected: int = 0
+    prompts_already_done: int = 0
+    prompts_done: int = 0
+    responses: int = 0
+    comparisons: int = 0
+    empty: int = 0  # completions with no text, not stored
+    completion_tokens: int = 0
+    seconds: float = 0.0
+
+    def summary(self) -> str:
+        rate = self.completion_tokens / self.seconds if self.seconds else 0.0
+        text = (
+            f"{', '.join(self.policies)}: {self.prompts_done} prompts answered "
+            f"({self.prompts_already_done} of {self.prompts_selected} selected were already done); "
+            f"{self.responses} new responses, {self.comparisons} new comparisons; "
+            f"{self.completion_tokens} tokens in {self.seconds:.1f} s ({rate:.1f} tokens/s)"
+        )
+        if self.empty:
+            text += f"; {self.empty} empty completions not stored"
+        return text
+
+
+def _resolve_policies(job: GenerationJob, *, session) -> list:
+    """The PolicyVersion rows for the job's names, created where a name is a model."""
+    from feedback_store.catalog import get_or_create_policy, get_policy, list_policies
+
+    from alignment.models import DEFAULT_MODEL, DEFAULT_MODEL_ALIASES, resolve_model_path
+
+    if job.backend == "openai" and job.model and len(job.policies) > 1:
+        raise ModelError("--model names one served model: with several --policy values, name each policy "
+                         "after the model (or LoRA module) the server serves under that name")
+    policies = []
+    for name in job.policies:
+        stored = get_policy(name, session=session)
+        if stored is not None:
+            policy = stored
+        elif job.backend == "openai":
+            policy = get_or_create_policy(name, session=session, base_model=job.model or name,
+                                          description=f"served at {job.base_url}")
+        elif name in DEFAULT_MODEL_ALIASES:
+            model = DEFAULT_MODEL if name == DEFAULT_MODEL else (job.model or DEFAULT_MODEL)
+            if model not in DEFAULT_MODEL_ALIASES:
+                resolve_model_path(model)
+            policy_name = DEFAULT_MODEL if model in DEFAULT_MODEL_ALIASES else model
+            policy = get_or_create_policy(policy_name, session=session, base_model=policy_name)
+        else:
+            try:
+                resolve_model_path(name)
+            except ModelError as error:
+                known = ", ".join(p.name for p in list_policies(session=session)) or "none yet"
+                raise ModelError(f"unknown policy {name!r} (stored policies: {known}; 'default' is the "
+                                 f"embedded model), and not a model either: {error}") from None
+            policy = get_or_create_policy(name, session=session, base_model=name)
+        if any(p.id == policy.id for p in policies):
+            raise ModelError(f"policy {policy.name!r} is listed twice")
+        policies.append(policy)
+    return policies
+
+
+class _LocalRunner:
+    """In-process generation: one PolicyPool per base model, adapters added by policy name."""
+
+    def __init__(self, policies: Sequence, quantize: str) -> None:
+        from alignment.models import ModelSpec, PolicyPool
+
+        self.pools: dict[str, PolicyPool] = {}
+        self.adapter: dict[int, str | None] = {}
+        for policy in policies:
+            pool = self.pools.get(policy.base_model)
+            if pool is None:
+                pool = self.pools[policy.base_model] = PolicyPool.load(ModelSpec(policy.base_model, quantize=quantize))
+            if policy.adapter_path:
+                pool.add(policy.name, policy.adapter_path)
+            self.adapter[policy.id] = policy.name if policy.adapter_path else None
+
+    def lengths(self, policy, conversations) -> list[int]:
+        return prompt_token_counts(self.pools[policy.base_model].tokenizer, conversations)
+
+    def check(self, policy, prompts, sampling: SamplingConfig) -> None:
+        from alignment.models import context_length
+
+        pool = self.pools[policy.base_model]
+        check_context(
+            self.lengths(policy, [p.messages for p in prompts]),
+            sampling.max_new_tokens,
+            context_length(pool.model, pool.tokenizer),
+            labels=[f"prompt {p.id}" for p in prompts],
+            model=policy.base_model,
+        )
+
+    def generate(self, policy, conversations, sampling):
+        return self.pools[policy.base_model].generate(self.adapter[policy.id], conversations, sampling)
+
+    def describe(self, policy) -> dict:
+        return {"backend": "local", "model": policy.base_model, "adapter": policy.adapter_path}
+
+
+class _OpenAIRunner:
+    def __init__(self, job: GenerationJob) -> None:
+        from alignment.openai_backend import OpenAIBackendConfig, OpenAIGenerator
+
+        self.job = job
+        self.generator = OpenAIGenerator(OpenAIBackendConfig(base_url=job.base_url or "", api_key_env=job.api_key_env))
+
+    def served(self, policy) -> str:
+        return self.job.model or policy.name
+
+    def lengths(self, policy, conversations) -> list[int]:
+        return [sum(len(m["content"]) for m in messages) for messages in conversations]
+
+    def check(self, policy, prompts, sampling) -> None:
+        """The server knows its context; an over-long prompt fails there, storing nothing for it."""
+
+    def generate(self, policy, conversations, sampling):
+        return self.generator.generate(self.served(policy), conversations, sampling)
+
+    def describe(self, policy) -> dict:
+        return {"backend": "openai", "model": self.served(policy), "base_url": self.job.base_url}
+
+
+def comparison_pairs(groups: Sequence[Sequence]) -> list[tuple]:
+    """One policy: every pair of its samples. Several: each pair of policies, sample k against
+    sample k (the shorter list wraps around)."""
+    if len(groups) == 1:
+        return list(itertools.combinations(groups[0], 2))
+    pairs = []
+    for left, right in itertools.combinations(groups, 2):
+        if left and right:
+            pairs += [(left[k % len(left)], right[k % len(right)]) for k in range(max(len(left), len(right)))]
+    return pairs
+
+
+def _batch_seed(seed: int, policy_name: str, prompt_ids: Sequence[int]) -> int:
+    """A seed per (run seed, policy, batch of prompts): reruns of the same batch sample alike."""
+    return zlib.crc32(f"{seed}:{policy_name}:{','.join(map(str, prompt_ids))}".encode())
+
+
+def _store_prompt(session, prompt, policies, results: dict, params: dict, report: GenerationReport) -> None:
+    from feedback_store.catalog import add_comparison, add_response, list_responses
+
+    groups = []
+    for policy in policies:
+        completions = results.get((policy.id, prompt.id))
+        if completions is None:  # answered by an earlier run
+            groups.append(list_responses(prompt.id, session=session, policy_id=policy.id))
+            continue
+        made: dict[int, object] = {}
+        for completion in completions:
+            if not completion.text:
+                report.empty += 1
+                continue
+            response, created = add_response(
+                prompt.id, policy.id, completion.text, session=session,
+                generation_params=params[policy.id], prompt_tokens=completion.prompt_tokens,
+                completion_tokens=completion.completion_tokens,
+            )
+            report.responses += created
+            report.completion_tokens += completion.completion_tokens or 0
+            made.setdefault(response.id, response)  # identical samples are one response
+        groups.append(list(made.values()))
+    for first, second in comparison_pairs(groups):
+        if first.id != second.id:
+            report.comparisons += add_comparison(first, second, session=session, source=COMPARISON_SOURCE)[1]
+
+
+def run_generation(engine, job: GenerationJob, *, show_progress: bool = True) -> GenerationReport:
+    """Sample every selected prompt a policy has not answered yet, storing each prompt in one
+    transaction. Raises ModelError before generating anything for a prompt that cannot fit."""
+    from dataclasses import replace
+
+    from feedback_store.catalog import list_prompts, prompts_without_responses
+    from feedback_store.db import session_scope
+    from tqdm.auto import tqdm
+
+    started = time.perf_counter()
+    if not job.policies:
+        raise ModelError("no policy to sample: pass --policy NAME")
+    with session_scope(engine) as session:
+        selected = list_prompts(session=session, limit=job.prompts)
+        policies = _resolve_policies(job, session=session)
+        selected_ids = {p.id for p in selected}
+        pending = {
+            policy.id: {p.id for p in prompts_without_responses(policy.id, session=session)} & selected_ids
+            for policy in policies
+        }
+    report = GenerationReport(policies=[p.name for p in policies], prompts_selected=len(selected))
+    todo = [p for p in selected if any(p.id in pending[policy.id] for policy in policies)]
+    report.prompts_already_done = len(selected) - len(todo)
+    if not todo:
+        report.seconds = time.perf_counter() - started
+        return report
+
+    runner = _OpenAIRunner(job) if job.backend == "openai" else _LocalRunner(policies, job.quantize)
+    for policy in policies:
+        runner.check(policy, [p for p in todo if p.id in pending[policy.id]], job.sampling)
+    # Length bucketing across the whole run: neighbours in this order share a batch.
+    lengths = runner.lengths(policies[0], [p.messages for p in todo])
+    todo = [p for _, p in sorted(zip(lengths, todo), key=lambda pair: (pair[0], pair[1].id))]
+    params = {
+        policy.id: {**job.sampling.params(), **{k: v for k, v in runner.describe(policy).items() if v}}
+        for policy in policies
+    }
+    per_batch = max(1, job.sampling.batch_size // job.sampling.samples)
+    bar = tqdm(total=len(todo), unit="prompt", desc="generate", disable=not show_progress)
+    try:
+        for start in range(0, len(todo), per_batch):
+            chunk = todo[start : start + per_batch]
+            results: dict[tuple[int, int], list[Completion]] = {}
+            for policy in policies:
+                needed = [p for p in chunk if p.id in pending[policy.id]]
+                if not needed:
+                    continue
+                seed = _batch_seed(job.sampling.seed, policy.name, [p.id for p in needed])
+                outputs = runner.generate(policy, [p.messages for p in needed], replace(job.sampling, seed=seed))
+                results.update({(policy.id, p.id): out for p, out in zip(needed, outputs)})
+            for prompt in chunk:
+                with session_scope(engine) as session:
+                    _store_prompt(session, prompt, policies, results, params, report)
+                report.prompts_done += 1
+                bar.update(1)
+    finally:
+        bar.close()
+        report.seconds = time.perf_counter() - started
+    return report
