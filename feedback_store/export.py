@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from sqlalchemy import select
+from sqlalchemy import String, select, type_coerce
 from sqlalchemy.orm import aliased
 from sqlmodel import Session, col
 
@@ -155,31 +155,43 @@ class Outcomes:
         )
 
 
+# Enum columns are read as their stored names (no per-row Enum construction: 100k votes).
+_KIND_BY_STORED = {kind.name: kind.value for kind in RaterKind}
+_CHOICE_BY_STORED = {choice.name: _CHOICE_CODE[choice] for choice in Choice}
+
+
 def _kind_name(kind: Any) -> str:
     return RaterKind(kind).value
+
+
+def _core_rows(session: Session, statement) -> list[tuple]:
+    """Plain tuples through Core: the ORM's row loading costs more than the query itself here."""
+    return session.connection().execute(statement).all()
 
 
 def aggregate_votes(*, session: Session, selection: Selection = Selection()) -> Outcomes:
     """One outcome per comparison that has counted votes: a single query, then numpy."""
     kinds = selection.counted_kinds()
-    rows = session.execute(
-        select(Vote.comparison_id, Vote.choice, Vote.strength, Rater.kind, Rater.weight)
+    rows = _core_rows(
+        session,
+        select(Vote.comparison_id, type_coerce(Vote.choice, String), Vote.strength,
+               type_coerce(Rater.kind, String), Rater.weight)
         .join(Rater, Rater.id == Vote.rater_id)
         .where(col(Rater.kind).in_(list(kinds)))
-        .order_by(Vote.comparison_id, Vote.id)
-    ).all()
+        .order_by(Vote.comparison_id, Vote.id),  # a fixed summation order: identical floats every run
+    )
     if not rows:
         empty_i, empty_f = np.zeros(0, np.int64), np.zeros(0, np.float64)
         return Outcomes(empty_i, empty_i.copy(), empty_i.copy(), empty_f, empty_f.copy(), [])
 
-    comparison_ids = np.fromiter((r[0] for r in rows), np.int64, len(rows))
-    codes = np.fromiter((_CHOICE_CODE[Choice(r[1])] for r in rows), np.int64, len(rows))
-    strength = np.fromiter((np.nan if r[2] is None else r[2] for r in rows), np.float64, len(rows))
-    weights = (
-        np.fromiter((r[4] for r in rows), np.float64, len(rows)) if selection.weighted else np.ones(len(rows))
-    )
-    kind_names = sorted({_kind_name(r[3]) for r in rows})
-    kind_codes = np.fromiter((kind_names.index(_kind_name(r[3])) for r in rows), np.int64, len(rows))
+    ids_col, choice_col, strength_col, kind_col, weight_col = zip(*rows)
+    comparison_ids = np.array(ids_col, np.int64)
+    codes = np.array([_CHOICE_BY_STORED[c] for c in choice_col], np.int64)
+    strength = np.array([np.nan if v is None else v for v in strength_col], np.float64)
+    weights = np.array(weight_col, np.float64) if selection.weighted else np.ones(len(rows))
+    kind_names = sorted({_KIND_BY_STORED[k] for k in set(kind_col)})
+    kind_index = {stored: kind_names.index(value) for stored, value in _KIND_BY_STORED.items() if value in kind_names}
+    kind_codes = np.array([kind_index[k] for k in kind_col], np.int64)
 
     unique_ids, group = np.unique(comparison_ids, return_inverse=True)
     n = len(unique_ids)
@@ -225,7 +237,7 @@ class _PairText:
     b_policy: str
 
 
-def _chunks(values: Sequence[int], size: int = 900):
+def _chunks(values: Sequence[int], size: int = 5000):  # bound parameters per IN (...), under every limit
     for start in range(0, len(values), size):
         yield values[start : start + size]
 
@@ -237,14 +249,15 @@ def _pair_texts(comparison_ids: Sequence[int], *, session: Session) -> dict[int,
     rows = []
     for chunk in _chunks([int(i) for i in comparison_ids]):
         rows.extend(
-            session.execute(
+            _core_rows(
+                session,
                 select(Comparison.id, Comparison.prompt_id, ra.id, rb.id, ra.text, rb.text, pa.name, pb.name)
                 .join(ra, ra.id == Comparison.response_a_id)
                 .join(rb, rb.id == Comparison.response_b_id)
                 .join(pa, pa.id == ra.policy_id)
                 .join(pb, pb.id == rb.policy_id)
-                .where(col(Comparison.id).in_(chunk))
-            ).all()
+                .where(col(Comparison.id).in_(chunk)),
+            )
         )
     prompts = _prompts({r[1] for r in rows}, session=session)
     return {r[0]: _PairText(prompts[r[1]], r[2], r[3], r[4], r[5], r[6], r[7]) for r in rows}
@@ -253,7 +266,7 @@ def _pair_texts(comparison_ids: Sequence[int], *, session: Session) -> dict[int,
 def _prompts(prompt_ids, *, session: Session) -> dict[int, list[dict]]:
     found = {}
     for chunk in _chunks(sorted(prompt_ids)):
-        found.update(session.execute(select(Prompt.id, Prompt.messages).where(col(Prompt.id).in_(chunk))).all())
+        found.update(_core_rows(session, select(Prompt.id, Prompt.messages).where(col(Prompt.id).in_(chunk))))
     return {k: [{"role": m["role"], "content": m["content"]} for m in v] for k, v in found.items()}
 
 
@@ -406,12 +419,13 @@ def export_kto(*, session: Session, selection: Selection = Selection()):
 
 def _rating_rows(*, session: Session, selection: Selection) -> list[dict]:
     kinds = selection.counted_kinds()
-    ratings = session.execute(
-        select(Rating.response_id, Rating.thumbs_up, Rater.kind, Rater.weight)
+    ratings = _core_rows(
+        session,
+        select(Rating.response_id, Rating.thumbs_up, type_coerce(Rater.kind, String), Rater.weight)
         .join(Rater, Rater.id == Rating.rater_id)
         .where(col(Rater.kind).in_(list(kinds)))
-        .order_by(Rating.response_id, Rating.id)
-    ).all()
+        .order_by(Rating.response_id, Rating.id),
+    )
     if not ratings:
         return []
     response_ids = np.fromiter((r[0] for r in ratings), np.int64, len(ratings))
@@ -426,7 +440,7 @@ def _rating_rows(*, session: Session, selection: Selection) -> list[dict]:
     counts = np.bincount(group, minlength=len(unique_ids))
     kinds_of = [set() for _ in unique_ids]
     for g, r in zip(group, ratings):
-        kinds_of[g].add(_kind_name(r[2]))
+        kinds_of[g].add(_KIND_BY_STORED[r[2]])
 
     keep = []
     for i in range(len(unique_ids)):
@@ -441,11 +455,12 @@ def _rating_rows(*, session: Session, selection: Selection) -> list[dict]:
     for chunk in _chunks([int(unique_ids[i]) for i, _, _ in keep]):
         response_rows.update(
             (r[0], r[1:])
-            for r in session.execute(
+            for r in _core_rows(
+                session,
                 select(Response.id, Response.prompt_id, Response.text, PolicyVersion.name)
                 .join(PolicyVersion, PolicyVersion.id == Response.policy_id)
-                .where(col(Response.id).in_(chunk))
-            ).all()
+                .where(col(Response.id).in_(chunk)),
+            )
         )
     prompts = _prompts({r[0] for r in response_rows.values()}, session=session)
     rows = []
