@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 from datasets import Dataset
+from sqlmodel import select
 
 from feedback_store.db import engine_for, session_scope
-from feedback_store.models import Choice
+from feedback_store.models import Choice, Vote
 from feedback_store.raters import get_or_create_judge
 from feedback_store.votes import record_vote
 from labeling.cli import main
@@ -69,9 +70,6 @@ def test_selection_flags_reach_the_export(db_url, tmp_path, capsys):
     engine = engine_for(db_url)
     with session_scope(engine) as session:
         judge = get_or_create_judge("j", "v1", session=session)
-        from feedback_store.models import Vote
-        from sqlmodel import select
-
         first = session.exec(select(Vote).order_by(Vote.comparison_id)).first()
         other = Choice.b if first.choice == Choice.a else Choice.a
         record_vote(first.comparison_id, judge.id, other, session=session)

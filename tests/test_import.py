@@ -23,12 +23,12 @@ TABLES = (Prompt, Response, Comparison, Vote, Rater, PolicyVersion)
 SQL_INJECTION = "'); DROP TABLE vote; --"
 UNICODE_TEXTS = [
     "مرحبا، كيف حالك؟",  # Arabic, right to left
-    "שלום עולם ‏(RTL mark)",  # Hebrew with a right-to-left mark
-    "family 👩‍👩‍👧‍👦 and flag 🏳️‍🌈",  # emoji joined by zero-width joiners
+    "שלום עולם \u200f(RTL mark) \u202eoverride\u202c",  # Hebrew with bidi control characters
+    "family \U0001F469\u200d\U0001F469\u200d\U0001F467 and flag \U0001F3F3\ufe0f\u200d\U0001F308",  # ZWJ emoji
     "zero\u200bwidth\u200cnon\u200djoiner\ufeffbom",
-    "cafe\u0301 vs café",  # combining acute accent vs precomposed
-    "Z̸̢̛a̴̟͐l̷̰̈g̶͚̓o̵̱͝",  # stacked combining marks
-    "𝕄𝕒𝕥𝕙 and 中文 and \U0001F600",  # astral-plane characters
+    "cafe\u0301 vs caf\u00e9",  # combining acute accent vs precomposed
+    "Z\u0338\u0322\u031ba\u0334\u031f\u0350l",  # stacked combining marks
+    "\U0001D544\U0001D552\U0001D565\U0001D559 and 中文 and \U0001F600",  # astral-plane characters
 ]
 
 
