@@ -81,6 +81,9 @@ def build(name: str, seed: int = 0, **overrides):
 
 def save_tiny_causal_lm(path: Path, name: str = "llama", seed: int = 0, **overrides) -> Path:
     model = build(name, seed=seed, **overrides)
+    if model.can_generate():
+        # A random model would often stop at once or emit markup; words only, up to the budget.
+        model.generation_config.suppress_tokens = list(range(len(SPECIALS)))
     model.save_pretrained(path)
     tiny_tokenizer().save_pretrained(path)
     return path
