@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.stats import build  # noqa: E402
 from feedback_store.catalog import IMPORTED_POLICY, add_comparison, add_prompt, add_response, get_or_create_policy  # noqa: E402
-from feedback_store.db import engine_for, session_scope, upgrade  # noqa: E402
+from feedback_store.db import engine_for, read_scope, session_scope, upgrade  # noqa: E402
 from feedback_store.export import EXPORTERS, Selection, snapshot  # noqa: E402
 from feedback_store.importing import import_prompts, parse_file  # noqa: E402
 from feedback_store.raters import get_or_create_import_rater  # noqa: E402
@@ -108,7 +108,7 @@ def main() -> None:
     export_s = {}
     for kind, exporter in EXPORTERS.items():
         def run(exporter=exporter):
-            with session_scope(engine_for(store)) as session:
+            with read_scope(engine_for(store)) as session:
                 return exporter(session=session, selection=Selection())
         export_s[kind], dataset = timed(run, repeat=2)
         print(f"{'export_' + kind:28}{len(dataset):>10}{export_s[kind]:>10.2f}")

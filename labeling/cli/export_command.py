@@ -36,7 +36,7 @@ def register(subparsers, common: argparse.ArgumentParser) -> None:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from feedback_store.db import session_scope
+    from feedback_store.db import read_scope
     from feedback_store.export import Selection, check_output_path, export, write_dataset
 
     try:
@@ -53,7 +53,7 @@ def run_export(args: argparse.Namespace) -> int:
     except ValueError as error:
         raise CliError(str(error)) from None
     engine = open_store(args)
-    with session_scope(engine) as session:
+    with read_scope(engine) as session:  # a reader: annotators keep voting while it runs
         dataset = export(args.kind, session=session, selection=selection)
     write_dataset(dataset, out)
     print(f"wrote {len(dataset)} {args.kind} rows to {out}")
