@@ -398,7 +398,8 @@ def run_generation(engine, job: GenerationJob, *, show_progress: bool = True) ->
         for policy in policies
     }
     per_batch = max(1, job.sampling.batch_size // job.sampling.samples)
-    bar = tqdm(total=len(todo), unit="prompt", desc="generate", disable=not show_progress)
+    # disable=None: a bar on a terminal, none in logs and pipes
+    bar = tqdm(total=len(todo), unit="prompt", desc="generate", disable=None if show_progress else True)
     try:
         for start in range(0, len(todo), per_batch):
             chunk = todo[start : start + per_batch]
