@@ -158,7 +158,7 @@ class VoteRevision(SQLModel, table=True):
     rationale: Optional[str] = Field(default=None, sa_column=Column(Text))
     left_response_id: Optional[int] = None
     time_spent_ms: Optional[int] = None
-    idempotency_key: Optional[str] = None
+    idempotency_key: Optional[str] = Field(default=None, index=True)  # retries of old keys look here
     recorded_at: datetime  # when this superseded state had been recorded
     replaced_at: datetime = Field(default_factory=utcnow)
 

@@ -14,7 +14,7 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import timedelta
 
-from sqlalchemy import and_, delete, exists, func, select as sa_select
+from sqlalchemy import and_, bindparam, delete, exists, func, insert, select as sa_select
 from sqlmodel import Session, col, select
 
 from feedback_store.models import (
@@ -45,8 +45,55 @@ class PairView:
 
 
 def target_overlap(*, session: Session) -> int:
-    setting = session.get(AppSetting, OVERLAP_SETTING)
-    return int(setting.value) if setting and setting.value else DEFAULT_OVERLAP
+    value = session.connection().execute(_OVERLAP).scalar()
+    return int(value) if value else DEFAULT_OVERLAP
+
+
+# The queue's statements, built once (they are immutable) and run on the session's connection:
+# the annotation app asks for the next pair on every vote, and ORM loads plus statement
+# construction cost more than the SQL itself.
+_OVERLAP = sa_select(AppSetting.value).where(AppSetting.key == OVERLAP_SETTING)
+_SKIPPED = bindparam("skip", expanding=True)
+_HELD = (
+    sa_select(Assignment.__table__)
+    .where(
+        Assignment.rater_id == bindparam("rid"),
+        Assignment.reserved_until > bindparam("now"),
+        Assignment.comparison_id.not_in(_SKIPPED),
+    )
+    .order_by(Assignment.id)
+    .limit(1)
+)
+# Only this rater's own stale rows: others' expired reservations are ignored by the search,
+# and deleting only ours keeps concurrent callers from contending for the same rows.
+_DROP_MY_EXPIRED = delete(Assignment).where(
+    Assignment.rater_id == bindparam("rid"), Assignment.reserved_until <= bindparam("now")
+)
+_RESERVED_BY_OTHERS = (
+    sa_select(func.count())
+    .where(
+        Assignment.comparison_id == Comparison.id,
+        Assignment.rater_id != bindparam("rid"),
+        Assignment.reserved_until > bindparam("now"),
+    )
+    .scalar_subquery()
+)
+# The first comparison, in queue order (the order of ix_comparison_queue), with a free slot.
+_NEXT_OPEN = (
+    sa_select(Comparison.id, Comparison.response_a_id, Comparison.response_b_id)
+    .where(
+        Comparison.human_votes < bindparam("overlap"),
+        ~exists().where(Vote.comparison_id == Comparison.id, Vote.rater_id == bindparam("rid")),
+        Comparison.human_votes + _RESERVED_BY_OTHERS < bindparam("overlap"),
+        Comparison.id.not_in(_SKIPPED),
+    )
+    .order_by(Comparison.priority.desc(), Comparison.human_votes, Comparison.id)
+    .limit(1)
+    # PostgreSQL: two raters asking at once skip each other's candidate row.
+    .with_for_update(skip_locked=True, of=Comparison)
+)
+_SLOTS_TAKEN = sa_select(Comparison.human_votes + _RESERVED_BY_OTHERS).where(Comparison.id == bindparam("cid"))
+_RESERVE = insert(Assignment.__table__).returning(Assignment.__table__.c.id)
 
 
 def next_comparison_for(
@@ -62,75 +109,38 @@ def next_comparison_for(
 
     `exclude` holds comparisons the rater skipped in this sitting.
     """
+    connection = session.connection()
     now = utcnow()
-    overlap = overlap or target_overlap(session=session)
-    held = session.exec(
-        select(Assignment)
-        .where(Assignment.rater_id == rater_id, Assignment.reserved_until > now)
-        .where(col(Assignment.comparison_id).not_in(exclude))
-        .order_by(Assignment.id)
-    ).first()
+    params = {"rid": rater_id, "now": now, "skip": list(exclude), "overlap": overlap or target_overlap(session=session)}
+    held = connection.execute(_HELD, params).first()
     if held is not None:
-        return held
-    # Only this rater's own stale rows: others' expired reservations are ignored below, and
-    # deleting only ours keeps concurrent callers from contending for the same rows.
-    session.execute(delete(Assignment).where(Assignment.rater_id == rater_id, Assignment.reserved_until <= now))
+        return Assignment(**held._mapping)
+    connection.execute(_DROP_MY_EXPIRED, params)
 
-    skipped = set(exclude)
-    while (comparison := session.exec(_next_open(rater_id, overlap, now, skipped)).first()) is not None:
-        if _still_open(comparison.id, rater_id, overlap, now, session=session):
+    while (candidate := connection.execute(_NEXT_OPEN, params).first()) is not None:
+        if connection.dialect.name == "sqlite" or _still_open(candidate.id, params, connection):
             break
-        skipped.add(comparison.id)
+        params["skip"].append(candidate.id)
     else:
         return None
     rng = rng or random.SystemRandom()
-    left = comparison.response_a_id if rng.random() < 0.5 else comparison.response_b_id
-    assignment = Assignment(
-        comparison_id=comparison.id, rater_id=rater_id, left_response_id=left, reserved_until=now + reservation
-    )
-    session.add(assignment)
-    session.flush()
-    return assignment
+    values = {
+        "comparison_id": candidate.id,
+        "rater_id": rater_id,
+        "left_response_id": candidate.response_a_id if rng.random() < 0.5 else candidate.response_b_id,
+        "reserved_until": now + reservation,
+        "created_at": now,
+    }
+    return Assignment(id=connection.execute(_RESERVE, values).scalar_one(), **values)
 
 
-def _reserved_by_others(rater_id: int, now):
-    return (
-        sa_select(func.count())
-        .where(
-            Assignment.comparison_id == Comparison.id,
-            Assignment.rater_id != rater_id,
-            Assignment.reserved_until > now,
-        )
-        .scalar_subquery()
-    )
-
-
-def _next_open(rater_id: int, overlap: int, now, skipped: Collection[int]):
-    """The first comparison, in queue order, with a slot free for this rater."""
-    voted = exists().where(Vote.comparison_id == Comparison.id, Vote.rater_id == rater_id)
-    return (
-        select(Comparison)
-        .where(
-            Comparison.human_votes < overlap,
-            ~voted,
-            Comparison.human_votes + _reserved_by_others(rater_id, now) < overlap,
-        )
-        .where(col(Comparison.id).not_in(skipped))
-        .order_by(col(Comparison.priority).desc(), Comparison.human_votes, Comparison.id)
-        .limit(1)
-        # PostgreSQL: two raters asking at once skip each other's candidate row.
-        .with_for_update(skip_locked=True, of=Comparison)
-    )
-
-
-def _still_open(comparison_id: int, rater_id: int, overlap: int, now, *, session: Session) -> bool:
+def _still_open(comparison_id: int, params: dict, connection) -> bool:
     """Check again, in a statement that starts after we got the row lock. On PostgreSQL the
-    search above sees a snapshot taken before it waited: a rater whose reservation committed
-    in between released the lock but is invisible to it, and would otherwise share the slot."""
-    taken = session.execute(
-        sa_select(Comparison.human_votes + _reserved_by_others(rater_id, now)).where(Comparison.id == comparison_id)
-    ).scalar_one()
-    return taken < overlap
+    search sees a snapshot taken before it waited: a rater whose reservation committed in
+    between released the lock but is invisible to it, and would otherwise share the slot.
+    (SQLite needs no second look: BEGIN IMMEDIATE runs one writer at a time.)"""
+    taken = connection.execute(_SLOTS_TAKEN, {**params, "cid": comparison_id}).scalar_one()
+    return taken < params["overlap"]
 
 
 def pair_view(assignment: Assignment, *, session: Session) -> PairView:

@@ -9,9 +9,11 @@ counted twice, whatever the interleaving of retries, tabs and processes.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
-from sqlalchemy import delete, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import bindparam, delete, func, update
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlmodel import Session, select
 
 from feedback_store.models import (
@@ -46,19 +48,51 @@ class VoteInput:
         return (self.choice, self.strength, self.rationale) == (vote.choice, vote.strength, vote.rationale)
 
 
-def _validate(comparison: Comparison | None, comparison_id: int, rater: Rater | None, rater_id: int,
-              vote: VoteInput) -> None:
-    if comparison is None:
-        raise VoteError(f"comparison {comparison_id} does not exist")
-    if rater is None:
+# The hot path of the app, built once (statements are immutable) and run on the session's
+# connection: ORM loads and statement construction cost far more than this SQL does.
+_FACTS = select(
+    Comparison.response_a_id,
+    Comparison.response_b_id,
+    Rater.name,
+    Rater.kind,
+    Rater.active,
+    # The vote this key already produced, as it stands or since revised.
+    func.coalesce(
+        select(Vote.id).where(Vote.idempotency_key == bindparam("key")).scalar_subquery(),
+        select(VoteRevision.vote_id)
+        .where(VoteRevision.idempotency_key == bindparam("key"))
+        .limit(1)
+        .scalar_subquery(),
+    ).label("key_owner"),
+).select_from(Comparison).join(Rater, Rater.id == bindparam("rid")).where(Comparison.id == bindparam("cid"))
+_COUNT_HUMAN_VOTE = (
+    update(Comparison).where(Comparison.id == bindparam("cid")).values(human_votes=Comparison.human_votes + 1)
+)
+_RELEASE_ASSIGNMENT = delete(Assignment).where(
+    Assignment.comparison_id == bindparam("cid"), Assignment.rater_id == bindparam("rid")
+)
+
+
+@lru_cache(maxsize=None)
+def _insert_unless_voted(dialect: str):
+    """INSERT that does nothing when the rater already voted on the pair or the key is taken
+    (on PostgreSQL it first waits for a concurrent insert of the same row to commit)."""
+    dialect_insert = {"sqlite": sqlite_insert, "postgresql": postgresql_insert}[dialect]
+    return dialect_insert(Vote.__table__).on_conflict_do_nothing().returning(Vote.__table__.c.id)
+
+
+def _validate(facts, comparison_id: int, rater_id: int, vote: VoteInput, *, session: Session) -> None:
+    if facts is None:
+        if session.get(Comparison, comparison_id) is None:
+            raise VoteError(f"comparison {comparison_id} does not exist")
         raise VoteError(f"rater {rater_id} does not exist")
-    if not rater.active:
-        raise VoteError(f"rater {rater.name!r} is deactivated")
+    if not facts.active:
+        raise VoteError(f"rater {facts.name!r} is deactivated")
     if vote.strength is not None and vote.strength not in STRENGTHS:
         raise VoteError(f"strength must be one of {sorted(STRENGTHS)} (got {vote.strength!r})")
     if vote.strength is not None and vote.choice not in (Choice.a, Choice.b):
         raise VoteError("strength only applies to a choice of 'a' or 'b'")
-    pair = (comparison.response_a_id, comparison.response_b_id)
+    pair = (facts.response_a_id, facts.response_b_id)
     if vote.left_response_id is not None and vote.left_response_id not in pair:
         raise VoteError(
             f"left_response_id {vote.left_response_id} is not part of comparison {comparison_id} {pair}"
@@ -86,42 +120,30 @@ def record_vote(
     except ValueError:
         raise VoteError(f"choice must be one of {[c.value for c in Choice]} (got {choice!r})") from None
     given = VoteInput(choice, strength, rationale or None, left_response_id, time_spent_ms, confidence)
+    ids = {"cid": comparison_id, "rid": rater_id}
 
-    if idempotency_key is not None and (replay := _replay(idempotency_key, comparison_id, rater_id, session=session)):
-        return replay
+    connection = session.connection()
+    facts = connection.execute(_FACTS, {**ids, "key": idempotency_key}).first()
+    if facts is not None and facts.key_owner is not None:
+        return _replay(idempotency_key, comparison_id, rater_id, session=session)
+    _validate(facts, comparison_id, rater_id, given, session=session)
 
-    comparison = session.get(Comparison, comparison_id)
-    rater = session.get(Rater, rater_id)
-    _validate(comparison, comparison_id, rater, rater_id, given)
+    now = utcnow()
+    values = dict(comparison_id=comparison_id, rater_id=rater_id, idempotency_key=idempotency_key,
+                  revision=1, created_at=now, updated_at=now, **given.__dict__)
+    vote_id = connection.execute(_insert_unless_voted(connection.dialect.name), values).scalar()
+    if vote_id is not None:  # the usual case: a first vote
+        if facts.kind == RaterKind.human:
+            connection.execute(_COUNT_HUMAN_VOTE, ids)
+        connection.execute(_RELEASE_ASSIGNMENT, ids)
+        return Vote(id=vote_id, **values)
 
+    # The rater voted on this pair before (or a concurrent twin just did): lock that vote.
     existing = _existing_vote(comparison_id, rater_id, session=session)
     if existing is None:
-        try:
-            with session.begin_nested():  # a concurrent insert of the same pair lands here (PostgreSQL)
-                vote = Vote(
-                    comparison_id=comparison_id,
-                    rater_id=rater_id,
-                    idempotency_key=idempotency_key,
-                    **given.__dict__,
-                )
-                session.add(vote)
-                session.flush()
-        except IntegrityError:
-            existing = _existing_vote(comparison_id, rater_id, session=session)
-            if existing is None:
-                raise VoteError(f"idempotency key {idempotency_key!r} was used for another vote") from None
-        else:
-            if rater.kind == RaterKind.human:
-                session.execute(
-                    update(Comparison)
-                    .where(Comparison.id == comparison_id)
-                    .values(human_votes=Comparison.human_votes + 1)
-                )
-            _release_assignment(comparison_id, rater_id, session=session)
-            return vote
-
-    # We hold the vote's row lock now, so a twin of this retry that got in first is visible:
-    # its key must not be applied a second time on top of someone else's change.
+        raise VoteError(f"idempotency key {idempotency_key!r} was used for another vote")
+    # With the lock held, a twin of this retry that got in first is visible: its key must not
+    # be applied a second time on top of someone else's change.
     if idempotency_key is not None and (replay := _replay(idempotency_key, comparison_id, rater_id, session=session)):
         return replay
     if given.same_judgement(existing):
@@ -180,12 +202,6 @@ def _revise(vote: Vote, given: VoteInput, idempotency_key: str | None, *, sessio
     session.add(vote)
     session.flush()
     return vote
-
-
-def _release_assignment(comparison_id: int, rater_id: int, *, session: Session) -> None:
-    session.execute(
-        delete(Assignment).where(Assignment.comparison_id == comparison_id, Assignment.rater_id == rater_id)
-    )
 
 
 def vote_history(vote_id: int, *, session: Session) -> list[VoteRevision]:
