@@ -69,6 +69,7 @@ class BenchConfig:
 @dataclass
 class BackendResult:
     single_writer: float = 0.0
+    cpu_ms_per_vote: float = 0.0  # this process's CPU time per call, single writer
     multi_writer: float = 0.0
     errors: int = 0
     p50_ms: float = 0.0
@@ -88,10 +89,11 @@ def fill(engine, config: BenchConfig) -> dict[str, list[int]]:
     annotators = [f"annotator{i}" for i in range(config.queue_raters)]
     names = [f"background{i}" for i in range(BACKGROUND_RATERS)] + writers + annotators
     with session_scope(engine) as s:
-        s.execute(insert(PolicyVersion), [{"id": i + 1, "name": f"policy{i}", "base_model": "tiny", "created_at": now}
-                                          for i in range(RESPONSES_PER_PROMPT)])
-        s.execute(insert(Rater), [{"id": i + 1, "name": name, "kind": RaterKind.human, "weight": 1.0, "active": True,
-                                   "created_at": now} for i, name in enumerate(names)])
+        policies = [{"id": i + 1, "name": f"policy{i}", "base_model": "tiny", "created_at": now}
+                    for i in range(RESPONSES_PER_PROMPT)]
+        s.execute(insert(PolicyVersion), policies)
+        s.execute(insert(Rater), [{"id": i + 1, "name": name, "kind": RaterKind.human, "weight": 1.0,
+                                   "active": True, "created_at": now} for i, name in enumerate(names)])
     batch = 2000  # prompts per transaction
     comparison_id = 0
     for start in track(range(0, n_prompts, batch), description="bulk insert", console=console):
@@ -112,11 +114,13 @@ def fill(engine, config: BenchConfig) -> dict[str, list[int]]:
                 comparisons.append({"id": comparison_id, "prompt_id": p + 1, "response_a_id": first + a,
                                     "response_b_id": first + b, "priority": 0, "human_votes": n_votes,
                                     "source": "bench", "created_at": now})
-                votes += [{"comparison_id": comparison_id, "rater_id": (comparison_id + k) % BACKGROUND_RATERS + 1,
+                votes += [{"comparison_id": comparison_id,
+                           "rater_id": (comparison_id + k) % BACKGROUND_RATERS + 1,
                            "choice": "a", "revision": 1, "created_at": now, "updated_at": now}
                           for k in range(n_votes)]
         with session_scope(engine) as s:
-            for model, rows in ((Prompt, prompts), (Response, responses), (Comparison, comparisons), (Vote, votes)):
+            tables = ((Prompt, prompts), (Response, responses), (Comparison, comparisons), (Vote, votes))
+            for model, rows in tables:
                 s.execute(insert(model), rows)
     with session_scope(engine) as s:
         ids = dict(s.execute(select(Rater.name, Rater.id)).all())
@@ -166,17 +170,18 @@ def write_votes(engine, rater_id: int, comparison_ids: list[int], tag: str) -> t
     return calls, errors
 
 
-def throughput(engine, rater_ids: list[int], n_votes: int, offset: int, tag: str) -> tuple[float, int, int]:
-    """votes/s with one thread per rater; returns (calls per second, errors, comparisons used)."""
+def throughput(engine, rater_ids: list[int], n_votes: int, offset: int, tag: str) -> tuple[float, float, int, int]:
+    """votes/s with one thread per rater; returns (calls per second, CPU ms per call, errors,
+    comparisons used)."""
     per_writer = n_votes // len(rater_ids)
     comparison_ids = free_comparisons(engine, per_writer * len(rater_ids), offset)
     shares = [comparison_ids[i :: len(rater_ids)] for i in range(len(rater_ids))]
     with session_scope(engine) as s:
         before = s.execute(select(func.count()).select_from(Vote)).scalar_one()
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     with ThreadPoolExecutor(len(rater_ids)) as pool:
         done = list(pool.map(write_votes, [engine] * len(rater_ids), rater_ids, shares, [tag] * len(rater_ids)))
-    elapsed = time.perf_counter() - start
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     calls, errors = map(sum, zip(*done))
     expected_new = sum(len(share) - len(range(RETRY_EVERY - 1, len(share), RETRY_EVERY)) for share in shares)
     with session_scope(engine) as s:
@@ -184,7 +189,7 @@ def throughput(engine, rater_ids: list[int], n_votes: int, offset: int, tag: str
     if after - before != expected_new:
         console.print(f"[red]{after - before} votes stored, {expected_new} expected[/red]")
         errors += abs(after - before - expected_new)
-    return calls / elapsed, errors, len(comparison_ids)
+    return calls / elapsed, cpu / calls * 1000, errors, len(comparison_ids)
 
 
 def queue_latency(engine, annotators: list[int], samples: int) -> tuple[float, float, int]:
@@ -216,9 +221,14 @@ def run_backend(url: str, config: BenchConfig) -> BackendResult:
         result = BackendResult()
         # Warm up the pool, caches and statement cache before timing.
         throughput(engine, raters["writers"][:1], 200, offset=0, tag="warmup")
-        result.single_writer, errors_1, used = throughput(engine, raters["writers"][:1], config.votes, 200, "one")
-        console.print(f"  1 writer:  {result.single_writer:,.0f} votes/s, {errors_1} errors")
-        result.multi_writer, errors_n, _ = throughput(engine, raters["writers"], config.votes, 200 + used, "many")
+        result.single_writer, result.cpu_ms_per_vote, errors_1, used = throughput(
+            engine, raters["writers"][:1], config.votes, 200, "one"
+        )
+        console.print(f"  1 writer:  {result.single_writer:,.0f} votes/s "
+                      f"({result.cpu_ms_per_vote:.2f} ms CPU each), {errors_1} errors")
+        result.multi_writer, _, errors_n, _ = throughput(
+            engine, raters["writers"], config.votes, 200 + used, "many"
+        )
         console.print(f"  {config.writers} writers: {result.multi_writer:,.0f} votes/s, {errors_n} errors")
         result.p50_ms, result.p95_ms, errors_q = queue_latency(engine, raters["annotators"], config.samples)
         console.print(f"  next_comparison_for: p50 {result.p50_ms:.2f} ms, p95 {result.p95_ms:.2f} ms")
@@ -269,17 +279,25 @@ def main() -> None:
                   f">= {GOAL_VOTES_PER_S:,}", f"{sqlite.single_writer / GOAL_VOTES_PER_S:.2f}")
     table.add_row(f"votes/s, {config.writers} writers", f"{sqlite.multi_writer:,.0f}",
                   f"{pg.multi_writer:,.0f}" if pg else na, "", "")
+    table.add_row("CPU ms per vote, 1 writer", f"{sqlite.cpu_ms_per_vote:.2f}",
+                  f"{pg.cpu_ms_per_vote:.2f}" if pg else na, "", "")
     table.add_row("errors", str(sqlite.errors), str(pg.errors) if pg else na, "0", "")
     table.add_row("next_comparison_for p50 ms", f"{sqlite.p50_ms:.2f}", f"{pg.p50_ms:.2f}" if pg else na, "", "")
     table.add_row("next_comparison_for p95 ms", f"{sqlite.p95_ms:.2f}", f"{pg.p95_ms:.2f}" if pg else na,
                   f"< {GOAL_P95_MS:g}", f"{sqlite.p95_ms / GOAL_P95_MS:.2f}")
     console.print(table)
+    # Wall-clock rates depend on what else the machine runs; the load says how shared it was.
+    load = os.getloadavg()[0]
+    console.print(f"load average {load:.1f} on {os.cpu_count()} CPUs: "
+                  "wall-clock rates scale with the CPU share this process got")
     errors = sum(r.errors for r in results.values())
-    pg_writes = f"pg_1w={pg.single_writer:.0f} pg_16w={pg.multi_writer:.0f}" if pg else "pg_1w=skipped pg_16w=skipped"
+    pg_writes = (f"pg_1w={pg.single_writer:.0f} pg_16w={pg.multi_writer:.0f}" if pg
+                 else "pg_1w=skipped pg_16w=skipped")
     pg_queue = f" pg_next_p50_ms={pg.p50_ms:.2f} pg_next_p95_ms={pg.p95_ms:.2f}" if pg else ""
     print(f"RESULT store ratio={sqlite.single_writer / GOAL_VOTES_PER_S:.2f} sqlite_1w={sqlite.single_writer:.0f} "
           f"sqlite_16w={sqlite.multi_writer:.0f} {pg_writes} errors={errors} "
-          f"next_p50_ms={sqlite.p50_ms:.2f} next_p95_ms={sqlite.p95_ms:.2f}{pg_queue}")
+          f"next_p50_ms={sqlite.p50_ms:.2f} next_p95_ms={sqlite.p95_ms:.2f}{pg_queue} "
+          f"sqlite_cpu_ms_per_vote={sqlite.cpu_ms_per_vote:.2f} load={load:.1f}")
 
 
 if __name__ == "__main__":

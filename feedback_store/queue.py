@@ -111,7 +111,8 @@ def next_comparison_for(
     """
     connection = session.connection()
     now = utcnow()
-    params = {"rid": rater_id, "now": now, "skip": list(exclude), "overlap": overlap or target_overlap(session=session)}
+    overlap = overlap or target_overlap(session=session)
+    params = {"rid": rater_id, "now": now, "skip": list(exclude), "overlap": overlap}
     held = connection.execute(_HELD, params).first()
     if held is not None:
         return Assignment(**held._mapping)
@@ -136,8 +137,8 @@ def next_comparison_for(
 
 def _still_open(comparison_id: int, params: dict, connection) -> bool:
     """Check again, in a statement that starts after we got the row lock. On PostgreSQL the
-    search sees a snapshot taken before it waited: a rater whose reservation committed in
-    between released the lock but is invisible to it, and would otherwise share the slot.
+    search reads a snapshot taken when it started: a rater whose reservation committed while
+    it ran has released the row lock, yet is invisible to it, and would share the slot.
     (SQLite needs no second look: BEGIN IMMEDIATE runs one writer at a time.)"""
     taken = connection.execute(_SLOTS_TAKEN, {**params, "cid": comparison_id}).scalar_one()
     return taken < params["overlap"]

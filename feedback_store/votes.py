@@ -64,7 +64,8 @@ _FACTS = select(
         .limit(1)
         .scalar_subquery(),
     ).label("key_owner"),
-).select_from(Comparison).join(Rater, Rater.id == bindparam("rid")).where(Comparison.id == bindparam("cid"))
+).select_from(Comparison).join(Rater, Rater.id == bindparam("rid"))
+_FACTS = _FACTS.where(Comparison.id == bindparam("cid"))
 _COUNT_HUMAN_VOTE = (
     update(Comparison).where(Comparison.id == bindparam("cid")).values(human_votes=Comparison.human_votes + 1)
 )
@@ -114,7 +115,8 @@ def record_vote(
     confidence: float | None = None,
     idempotency_key: str | None = None,
 ) -> Vote:
-    """Store `rater`'s judgement of a comparison and return the vote as now stored."""
+    """Store `rater`'s judgement of a comparison and return the vote as now stored (a first
+    vote comes back as a detached object built from what was inserted)."""
     try:
         choice = Choice(choice)
     except ValueError:
@@ -144,8 +146,9 @@ def record_vote(
         raise VoteError(f"idempotency key {idempotency_key!r} was used for another vote")
     # With the lock held, a twin of this retry that got in first is visible: its key must not
     # be applied a second time on top of someone else's change.
-    if idempotency_key is not None and (replay := _replay(idempotency_key, comparison_id, rater_id, session=session)):
-        return replay
+    if idempotency_key is not None:
+        if (replay := _replay(idempotency_key, comparison_id, rater_id, session=session)) is not None:
+            return replay
     if given.same_judgement(existing):
         return existing  # a retry without a key, or the same answer twice
     return _revise(existing, given, idempotency_key, session=session)

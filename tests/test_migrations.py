@@ -62,7 +62,8 @@ def test_a_second_upgrade_changes_nothing(empty_db_url, capsys):
     assert schema(empty_db_url) == before
     assert current_revision(empty_db_url) == HEAD
     with session_scope(engine_for(empty_db_url)) as s:
-        assert [p.messages[0]["content"] for p in list_prompts(session=s)] == ["still here after the second upgrade?"]
+        contents = [p.messages[0]["content"] for p in list_prompts(session=s)]
+        assert contents == ["still here after the second upgrade?"]
     assert capsys.readouterr().out.count(f"at revision {HEAD}") == 2
 
 
@@ -86,7 +87,8 @@ def _is_queue_index_on_sqlite(diff, dialect: str) -> bool:
     # ix_comparison_queue is declared with the expression `priority DESC`. SQLite reflects it
     # as plain columns (dropping the DESC) and autogenerate cannot match that to a text
     # element, so it always reports a remove + add pair there. The DESC is checked below.
-    return dialect == "sqlite" and diff[0] in ("add_index", "remove_index") and diff[1].name == "ix_comparison_queue"
+    is_index_change = diff[0] in ("add_index", "remove_index")
+    return dialect == "sqlite" and is_index_change and diff[1].name == "ix_comparison_queue"
 
 
 def test_migrations_head_matches_the_models(db_url):
