@@ -1,0 +1,215 @@
+"""DPO on stored preference pairs: TRL's `DPOTrainer`, with prefix-shared packed batches.
+
+TRL's loss code (every `loss_type`, `beta`, `label_smoothing`, `ld_alpha`, WPO weighting, its
+metrics) runs unchanged; what changes is how the per-token log-probs it consumes are computed:
+
+- one row per pair, the prompt encoded once, padding only to the longest pair (`packing.py`);
+- the LM head only on the completion tokens (TRL on CPU projects every position);
+- the reference log-probs from the same packed forward with the adapter disabled (no model
+  copy), computed once per pair and cached for later epochs, or all up front when
+  `precompute_ref_log_probs` is set (always for full fine-tuning: no second model in memory).
+
+Models the packed layout cannot serve (flash-attention kernels, encoder-decoders, MoE aux
+losses, vision models) go through TRL's own path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from trl import DPOConfig as TRLDPOConfig
+from trl import DPOTrainer as TRLDPOTrainer
+from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+from alignment.training import packing
+from alignment.training.common import GuardedTraining, MethodSpec
+
+
+@dataclass
+class DPOConfig(TRLDPOConfig):
+    """TRL's DPOConfig, plus prefloop's batching choice."""
+
+    prefix_sharing: bool = field(
+        default=True,
+        metadata={
+            "help": "Pack each pair as one row [prompt | chosen | rejected] with a prefix-sharing attention mask: "
+            "the prompt is encoded once and rows pad only to the longest pair. Same loss, less compute. Models "
+            "without SDPA/eager attention fall back to TRL's two-row batches."
+        },
+    )
+
+
+@dataclass
+class PackedPreferenceCollator:
+    """TRL's preference collator (its tensors feed TRL's loss code) plus the packed rows."""
+
+    pad_token_id: int
+    max_length: int | None = None
+    truncation_mode: str = "keep_start"
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = DataCollatorForPreference(
+            pad_token_id=self.pad_token_id, max_length=self.max_length, truncation_mode=self.truncation_mode
+        )(examples)
+        pieces = [
+            packing.truncate_pair(e["prompt_ids"], e["chosen_ids"], e["rejected_ids"], self.max_length)
+            for e in examples
+        ]
+        packed, layout = packing.pack_pairs(*zip(*pieces))
+        src, tgt, seq, pos = packing.completion_token_index(layout, packed["input_ids"])
+        packed.update(src=src, tgt=tgt, seq=seq, pos=pos)
+        packed["keys"] = [packing.pair_key(*piece) for piece in pieces]
+        batch["prefloop_packed"] = packed
+        return batch
+
+
+class DPOTrainer(GuardedTraining, TRLDPOTrainer):
+    """TRL's DPOTrainer computing its log-probs from prefix-shared packed rows."""
+
+    def __init__(self, model, *, args: DPOConfig | None = None, **kwargs):
+        self._ref_cache: dict[str, tuple[float, float]] = {}
+        self._packed = False
+        if (
+            args is not None
+            and getattr(args, "prefix_sharing", False)
+            and args.ld_alpha is None  # LD-DPO re-weights tokens in TRL's layout: keep TRL's path
+            and not isinstance(model, str)
+            and packing.supports_packing(packing.unwrap_peft(model))
+            and kwargs.get("data_collator") is None
+        ):
+            tokenizer = kwargs.get("processing_class")
+            tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
+            if tokenizer is not None and tokenizer.pad_token is None:
+                tokenizer.pad_token = tokenizer.eos_token
+            if tokenizer is not None and packing.use_packed_attention(packing.unwrap_peft(model)):
+                kwargs["data_collator"] = PackedPreferenceCollator(
+                    tokenizer.pad_token_id, args.max_length, args.truncation_mode
+                )
+                self._packed = True
+        super().__init__(model, args=args, **kwargs)
+        if self._packed:
+            packing.add_packed_heads(packing.unwrap_peft(self.accelerator.unwrap_model(self.model)))
+            # TRL reads the reference log-probs from the batch; this trainer puts them there.
+            self.precompute_ref_logps = True
+
+    # -- data -------------------------------------------------------------------------------
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+        if "length" not in dataset.column_names:
+            # group_by_length sorts on this: the packed row's length, i.e. the compute of the pair
+            dataset = dataset.map(
+                lambda e: {"length": len(e["prompt_ids"]) + len(e["chosen_ids"]) + len(e["rejected_ids"])},
+                desc=f"Measuring {dataset_name} pairs",
+            )
+        return dataset
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        if "length" not in self._signature_columns:
+            self._signature_columns = [*self._signature_columns, "length"]
+
+    # -- reference log-probs -----------------------------------------------------------------
+    def _precompute_ref_logps(self, dataset, name: str, batch_size: int):
+        if not self._packed:
+            return super()._precompute_ref_logps(dataset, name, batch_size)
+        from trl.trainer.utils import tqdm
+
+        packing.add_packed_heads(packing.unwrap_peft(self.accelerator.unwrap_model(self.model)))
+        chosen, rejected = [], []
+        # No gradient and no backward to keep: a larger batch than training is free.
+        step = max(batch_size, 1) * 4
+        for start in tqdm(range(0, len(dataset), step), desc=f"Reference log-probs ({name})"):
+            batch = self.data_collator([dataset[i] for i in range(start, min(start + step, len(dataset)))])
+            ref_c, ref_r = self._reference_pass(batch["prefloop_packed"])
+            chosen += ref_c.tolist()
+            rejected += ref_r.tolist()
+        for column in ("ref_chosen_logps", "ref_rejected_logps"):
+            if column in dataset.column_names:
+                dataset = dataset.remove_columns(column)
+        return dataset.add_column("ref_chosen_logps", chosen).add_column("ref_rejected_logps", rejected)
+
+    def _reference_pass(self, packed: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        from trl.trainer.utils import use_adapter
+
+        from trl.models.utils import disable_gradient_checkpointing
+
+        model = self.ref_model if self.ref_model is not None else self.model
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        if self.ref_model is None and hasattr(unwrapped, "peft_config"):
+            adapter = use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
+        else:
+            import contextlib
+
+            adapter = contextlib.nullcontext()
+        if self.ref_model is not None:
+            packing.add_packed_heads(packing.unwrap_peft(self.accelerator.unwrap_model(self.ref_model)))
+        with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs), \
+                adapter:
+            out = self._packed_forward(model, packed, outputs=())
+        return self._sum_per_sequence(out["log_probs"], packed)
+
+    def _reference_logps(self, packed: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        keys = packed["keys"]
+        if any(key not in self._ref_cache for key in keys):
+            ref_c, ref_r = self._reference_pass(packed)
+            for key, c, r in zip(keys, ref_c.tolist(), ref_r.tolist()):
+                self._ref_cache[key] = (c, r)
+        device = self.accelerator.device
+        values = torch.tensor([self._ref_cache[key] for key in keys], device=device, dtype=torch.float32)
+        return values[:, 0], values[:, 1]
+
+    # -- the packed forward -----------------------------------------------------------------
+    def _packed_forward(self, model, packed: dict, outputs: tuple[str, ...]) -> dict:
+        device = self.accelerator.device
+        return model(
+            **packing.packed_model_kwargs(packed, device),
+            prefloop_head="logprobs",
+            prefloop_index=packed["src"].to(device),
+            prefloop_targets=packed["tgt"].to(device),
+            prefloop_outputs=outputs,
+        )
+
+    def _sum_per_sequence(self, log_probs: torch.Tensor, packed: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        n = len(packed["segments"])
+        sums = log_probs.new_zeros(2 * n).index_add(0, packed["seq"].to(log_probs.device), log_probs)
+        return sums[:n], sums[n:]
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        packed = inputs.pop("prefloop_packed", None)
+        if packed is None:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if "ref_chosen_logps" not in inputs:
+            inputs["ref_chosen_logps"], inputs["ref_rejected_logps"] = self._reference_logps(packed)
+        outputs = ("entropy", "mean_logits", "is_top1") + (("log_sum_sq_probs",) if self.use_weighting else ())
+        policy = _PackedPolicy(self, model, packed, outputs, rows=inputs["input_ids"].shape)
+        return self._compute_loss(policy, inputs, return_outputs)
+
+
+class _PackedPolicy:
+    """Stands in for the model inside TRL's `_compute_loss`: same output, packed computation."""
+
+    def __init__(self, trainer: DPOTrainer, model, packed: dict, outputs: tuple[str, ...], rows: torch.Size):
+        self.trainer, self.model, self.packed, self.outputs = trainer, model, packed, outputs
+        self.shape = (rows[0], rows[1] - 1)  # TRL's shifted layout: position t predicts token t + 1
+
+    def __call__(self, **_trl_kwargs):
+        from trl.trainer.utils import FusedCausalLMOutput
+
+        if "fused_lm_head" not in _trl_kwargs:  # return_outputs=True asks for real logits
+            return self.model(**{k: v for k, v in _trl_kwargs.items() if k not in ("labels", "fused_lm_head")})
+        per_token = self.trainer._packed_forward(self.model, self.packed, self.outputs)
+        device = per_token["log_probs"].device
+        seq, pos = self.packed["seq"].to(device), self.packed["pos"].to(device)
+        grid = {name: packing.scatter_to_rows(value, seq, pos, self.shape) for name, value in per_token.items()}
+        return FusedCausalLMOutput(**grid)
+
+
+METHOD = MethodSpec(
+    name="dpo",
+    config_class=DPOConfig,
+    trainer_class=DPOTrainer,
+    export="dpo",
+    required_columns=(("prompt", "chosen", "rejected"), ("chosen", "rejected")),
+)
