@@ -114,13 +114,14 @@ class DPOTrainer(GuardedTraining, TRLDPOTrainer):
     def _precompute_ref_logps(self, dataset, name: str, batch_size: int):
         if not self._packed:
             return super()._precompute_ref_logps(dataset, name, batch_size)
-        from trl.trainer.utils import tqdm
+        from tqdm.auto import tqdm
 
         packing.add_packed_heads(packing.unwrap_peft(self.accelerator.unwrap_model(self.model)))
         chosen, rejected = [], []
         # No gradient and no backward to keep: a larger batch than training is free.
         step = max(batch_size, 1) * 4
-        for start in tqdm(range(0, len(dataset), step), desc=f"Reference log-probs ({name})"):
+        for start in tqdm(range(0, len(dataset), step), desc=f"Reference log-probs ({name})",
+                          disable=self.args.disable_tqdm):
             batch = self.data_collator([dataset[i] for i in range(start, min(start + step, len(dataset)))])
             ref_c, ref_r = self._reference_pass(batch["prefloop_packed"])
             chosen += ref_c.tolist()
