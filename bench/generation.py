@@ -1,0 +1,100 @@
+"""Batched vs one-prompt-at-a-time generation, and cold vs cached loading, of the embedded default model.
+
+Throughput: the same prompts (the first --prompts of the bundled set, chat template applied),
+the same model (SmolLM2-135M-Instruct, float32 on CPU), the same token budget: min_new_tokens =
+max_new_tokens, so every sequence generates exactly that many tokens either way. Batched runs
+`generate_local` with batch_size=16 (length-bucketed, left-padded); sequential runs it with
+batch_size=1. One run each, after a short warm-up. Goal: >= 5x.
+
+Loading: cold = GGUF dequantization + safetensors cache write + load, into a temporary cache
+directory; cached = `load_model` again from that cache, same process. Goal: >= 10x.
+
+    .venv/bin/python bench/generation.py [--prompts 16] [--batch-size 16] [--max-new-tokens 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+
+
+def timed(fn):
+    start = time.perf_counter()
+    result = fn()
+    return result, time.perf_counter() - start
+
+
+def timed_cpu(fn):
+    """(result, wall seconds, CPU seconds of this process): on a shared machine the CPU time
+    shows how much of the wall time was spent waiting for the cores."""
+    cpu = time.process_time()
+    result, wall = timed(fn)
+    return result, wall, time.process_time() - cpu
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--prompts", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    args = parser.parse_args()
+
+    import torch
+
+    from alignment.generation import SamplingConfig, generate_local
+    from alignment.models import ModelSpec, default_model_dir, load_model
+    from labeling.data import DEFAULT_PROMPTS
+
+    with tempfile.TemporaryDirectory(prefix="prefloop-bench-cache-") as cache:
+        os.environ["PREFLOOP_CACHE_DIR"] = cache  # a cold start, whatever the user's cache holds
+        (model, tokenizer), cold = timed(lambda: load_model(ModelSpec()))
+        assert default_model_dir().is_relative_to(cache)
+        del model
+        (model, tokenizer), cached = timed(lambda: load_model(ModelSpec()))
+
+        rows = [json.loads(line) for line in DEFAULT_PROMPTS.read_text().splitlines() if line.strip()]
+        conversations = [[{"role": "user", "content": row["prompt"]}] for row in rows[: args.prompts]]
+        n = args.max_new_tokens
+
+        def run(batch_size: int):
+            sampling = SamplingConfig(max_new_tokens=n, min_new_tokens=n, temperature=0.7, seed=0,
+                                      batch_size=batch_size)
+            out = generate_local(model, tokenizer, conversations, sampling)
+            return sum(c.completion_tokens for per_prompt in out for c in per_prompt)
+
+        generate_local(model, tokenizer, conversations[:1], SamplingConfig(max_new_tokens=2))  # warm-up
+        load_before = os.getloadavg()[0]
+        batched_tokens, batched_s, batched_cpu = timed_cpu(lambda: run(args.batch_size))
+        sequential_tokens, sequential_s, sequential_cpu = timed_cpu(lambda: run(1))
+        load_after = os.getloadavg()[0]
+
+    assert batched_tokens == sequential_tokens == n * len(conversations), (batched_tokens, sequential_tokens)
+    batched_rate = batched_tokens / batched_s
+    sequential_rate = sequential_tokens / sequential_s
+    ratio = batched_rate / sequential_rate
+    load_ratio = cold / cached
+    print(f"model: embedded default (SmolLM2-135M-Instruct), {torch.get_num_threads()} torch threads, "
+          f"{len(conversations)} prompts x {n} new tokens")
+    print(f"{'':28}{'batched (' + str(args.batch_size) + ')':>16}{'one at a time':>16}{'ratio':>8}")
+    print(f"{'generated tokens':28}{batched_tokens:>16}{sequential_tokens:>16}")
+    print(f"{'seconds':28}{batched_s:>16.1f}{sequential_s:>16.1f}")
+    print(f"{'CPU seconds (this process)':28}{batched_cpu:>16.1f}{sequential_cpu:>16.1f}"
+          f"{(sequential_cpu / batched_cpu):>7.1f}x")
+    print(f"{'tokens / s':28}{batched_rate:>16.1f}{sequential_rate:>16.1f}{ratio:>7.1f}x")
+    print(f"{'':28}{'cold (GGUF)':>16}{'cached':>16}")
+    print(f"{'load seconds':28}{cold:>16.1f}{cached:>16.2f}{load_ratio:>7.1f}x")
+    print(f"machine load average (1 min) before/after the generation runs: {load_before:.1f} / {load_after:.1f} "
+          f"on {os.cpu_count()} CPUs")
+    print(
+        f"RESULT generation ratio={ratio:.2f} load_ratio={load_ratio:.1f} batched_tok_s={batched_rate:.1f} "
+        f"sequential_tok_s={sequential_rate:.1f} cold_load_s={cold:.1f} cached_load_s={cached:.2f} "
+        f"cpu_ratio={sequential_cpu / batched_cpu:.2f} batch={args.batch_size} prompts={len(conversations)} "
+        f"new_tokens={n} load_avg={max(load_before, load_after):.1f}"
+    )
+
+
+if __name__ == "__main__":
+    main()
