@@ -84,6 +84,7 @@ class RunResult:
     output_path: str | None
     policy_name: str | None = None
     notes: list[str] = field(default_factory=list)
+    main: bool = True  # False on the other ranks of a multi-process launch
 
 
 def get_method(name: str) -> MethodSpec:
@@ -172,7 +173,20 @@ def run_training(request: TrainRequest, *, engine: Engine, progress: bool = True
     adapter = presets.build(AdapterConfig, settings["adapter"], "adapter", sources)
     selection = presets.build(Selection, settings["selection"], "selection", sources)
 
-    dataset, source = load_data(method, selection, options.data, engine)
+    state = _process_state()
+    spec = _placed(spec)
+    if not state.is_main_process:
+        # Under `accelerate launch`, rank 0 exports, snapshots and records the run; the others
+        # train on the very rows it saved.
+        run_id, output_dir = _from_main(None)
+        return _execute(method, run_id, spec, adapter, settings, options, Path(output_dir),
+                        lambda: _saved_data(Path(output_dir)), engine=engine, progress=progress,
+                        callbacks=callbacks, checkpoint=None, main=False)
+    try:
+        dataset, source = load_data(method, selection, options.data, engine)
+    except BaseException as error:
+        _to_followers(state, error=str(error))
+        raise
     ids, digest = snapshot(dataset)
     record = {
         "method": method.name,
@@ -190,21 +204,73 @@ def run_training(request: TrainRequest, *, engine: Engine, progress: bool = True
     runs.update_config(engine, run_id, record)
 
     def prepare():
-        if len(dataset) < options.min_examples:
-            if len(dataset) == 0:
-                where = f"the file {options.data}" if options.data else "the store"
-                raise TrainingError(f"no {method.name} training data in {where} for this selection: record votes "
-                                    f"first (prefloop serve / prefloop judge) or loosen --raters/--min-agreement")
-            raise TrainingError(
-                f"the {method.name} snapshot has {len(dataset)} rows, fewer than the {options.min_examples} needed "
-                f"(more votes, a looser selection, or --set run.min_examples=N)"
-            )
-        output_dir.mkdir(parents=True, exist_ok=True)
-        dataset.to_parquet(str(output_dir / DATA_FILE))  # what --resume trains on
+        try:
+            if len(dataset) < options.min_examples:
+                if len(dataset) == 0:
+                    where = f"the file {options.data}" if options.data else "the store"
+                    raise TrainingError(f"no {method.name} training data in {where} for this selection: record "
+                                        f"votes first (prefloop serve / prefloop judge) or loosen "
+                                        f"--raters/--min-agreement")
+                raise TrainingError(
+                    f"the {method.name} snapshot has {len(dataset)} rows, fewer than the {options.min_examples} "
+                    f"needed (more votes, a looser selection, or --set run.min_examples=N)"
+                )
+            output_dir.mkdir(parents=True, exist_ok=True)
+            dataset.to_parquet(str(output_dir / DATA_FILE))  # what --resume (and other ranks) train on
+        except BaseException as error:
+            _to_followers(state, error=str(error))
+            raise
+        _to_followers(state, run_id=run_id, output_dir=str(output_dir))
         return dataset
 
     return _execute(method, run_id, spec, adapter, settings, options, output_dir, prepare,
                     engine=engine, progress=progress, callbacks=callbacks, checkpoint=None)
+
+
+def _process_state():
+    """The launch this process is part of (one process unless started by accelerate/torchrun).
+    cpu= as the trainer will say it (use_cpu on a machine without CUDA), so that this first
+    initialisation of accelerate's shared state is the one the trainer finds."""
+    import torch
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def _placed(spec):
+    """Under a multi-process launch each rank loads its copy on its own GPU (the model layer's
+    "auto" would put every rank on cuda:0)."""
+    import dataclasses
+
+    import torch
+
+    state = _process_state()
+    if state.num_processes > 1 and spec.device == "auto" and torch.cuda.is_available():
+        return dataclasses.replace(spec, device=f"cuda:{state.local_process_index}")
+    return spec
+
+
+def _to_followers(state, **message) -> None:
+    """Rank 0 tells the other ranks which run to join (or why there is none)."""
+    if state.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list([message])
+
+
+def _from_main(_) -> tuple[int, str]:
+    from accelerate.utils import broadcast_object_list
+
+    [message] = broadcast_object_list([None])
+    if "error" in message:
+        raise TrainingError(message["error"])
+    return message["run_id"], message["output_dir"]
+
+
+def _saved_data(output_dir: Path):
+    from datasets import Dataset
+
+    return Dataset.from_parquet(str(output_dir / DATA_FILE))
 
 
 def _resume(request, method, settings, options, *, engine, progress, callbacks) -> RunResult:
@@ -243,69 +309,77 @@ def _resume(request, method, settings, options, *, engine, progress, callbacks) 
         return dataset
 
     checkpoint = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
-    runs.reopen_run(engine, run.id)
-    result = _execute(method, run.id, spec, adapter, merged, run_options, output_dir, prepare,
-                      engine=engine, progress=progress, callbacks=callbacks, checkpoint=checkpoint)
+    main = _process_state().is_main_process
+    if main:
+        runs.reopen_run(engine, run.id)
+    result = _execute(method, run.id, _placed(spec), adapter, merged, run_options, output_dir, prepare,
+                      engine=engine, progress=progress, callbacks=callbacks, checkpoint=checkpoint, main=main)
     if checkpoint is None:
         result.notes.insert(0, f"run {run.id} had no checkpoint yet: it restarted from step 0")
     return result
 
 
 def _execute(method, run_id, spec, adapter, settings, options, output_dir, prepare, *, engine, progress, callbacks,
-             checkpoint) -> RunResult:
-    """Everything after the run row exists: any failure marks it, then propagates as TrainingError."""
+             checkpoint, main: bool = True) -> RunResult:
+    """Everything after the run row exists: any failure marks it (on the main process), then
+    propagates as TrainingError."""
     import torch
 
     from alignment.models.errors import ModelError
 
     notes = Notes()
+
+    def mark(reason: str, status: RunStatus = RunStatus.failed) -> None:
+        if main:
+            runs.fail_run(engine, run_id, reason, status=status)
+
     try:
         dataset = prepare()
         metrics, output_path, kind = _train(method, run_id, spec, adapter, settings, dataset, output_dir, notes,
                                             engine=engine, progress=progress, callbacks=callbacks,
-                                            checkpoint=checkpoint)
+                                            checkpoint=checkpoint, main=main)
         policy_name = None
         if method.registers_policy:
             policy_name = options.policy_name or f"{method.name}-{run_id}"
-            base_policy = "default" if spec.is_default else spec.model
-            full_model = kind == "model"
-            runs.register_policy(
-                engine, run_id, name=policy_name,
-                base_model=output_path if full_model else base_policy,
-                adapter_path=None if full_model else output_path,
-                parent_name=base_policy,
-                description=f"{method.name} run {run_id} on {base_policy}",
-            )
-        runs.finish_run(engine, run_id, metrics={**metrics, "notes": "; ".join(notes.items)} if notes.items
-                        else metrics, output_path=output_path)
-        return RunResult(run_id, RunStatus.done.value, metrics, output_path, policy_name, notes.items)
+        if main:
+            if policy_name:
+                base_policy = "default" if spec.is_default else spec.model
+                full_model = kind == "model"
+                runs.register_policy(
+                    engine, run_id, name=policy_name,
+                    base_model=output_path if full_model else base_policy,
+                    adapter_path=None if full_model else output_path,
+                    parent_name=base_policy,
+                    description=f"{method.name} run {run_id} on {base_policy}",
+                )
+            final = {**metrics, "notes": "; ".join(notes.items)} if notes.items else metrics
+            runs.finish_run(engine, run_id, metrics=final, output_path=output_path)
+        return RunResult(run_id, RunStatus.done.value, metrics, output_path, policy_name, notes.items, main)
     except NonFiniteLoss as error:
-        runs.fail_run(engine, run_id, str(error), status=RunStatus.aborted)
+        mark(str(error), RunStatus.aborted)
         raise TrainingError(f"run {run_id} aborted: {error}") from None
     except KeyboardInterrupt:
-        runs.fail_run(engine, run_id, "interrupted (resume with --resume)", status=RunStatus.aborted)
+        mark("interrupted (resume with --resume)", RunStatus.aborted)
         raise
     except (torch.OutOfMemoryError, MemoryError) as error:
-        reason = _oom_message(error)
-        runs.fail_run(engine, run_id, reason)
-        raise TrainingError(f"run {run_id} failed: {reason}") from None
+        mark(_oom_message(error))
+        raise TrainingError(f"run {run_id} failed: {_oom_message(error)}") from None
     except (TrainingError, ModelError, presets.PresetError) as error:
-        runs.fail_run(engine, run_id, str(error))
+        mark(str(error))
         raise TrainingError(f"run {run_id} failed: {error}") from None
     except RuntimeError as error:
         if _is_oom(error):
-            reason = _oom_message(error)
-            runs.fail_run(engine, run_id, reason)
-            raise TrainingError(f"run {run_id} failed: {reason}") from None
-        runs.fail_run(engine, run_id, f"{type(error).__name__}: {_first_line(error)}")
+            mark(_oom_message(error))
+            raise TrainingError(f"run {run_id} failed: {_oom_message(error)}") from None
+        mark(f"{type(error).__name__}: {_first_line(error)}")
         raise
     except BaseException as error:
-        runs.fail_run(engine, run_id, f"{type(error).__name__}: {_first_line(error)}")
+        mark(f"{type(error).__name__}: {_first_line(error)}")
         raise
 
 
 def _train(method, run_id, spec, adapter, settings, dataset, output_dir, notes, *, engine, progress, callbacks,
-           checkpoint):
+           checkpoint, main: bool = True):
     import torch
 
     from alignment.models import apply_adapter, context_length, is_quantized, load_model, save_adapter
@@ -363,8 +437,9 @@ def _train(method, run_id, spec, adapter, settings, dataset, output_dir, notes, 
         config = method.config_class(output_dir=str(output_dir), **trainer_settings)
     except (TypeError, ValueError) as error:
         raise TrainingError(f"trainer settings: {_first_line(error)}") from None
-    runs.update_config(engine, run_id, {**runs.get_run(engine, run_id).config, "trainer": _jsonable(config.to_dict()),
-                                        "notes": notes.items})
+    if main:
+        runs.update_config(engine, run_id, {**runs.get_run(engine, run_id).config,
+                                            "trainer": _jsonable(config.to_dict()), "notes": notes.items})
 
     train_set, eval_set = method.split(dataset, config, config.seed) if method.split else (dataset, None)
     trainer = method.trainer_class(
@@ -385,18 +460,21 @@ def _train(method, run_id, spec, adapter, settings, dataset, output_dir, notes, 
     if method.evaluate is not None and eval_set is not None:
         evaluated = method.evaluate(trainer, eval_set)
         metrics.update(evaluated)
-        runs.RunMetricsCallback(engine, run_id).on_log(config, trainer.state, None, logs=evaluated)
+        runs.RunMetricsCallback(engine, run_id).on_log(config, trainer.state, None, logs=evaluated)  # rank 0 only
 
     # The result.
     _plain_attention(trainer.model)
     target = output_dir / ("reward_model" if method.head == "reward" else "adapter")
-    kind = save_adapter(trainer.accelerator.unwrap_model(trainer.model), target)
-    tokenizer.save_pretrained(target)
-    manifest = {"run_id": run_id, "method": method.name, "base_model": spec.model, "head": method.head,
-                "adapter_kind": kind, "model_spec": _jsonable(asdict(spec)),
-                "max_length": trainer_settings.get("max_length"),
-                "chat_template": tokenizer.chat_template is not None}
-    (target / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    kind = adapter.method if adapter.method != "full" else "model"
+    if main:
+        kind = save_adapter(trainer.accelerator.unwrap_model(trainer.model), target)
+        tokenizer.save_pretrained(target)
+        manifest = {"run_id": run_id, "method": method.name, "base_model": spec.model, "head": method.head,
+                    "adapter_kind": kind, "model_spec": _jsonable(asdict(spec)),
+                    "max_length": trainer_settings.get("max_length"),
+                    "chat_template": tokenizer.chat_template is not None}
+        (target / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    trainer.accelerator.wait_for_everyone()
     return metrics, str(target), kind
 
 

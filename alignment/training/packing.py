@@ -262,16 +262,22 @@ def selected_log_probs(model, hidden: torch.Tensor, targets: torch.Tensor, outpu
     """Per-token log-prob of `targets` under the LM head, plus the requested extras (as in
     TRL's `FusedCausalLMOutput`: entropy, log_sum_sq_probs, mean_logits, is_top1)."""
     from trl.kernels import ChunkedLogProbFunction
+    from trl.trainer.utils import maybe_gather_lm_head_ctx
 
     head = model.get_output_embeddings()
     names = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
     if type(head) is torch.nn.Linear:
         config = model.config.get_text_config()
-        values = ChunkedLogProbFunction.apply(
-            hidden, head.weight, head.bias, targets, 1.0, VOCAB_CHUNK,
-            getattr(config, "final_logit_softcapping", None), getattr(config, "logit_scale", None) or 1.0,
-            tuple(outputs),
-        )
+        weight, bias = head.weight, head.bias
+        if hasattr(weight, "full_tensor"):  # FSDP2 shards the head as a DTensor
+            weight = weight.full_tensor()
+            bias = bias.full_tensor() if bias is not None else None
+        with maybe_gather_lm_head_ctx(weight, bias):  # DeepSpeed ZeRO-3 partitions it
+            values = ChunkedLogProbFunction.apply(
+                hidden, weight, bias, targets, 1.0, VOCAB_CHUNK,
+                getattr(config, "final_logit_softcapping", None), getattr(config, "logit_scale", None) or 1.0,
+                tuple(outputs),
+            )
         return dict(zip(names, values))
     # A wrapped head (an adapter on lm_head, modules_to_save): call it so its own weights count.
     logits = head(hidden).float()

@@ -171,6 +171,8 @@ def run_train(args: argparse.Namespace) -> int:
         raise CliError(str(error)) from None
     except ValueError as error:  # e.g. a Selection value out of range
         raise CliError(str(error).splitlines()[0]) from None
+    if not result.main:  # another rank of an accelerate/torchrun launch: rank 0 reports
+        return 0
     for note in result.notes:
         print(f"note: {note}")
     shown = {k: v for k, v in result.metrics.items()
