@@ -183,9 +183,10 @@ def _linear_leaves_called(model, backbone: nn.Module, linear: tuple[type, ...]) 
     if getattr(model.config, "is_encoder_decoder", False):
         inputs["decoder_input_ids"] = ids
     was_training = model.training
+    # fork_rng: the probe's dropout must not shift the random stream a seeded run relies on
     try:
         model.train()
-        with torch.no_grad():
+        with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             model(**inputs)
     except Exception:  # the probe is an optimisation of the target list, never a failure
         return None
