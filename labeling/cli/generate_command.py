@@ -39,7 +39,8 @@ def register(subparsers, common: argparse.ArgumentParser) -> None:
         "generate",
         parents=[common],
         help="sample responses from policy versions and create comparisons",
-        description=__doc__.splitlines()[0],
+        description="Sample responses from policy versions for the stored prompts and pair them for "
+                    "comparison. Rerunning resumes: prompts every policy has answered are skipped.",
     )
     parser.add_argument(
         "--policy", type=_policies, default=None, metavar="NAME[,NAME...]",
