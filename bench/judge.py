@@ -9,9 +9,12 @@ comparisons in both orders (2 requests each) into a real SQLite store. A judgeme
 request (one comparison in one order). Ideal throughput = concurrency / latency. With faults,
 10% of attempts get a 429 with `Retry-After: 0.2`, retried by the openai client.
 
-Local part: the same runner with the in-process judge ("choice" mode: one forward pass per
-request) on the embedded default model when it is installed, else a tiny random model (the
-output says which), batch 16 against batch 1.
+Local part: the same runner with the in-process judge on the embedded default model when it
+is installed, else a tiny random model (the output says which), batches of 16 against one
+request per forward pass, in both modes: "choice" (the default: one forward pass scores
+[[A]]/[[B]]/[[C]]) and "generate" (an explanation of `--local-new-tokens` tokens, then the
+verdict). A "choice" judgement is all prompt processing, which on a CPU is compute-bound
+whatever the batch; generating is one token per pass, where batching pays.
 """
 
 from __future__ import annotations
@@ -43,17 +46,26 @@ def start_server(*args: str) -> tuple[subprocess.Popen, str]:
     return process, f"http://127.0.0.1:{line.split()[1]}/v1"
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, from /proc (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def http_phase(engine, name: str, args, server_args: list[str]) -> dict:
     process, url = start_server("--latency", str(args.latency), *server_args)
     try:
         backend = OpenAIJudge(OpenAIJudgeConfig(model=name, base_url=url, max_connections=args.concurrency, max_attempts=6))
+        server_cpu, client_cpu = cpu_seconds(process.pid), time.process_time()
         summary = run_judge(engine, backend, JudgeRunConfig(concurrency=args.concurrency, progress=False))
+        client_cpu, server_cpu = time.process_time() - client_cpu, cpu_seconds(process.pid) - server_cpu
     finally:
         process.terminate()
         process.wait()
     rate = summary.requests / summary.elapsed_s
     ideal = args.concurrency / args.latency
-    return {"summary": summary, "rate": rate, "ideal": ideal, "ratio": rate / ideal}
+    return {"summary": summary, "rate": rate, "ideal": ideal, "ratio": rate / ideal,
+            "client_ms": 1000 * client_cpu / summary.requests, "server_ms": 1000 * server_cpu / summary.requests}
 
 
 def main() -> None:
@@ -61,11 +73,14 @@ def main() -> None:
     parser.add_argument("--comparisons", type=int, default=1000, help="comparisons (2 judgements each)")
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--latency", type=float, default=0.2)
-    parser.add_argument("--local-requests", type=int, default=64, help="judgements in each local measurement")
+    parser.add_argument("--local-requests", type=int, default=32, help="judgements in each local measurement")
+    parser.add_argument("--local-new-tokens", type=int, default=48, help="generate mode: new tokens per judgement")
     parser.add_argument("--skip-local", action="store_true")
     args = parser.parse_args()
 
     import openai  # noqa: F401 - imported before the clock starts, as in a long-running CLI
+
+    load_before = f"{os.getloadavg()[0]:.1f}"
 
     with tempfile.TemporaryDirectory() as tmp:
         url = f"sqlite:///{tmp}/bench.db"
@@ -76,20 +91,79 @@ def main() -> None:
         http_phase(engine, "warmup", argparse.Namespace(**{**vars(args)}), [])
         clean = http_phase(engine, "bench-clean", args, [])
         faults = http_phase(engine, "bench-faults", args, ["--rate-429", "0.1", "--retry-after", "0.2"])
+        load_after = os.getloadavg()[0]
 
-    print(f"HTTP judge: {2 * args.comparisons} judgements (1 judgement = 1 request), concurrency "
-          f"{args.concurrency}, server latency {args.latency * 1000:.0f} ms, ideal {clean['ideal']:.0f}/s")
-    print(f"{'':22}{'judgements/s':>14}{'of ideal':>10}{'attempts':>10}{'failed':>8}{'wall s':>8}")
-    for label, result in (("clean", clean), ("10% 429 (0.2 s)", faults)):
-        s = result["summary"]
-        print(f"{label:22}{result['rate']:14.1f}{result['ratio']:10.1%}{s.attempts:10d}{s.failed:8d}{s.elapsed_s:8.2f}")
-    local = local_phase(args) if not args.skip_local else None
-    speedup = f"{local:.2f}" if local is not None else "nan"
-    print(f"RESULT judge ratio={clean['ratio']:.3f} faults_ratio={faults['ratio']:.3f} local_batched_speedup={speedup}")
+        print(f"HTTP judge: {2 * args.comparisons} judgements (1 judgement = 1 request), concurrency "
+              f"{args.concurrency}, server latency {args.latency * 1000:.0f} ms, ideal {clean['ideal']:.0f}/s")
+        print(f"load average before/after: {load_before} / {load_after:.1f} on {os.cpu_count()} CPUs "
+              "(other work on the machine takes CPU from both client and server)")
+        print(f"{'':18}{'judgements/s':>13}{'of ideal':>9}{'attempts':>9}{'failed':>7}{'wall s':>7}"
+              f"{'client CPU ms/judgement':>25}{'server CPU ms':>14}")
+        for label, result in (("clean", clean), ("10% 429 (0.2 s)", faults)):
+            s = result["summary"]
+            print(f"{label:18}{result['rate']:13.1f}{result['ratio']:9.1%}{s.attempts:9d}{s.failed:7d}{s.elapsed_s:7.2f}"
+                  f"{result['client_ms']:25.2f}{result['server_ms']:14.2f}")
+        sys.stdout.flush()
+        speedup = generate_speedup = float("nan")
+        if not args.skip_local:
+            local = local_phase(engine, args)
+            print_local(local, args)
+            speedup = local["choice"][1] / local["choice"][0]
+            generate_speedup = local["generate"][1] / local["generate"][0]
+    print(f"RESULT judge ratio={clean['ratio']:.3f} faults_ratio={faults['ratio']:.3f} "
+          f"local_batched_speedup={speedup:.2f} local_generate_speedup={generate_speedup:.2f} "
+          f"client_cpu_ms={clean['client_ms']:.2f} load={load_before}")
 
 
-def local_phase(args) -> float | None:
-    return None
+def load_local_model():
+    """The embedded default model when installed, else a tiny random one: (model, tokenizer, label)."""
+    from alignment.models.errors import ModelError
+
+    try:
+        from alignment.models.default_model import gguf_path
+        from alignment.models.loading import load_model
+        from alignment.models.spec import ModelSpec
+
+        label = f"embedded default model ({gguf_path().stem})"
+        model, tokenizer = load_model(ModelSpec())
+        return model, tokenizer, label
+    except ModelError as error:
+        from tests.tiny_judge_model import tiny_model
+
+        model, tokenizer = tiny_model()
+        return model, tokenizer, f"tiny random Llama (default model unavailable: {error})"
+
+
+def local_phase(engine, args) -> dict:
+    """The runner with the in-process judge, one request per forward pass against batches of 16."""
+    import torch
+
+    from labeling.judge.local_backend import LocalJudge, LocalJudgeConfig
+
+    model, tokenizer, label = load_local_model()
+    n = args.local_requests // 2  # comparisons: two judgements each
+    results = {"label": label, "threads": torch.get_num_threads()}
+    for mode, template, extra in (("choice", "pairwise-verdict-v1", {}), ("generate", "pairwise-v1", {"max_new_tokens": args.local_new_tokens})):
+        rates = {}
+        for batch in (1, 16):
+            config = LocalJudgeConfig(mode=mode, batch_size=batch, **extra)
+            backend = LocalJudge(model, tokenizer, config, model_id=f"bench-{mode}-{batch}")
+            run = JudgeRunConfig(template=template, limit=n, concurrency=2 * batch, progress=False)
+            summary = run_judge(engine, backend, run)
+            rates[batch] = summary.requests / summary.elapsed_s
+            results[f"{mode}-largest-batch"] = max(backend.batches)
+        results[mode] = (rates[1], rates[16])
+    return results
+
+
+def print_local(local: dict, args) -> None:
+    print(f"\nLocal judge: {local['label']}, {args.local_requests} judgements per measurement, "
+          f"torch threads {local['threads']}")
+    print(f"{'judgements/s':34}{'1 at a time':>12}{'batch 16':>10}{'speedup':>9}{'largest batch':>15}")
+    for mode, what in (("choice", "choice (1 forward pass, verdict)"),
+                       ("generate", f"generate ({args.local_new_tokens} tokens, explain)")):
+        one, batched = local[mode]
+        print(f"{what:34}{one:12.2f}{batched:10.2f}{batched / one:8.2f}x{local[mode + '-largest-batch']:15d}")
 
 
 if __name__ == "__main__":

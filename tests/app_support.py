@@ -103,38 +103,91 @@ def start_serve(db_url: str, log_dir: Path, *extra: str, timeout: float = 60.0) 
 
 
 class AppClient:
-    """One signed-in user talking to the app's HTTP API the way the page's events do."""
+    """One signed-in user driving the app over HTTP exactly as its page does: events join the
+    queue (`/gradio_api/queue/join`, by fn_index, state slots sent empty) and their results come
+    back on the session's event stream (`/gradio_api/queue/data`)."""
 
     def __init__(self, base_url: str, *, session_hash: str | None = None, timeout: float = 30.0) -> None:
         import uuid
 
         self.http = httpx.Client(base_url=base_url, timeout=timeout)
         self.session_hash = session_hash or uuid.uuid4().hex[:11]
+        self._endpoints: dict[str, tuple[int, list[bool]]] | None = None
 
     def login(self, name: str, password: str = PASSWORD) -> httpx.Response:
+        self._endpoints = None
         return self.http.post("/login", data={"username": name, "password": password})
 
-    def call(self, api_name: str, *data) -> tuple[str, object]:
-        """Run one event through the queue; returns (event, payload): ('complete', outputs) or ('error', message)."""
-        joined = self.http.post(f"/gradio_api/call/{api_name}",
-                                json={"data": list(data), "session_hash": self.session_hash})
+    def endpoints(self) -> dict[str, tuple[int, list[bool]]]:
+        """api_name -> (fn_index, which inputs are session state), from the page's config."""
+        if self._endpoints is None:
+            config = self.http.get("/config")
+            if config.status_code != 200:
+                return {}
+            self._endpoints = endpoint_table(config.json())
+        return self._endpoints
+
+    def join(self, api_name: str, *data) -> tuple[str | None, str]:
+        """Queue one event; returns (event_id, "") or (None, why not)."""
+        endpoint = self.endpoints().get(api_name)
+        if endpoint is None:
+            return None, f"{self.http.get('/config').status_code} no endpoint {api_name!r}"
+        joined = self.http.post("/gradio_api/queue/join", json=page_event_body(endpoint, data, self.session_hash))
         if joined.status_code != 200:
-            return "http_error", f"{joined.status_code} {joined.text}"
-        event_id = joined.json()["event_id"]
-        return parse_sse(self.http.get(f"/gradio_api/call/{api_name}/{event_id}").text)
+            return None, f"{joined.status_code} {joined.text}"
+        return joined.json()["event_id"], ""
+
+    def results(self, event_ids: list[str]) -> dict[str, tuple[str, object]]:
+        """Read the session's stream until every one of these events has completed."""
+        results: dict[str, tuple[str, object]] = {}
+        with self.http.stream("GET", "/gradio_api/queue/data", params={"session_hash": self.session_hash}) as stream:
+            for line in stream.iter_lines():
+                if not line.startswith("data: "):
+                    continue
+                message = json.loads(line[6:])
+                if message.get("msg") == "process_completed" and message.get("event_id") in event_ids:
+                    results[message["event_id"]] = completion(message)
+                if len(results) == len(event_ids) or message.get("msg") == "close_stream":
+                    break
+        return results
+
+    def call(self, api_name: str, *data) -> tuple[str, object]:
+        """Run one event; returns ('complete', outputs), ('error', message) or ('http_error', why)."""
+        event_id, why = self.join(api_name, *data)
+        if event_id is None:
+            return "http_error", why
+        return self.results([event_id]).get(event_id, ("none", None))
 
     def close(self) -> None:
         self.http.close()
 
 
-def parse_sse(text: str) -> tuple[str, object]:
-    event, payload = "none", None
-    for block in text.strip().split("\n\n"):
-        lines = dict(line.split(": ", 1) for line in block.splitlines() if ": " in line)
-        if lines.get("event") in ("complete", "error"):
-            event = lines["event"]
-            payload = json.loads(lines["data"]) if lines.get("data") not in (None, "null") else None
-    return event, payload
+def endpoint_table(config: dict) -> dict[str, tuple[int, list[bool]]]:
+    kinds = {component["id"]: component.get("type") for component in config["components"]}
+    return {
+        dep["api_name"]: (dep["id"], [kinds.get(i) == "state" for i in dep["inputs"]])
+        for dep in config["dependencies"]
+        if dep.get("api_name")
+    }
+
+
+def page_event_body(endpoint: tuple[int, list[bool]], data, session_hash: str) -> dict:
+    fn_index, is_state = endpoint
+    values = iter(data)
+    return {
+        "data": [None if state else next(values) for state in is_state],
+        "event_data": None,
+        "fn_index": fn_index,
+        "trigger_id": None,
+        "session_hash": session_hash,
+    }
+
+
+def completion(message: dict) -> tuple[str, object]:
+    output = message.get("output") or {}
+    if message.get("success"):
+        return "complete", output.get("data")
+    return "error", output.get("error") or output
 
 
 def migrated_sqlite(path: Path) -> str:

@@ -29,6 +29,12 @@ def sqlite_engine(sqlite_url):
     return engine_for(sqlite_url)
 
 
+@pytest.fixture(params=["aiohttp", "httpx"])
+def transport(request) -> str:
+    """The openai client's two HTTP transports map failures differently: test both."""
+    return request.param
+
+
 def judge(server, **options) -> OpenAIJudge:
     config = {"model": "scripted-judge", "base_url": server.url, "timeout": 5.0, "max_attempts": 3, **options}
     return OpenAIJudge(OpenAIJudgeConfig(**config))
@@ -116,10 +122,10 @@ def test_answered_order_is_not_asked_again(sqlite_engine, server):
     assert votes_by_comparison(engine)[cid].choice == Choice.a
 
 
-def test_retries_honour_429_and_500_then_succeed(sqlite_engine, server):
+def test_retries_honour_429_and_500_then_succeed(sqlite_engine, server, transport):
     engine = sqlite_engine
     ids = add_pairs(engine, [("GOOD #fault:429x2", "other"), ("#fault:500x1 plain", "GOOD too")])
-    summary = run_judge(engine, judge(server, max_attempts=3), FAST)
+    summary = run_judge(engine, judge(server, max_attempts=3, transport=transport), FAST)
     assert summary.decided == 2 and summary.failed == 0
     attempts = {(c.comparison_id, c.order): c.attempts for c in calls(engine, summary.run_id)}
     assert attempts[(ids[0], "ab")] == attempts[(ids[0], "ba")] == 3
@@ -128,10 +134,10 @@ def test_retries_honour_429_and_500_then_succeed(sqlite_engine, server):
     assert summary.attempts == 10
 
 
-def test_capped_attempts_and_timeouts_are_recorded_with_reasons(sqlite_engine, server):
+def test_capped_attempts_and_timeouts_are_recorded_with_reasons(sqlite_engine, server, transport):
     engine = sqlite_engine
     ids = add_pairs(engine, [("slow #fault:timeout", "x"), ("limited #fault:429", "y"), ("fine GOOD", "z")])
-    summary = run_judge(engine, judge(server, timeout=0.3, max_attempts=2), FAST)
+    summary = run_judge(engine, judge(server, timeout=0.3, max_attempts=2, transport=transport), FAST)
     assert summary.decided == 1 and summary.failed == 2
     by_comparison = {}
     for call in calls(engine, summary.run_id):
@@ -144,7 +150,7 @@ def test_capped_attempts_and_timeouts_are_recorded_with_reasons(sqlite_engine, s
     assert summary.failures == {"timeout": 2, "http_error": 2}
 
 
-def test_garbage_empty_and_broken_replies_never_become_labels(sqlite_engine, server):
+def test_garbage_empty_and_broken_replies_never_become_labels(sqlite_engine, server, transport):
     engine = sqlite_engine
     ids = add_pairs(engine, [
         ("GOOD #fault:garbage", "b"),
@@ -152,7 +158,7 @@ def test_garbage_empty_and_broken_replies_never_become_labels(sqlite_engine, ser
         ("GOOD #fault:badjson", "b"),
         ("GOOD [[B]] #fault:garbage", "b"),  # a quoted verdict in a reply without a final one
     ])
-    summary = run_judge(engine, judge(server, max_attempts=1), FAST)
+    summary = run_judge(engine, judge(server, max_attempts=1, transport=transport), FAST)
     assert summary.decided == 0 and summary.failed == 4
     assert votes_by_comparison(engine) == {}
     stored = {(c.comparison_id, c.order): c for c in calls(engine, summary.run_id)}

@@ -6,7 +6,6 @@ calls too. Long work (generation, judging, training) runs as `prefloop` subproce
 """
 
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import gradio as gr
@@ -44,25 +43,14 @@ def import_prompt_file(state, caller: Caller, path: str | None) -> str:
 
 def export_dataset(state, caller: Caller, kind: str, out_dir: Path | None = None) -> Path:
     """Write one training dataset as JSON lines and return the file (for download)."""
-    if kind not in EXPORT_FORMATS:
-        raise AdminError(f"unknown export {kind!r} (known: {', '.join(EXPORT_FORMATS)})")
-    try:
-        from feedback_store import export
-    except ModuleNotFoundError:
-        raise AdminError("exports are not available in this installation") from None
+    from feedback_store.export import EXPORTERS, export, write_dataset
+
+    if kind not in EXPORTERS:
+        raise AdminError(f"unknown export {kind!r} (known: {', '.join(EXPORTERS)})")
     with state.session() as session:
-        dataset = getattr(export, f"export_{kind}")(session=session)
+        dataset = export(kind, session=session)
     out_dir = Path(out_dir or tempfile.mkdtemp(prefix="prefloop-export-"))
-    path = out_dir / f"prefloop-{kind}.jsonl"
-    dataset.to_json(str(path), lines=True, force_ascii=False)
-    return path
-
-
-@dataclass(frozen=True)
-class UserRow:
-    name: str
-    role: str
-    active: bool
+    return write_dataset(dataset, out_dir / f"prefloop-{kind}.jsonl")
 
 
 def users_table(state, caller: Caller) -> list[list]:
@@ -157,7 +145,7 @@ def build_admin_tab(state) -> dict:
     with gr.Accordion("Import prompts", open=True):
         upload = gr.File(label="JSONL, CSV or parquet: `prompt` or `messages` per row (optional `chosen`/`rejected`)",
                          file_types=[".jsonl", ".ndjson", ".csv", ".parquet", ".pq"], type="filepath",
-                         elem_id="pf-admin-upload")
+                         elem_id="pf-admin-upload", height=140)
         import_button = gr.Button("Import", elem_id="pf-admin-import")
         import_result = gr.Markdown("")
 

@@ -25,13 +25,22 @@ import gradio as gr
 from sqlalchemy.exc import SQLAlchemyError
 
 from feedback_store.catalog import add_comparison, add_response, get_or_create_policy
-from feedback_store.models import Assignment, Choice, Response
-from feedback_store.progress import rater_progress
-from feedback_store.queue import next_comparison_for, pair_view, release
+from feedback_store.models import Comparison
+from feedback_store.models import Choice, Response
+from feedback_store.queue import next_comparison_for, release
 from feedback_store.votes import VoteError, record_vote
 from labeling.app.auth import AccessDenied, Caller, caller_for
-from labeling.app.markup import render_markdown, render_messages
-from labeling.app.ui import Tone, empty_queue_html, progress_markdown, status_html
+from labeling.app.ui import (
+    ProgressMemo,
+    Tone,
+    empty_queue_html,
+    pair_screen_html,
+    progress_markdown,
+    prompt_html,
+    response_html,
+    status_html,
+    text_input,
+)
 
 SIDES = ("left", "right", "tie", "both_bad")
 STRENGTHS = {"slightly better": 1, "clearly better": 2}
@@ -70,6 +79,7 @@ class Desk:
     skipped: set = field(default_factory=set)
     saved_keys: OrderedDict = field(default_factory=OrderedDict)  # key -> comparison id
     failed_side: str | None = None  # the choice of a save that failed, for Retry
+    progress: ProgressMemo = field(default_factory=ProgressMemo)
 
 
 @dataclass(frozen=True)
@@ -77,15 +87,18 @@ class PairScreen:
     """What the page shows after an event; a None field keeps what is already on screen."""
 
     status: str
-    has_pair: bool = True
-    prompt_html: str | None = None
-    left_html: str | None = None
-    right_html: str | None = None
+    screen_html: str | None = None  # the prompt and both responses, or the empty-queue message
     key: str | None = None
     progress_md: str | None = None
-    empty_html: str | None = None
-    failed: bool = False  # show Retry
     clear_inputs: bool = False
+
+    @property
+    def has_pair(self) -> bool | None:
+        return None if self.key is None else bool(self.key)
+
+    @property
+    def failed(self) -> bool:
+        return "pf-failed" in self.status
 
 
 class EditError(ValueError):
@@ -107,21 +120,20 @@ def _assign(state, desk: Desk, caller: Caller, session) -> None:
     if assignment is None:
         desk.slot = None
         return
-    view = pair_view(assignment, session=session)
+    comparison = session.get(Comparison, assignment.comparison_id)
     desk.slot = Slot(
-        comparison_id=view.comparison.id,
-        prompt_id=view.comparison.prompt_id,
-        a_id=view.comparison.response_a_id,
-        b_id=view.comparison.response_b_id,
+        comparison_id=comparison.id,
+        prompt_id=comparison.prompt_id,
+        a_id=comparison.response_a_id,
+        b_id=comparison.response_b_id,
         left_id=assignment.left_response_id,
         key=uuid.uuid4().hex,
         shown_at=time.time(),
     )
 
 
-def _screen(desk: Desk, caller: Caller, session, status: str = "", *, failed: bool = False,
-            clear_inputs: bool = False) -> PairScreen:
-    progress = progress_markdown(rater_progress(caller.id, session=session))
+def _screen(state, desk: Desk, caller: Caller, session, status: str = "", *, clear_inputs: bool = False) -> PairScreen:
+    progress = progress_markdown(desk.progress.current(caller.id, session))
     if desk.slot is None:
         detail = (
             f"You skipped {len(desk.skipped)} pair(s) in this sitting: press the button below to see them again."
@@ -129,20 +141,13 @@ def _screen(desk: Desk, caller: Caller, session, status: str = "", *, failed: bo
             else "Every pair has its votes for now. New pairs appear when an admin generates them; "
             "meanwhile, try the single-response tab."
         )
-        return PairScreen(status, has_pair=False, key="", progress_md=progress, clear_inputs=clear_inputs,
-                          empty_html=empty_queue_html("Nothing left to rank right now", detail))
+        return PairScreen(status, empty_queue_html("Nothing left to rank right now", detail), key="",
+                          progress_md=progress, clear_inputs=clear_inputs)
     slot = desk.slot
-    view = pair_view(Assignment(comparison_id=slot.comparison_id, left_response_id=slot.left_id), session=session)
-    return PairScreen(
-        status,
-        prompt_html=render_messages(view.prompt.messages),
-        left_html=render_markdown(view.left.text),
-        right_html=render_markdown(view.right.text),
-        key=slot.key,
-        progress_md=progress,
-        failed=failed,
-        clear_inputs=clear_inputs,
-    )
+    screen = pair_screen_html(prompt_html(state, slot.prompt_id, session),
+                              response_html(state, slot.left_id, session),
+                              response_html(state, slot.right_id, session))
+    return PairScreen(status, screen, key=slot.key, progress_md=progress, clear_inputs=clear_inputs)
 
 
 def open_desk(state, desk: Desk | None, caller: Caller) -> tuple[Desk, PairScreen]:
@@ -151,7 +156,7 @@ def open_desk(state, desk: Desk | None, caller: Caller) -> tuple[Desk, PairScree
     with state.session() as session:
         if desk.slot is None:
             _assign(state, desk, caller, session)
-        return desk, _screen(desk, caller, session)
+        return desk, _screen(state, desk, caller, session)
 
 
 def show_skipped_again(state, desk: Desk | None, caller: Caller) -> tuple[Desk, PairScreen]:
@@ -201,14 +206,14 @@ def submit(state, desk: Desk | None, caller: Caller, side: str, key: str, streng
     desk = _bind(desk, caller)
     if key and key in desk.saved_keys:
         with state.session() as session:
-            return desk, _screen(desk, caller, session, status_html("Already saved.", Tone.info))
+            return desk, _screen(state, desk, caller, session, status_html("Already saved.", Tone.info))
     slot = desk.slot
     if slot is None or key != slot.key:
         with state.session() as session:
             if slot is None:
                 _assign(state, desk, caller, session)
             message = "That pair is no longer on your screen, so nothing was saved. Here is your current pair."
-            return desk, _screen(desk, caller, session, status_html(message, Tone.warn))
+            return desk, _screen(state, desk, caller, session, status_html(message, Tone.warn))
     try:
         with state.session() as session:
             record_vote(
@@ -226,22 +231,23 @@ def submit(state, desk: Desk | None, caller: Caller, side: str, key: str, streng
                 _store_edit(session, slot, side, caller, edit_text, key)
     except (VoteError, EditError) as error:
         # Nothing was written: the pair stays on screen with the inputs as they were.
-        return desk, PairScreen(status_html(f"Not saved: {error}.", Tone.error), key=slot.key)
+        return desk, PairScreen(status_html(f"Not saved: {error}.", Tone.error))
     except SQLAlchemyError as error:
         # The database is unreachable or busy past its timeout: keep the screen and the key,
         # without touching the database again, and offer Retry.
         desk.failed_side = side
         reason = type(getattr(error, "orig", None) or error).__name__
         message = f"Save failed ({reason}). Your answer is NOT recorded yet: press Retry."
-        return desk, PairScreen(status_html(message, Tone.error), key=slot.key, failed=True)
+        return desk, PairScreen(status_html(message, Tone.error, failed=True))
     desk.saved_keys[key] = slot.comparison_id
     while len(desk.saved_keys) > SAVED_KEYS_KEPT:
         desk.saved_keys.popitem(last=False)
     desk.failed_side = None
     desk.slot = None
+    desk.progress.add_vote()
     with state.session() as session:
         _assign(state, desk, caller, session)
-        return desk, _screen(desk, caller, session, status_html("Saved ✓", Tone.ok), clear_inputs=True)
+        return desk, _screen(state, desk, caller, session, status_html("Saved ✓", Tone.ok), clear_inputs=True)
 
 
 def retry(state, desk: Desk | None, caller: Caller, key: str, strength: str | None = None,
@@ -261,8 +267,8 @@ def skip(state, desk: Desk | None, caller: Caller, key: str) -> tuple[Desk, Pair
             desk.slot = None
             desk.failed_side = None
             _assign(state, desk, caller, session)
-            return desk, _screen(desk, caller, session, status_html("Skipped.", Tone.info), clear_inputs=True)
-        return desk, _screen(desk, caller, session)
+            return desk, _screen(state, desk, caller, session, status_html("Skipped.", Tone.info), clear_inputs=True)
+        return desk, _screen(state, desk, caller, session)
 
 
 def start_edit(state, desk: Desk | None, caller: Caller, side: str, key: str) -> tuple[Desk, str]:
@@ -279,75 +285,67 @@ def start_edit(state, desk: Desk | None, caller: Caller, side: str, key: str) ->
 
 
 def _updates(desk: Desk, screen: PairScreen) -> tuple:
-    def value(v):
-        return gr.update() if v is None else v
-
+    # Plain values only on the common path: any gr.update() makes Gradio rebuild a component.
+    keep = gr.update()
     clear = screen.clear_inputs
     return (
         desk,
-        value(screen.prompt_html),
-        value(screen.left_html),
-        value(screen.right_html),
-        value(screen.key),
-        value(screen.progress_md),
+        keep if screen.screen_html is None else screen.screen_html,
+        keep if screen.key is None else screen.key,
+        keep if screen.progress_md is None else screen.progress_md,
         screen.status,
-        gr.update(visible=screen.failed),
-        gr.update(visible=screen.has_pair),
-        gr.update(visible=not screen.has_pair),
-        value(screen.empty_html),
-        None if clear else gr.update(),
-        "" if clear else gr.update(),
-        "" if clear else gr.update(),
+        None if clear else keep,
+        "" if clear else keep,
+        "" if clear else keep,
     )
 
 
 def build_annotate_tab(state) -> dict:
-    """Lay out the pairwise page inside the current Blocks and wire its events."""
+    """Lay out the pairwise page inside the current Blocks and wire its events.
+
+    Which controls show (Retry, the choice buttons, "check again") follows from the markup
+    of the screen and the status (see assets.CSS), so an event never has to send layout
+    updates: that keeps each vote to one small set of plain values.
+    """
     desk = gr.State(None)
-    with gr.Row(elem_classes="pf-topbar", equal_height=True):
-        progress = gr.Markdown("", elem_id="pf-progress")
-        status = gr.HTML("", elem_id="pf-status", js_on_load=None)
-        retry_button = gr.Button("Retry save", variant="stop", visible=False, elem_id="pf-retry", size="sm",
-                                 scale=0, min_width=120)
-    key_box = gr.Textbox(visible="hidden", elem_id="pf-key")
-    with gr.Column(visible=False, elem_id="pf-empty") as empty_area:
-        empty_html = gr.HTML("", js_on_load=None)
-        again_button = gr.Button("Check for pairs again", elem_id="pf-again", size="sm")
-    with gr.Column(visible=True, elem_id="pf-pair") as pair_area:
-        prompt_html = gr.HTML("", elem_id="pf-prompt", elem_classes="pf-box pf-prompt", js_on_load=None)
-        with gr.Row(equal_height=True):
-            with gr.Column(elem_classes="pf-side"):
-                gr.Markdown("#### Response A", elem_classes="pf-side-title")
-                left_html = gr.HTML("", elem_id="pf-left", elem_classes="pf-box pf-response", js_on_load=None)
-            with gr.Column(elem_classes="pf-side"):
-                gr.Markdown("#### Response B", elem_classes="pf-side-title")
-                right_html = gr.HTML("", elem_id="pf-right", elem_classes="pf-box pf-response", js_on_load=None)
-        with gr.Row(elem_classes="pf-choices"):
+    with gr.Column(elem_id="pf-annotate"):
+        with gr.Row(elem_classes="pf-topbar", equal_height=True):
+            progress = gr.Markdown("", elem_id="pf-progress")
+            status = gr.HTML("", elem_id="pf-status", js_on_load=None)
+            retry_button = gr.Button("Retry save", variant="stop", elem_id="pf-retry", elem_classes="pf-when-failed",
+                                     size="sm", scale=0, min_width=120)
+        key_box = gr.Textbox(visible="hidden", elem_id="pf-key")
+        screen_html = gr.HTML("", elem_id="pf-screen", js_on_load=None)
+        again_button = gr.Button("Check for pairs again", elem_id="pf-again", size="sm", elem_classes="pf-when-empty")
+        with gr.Row(elem_classes="pf-choices pf-when-pair"):
             buttons = {
                 side: gr.Button(f"{label}  [{shortcut}]", variant="primary" if side in ("left", "right") else "secondary",
                                 elem_id=f"pf-vote-{side}", elem_classes=f"pf-key-{shortcut}")
                 for side, label, shortcut in BUTTONS
             }
             skip_button = gr.Button("Skip  [S]", variant="secondary", elem_id="pf-skip", elem_classes="pf-key-s")
-        with gr.Row():
+        with gr.Row(elem_classes="pf-when-pair"):
             strength = gr.Radio(list(STRENGTHS), value=None, label="How much better? (optional)", elem_id="pf-strength")
             rationale = gr.Textbox(label="Why? (optional)", lines=1, max_lines=4, elem_id="pf-rationale")
-        with gr.Accordion("Edit the better answer (optional)", open=False):
+        with gr.Accordion("Edit the better answer (optional)", open=False, elem_classes="pf-when-pair"):
             with gr.Row():
                 copy_left = gr.Button("Start from A", size="sm", elem_id="pf-copy-left")
                 copy_right = gr.Button("Start from B", size="sm", elem_id="pf-copy-right")
             edit_box = gr.Textbox(label="Improved answer: saved with your vote as a new, preferred response",
                                   lines=6, elem_id="pf-edit")
 
-    outputs = [desk, prompt_html, left_html, right_html, key_box, progress, status, retry_button,
-               pair_area, empty_area, empty_html, strength, rationale, edit_box]
+    outputs = [desk, screen_html, key_box, progress, status, strength, rationale, edit_box]
 
-    def run(action, request: gr.Request):
+    def caller_of(request: gr.Request) -> Caller:
         try:
-            caller = caller_for(state, request.username)
+            return caller_for(state, request.username)
         except AccessDenied as error:
             raise gr.Error(str(error)) from None
-        return _updates(*action(caller))
+
+    def run(action, request: gr.Request):
+        caller = caller_of(request)
+        with state.rater_lock(caller.id):
+            return _updates(*action(caller))
 
     def on_load(desk_value, request: gr.Request):
         return run(lambda caller: open_desk(state, desk_value, caller), request)
@@ -357,35 +355,35 @@ def build_annotate_tab(state) -> dict:
 
     def make_vote(side: str):
         def on_vote(desk_value, key, strength_value, rationale_value, edit_value, request: gr.Request):
-            return run(lambda caller: submit(state, desk_value, caller, side, key, strength_value,
-                                             rationale_value, edit_value), request)
+            return run(lambda caller: submit(state, desk_value, caller, side, text_input(key), text_input(strength_value),
+                                             text_input(rationale_value), text_input(edit_value)), request)
 
-        on_vote.__name__ = f"vote_{side}"
         return on_vote
 
     def on_retry(desk_value, key, strength_value, rationale_value, edit_value, request: gr.Request):
-        return run(lambda caller: retry(state, desk_value, caller, key, strength_value, rationale_value,
-                                        edit_value), request)
+        return run(lambda caller: retry(state, desk_value, caller, text_input(key), text_input(strength_value),
+                                        text_input(rationale_value), text_input(edit_value)), request)
 
     def on_skip(desk_value, key, request: gr.Request):
-        return run(lambda caller: skip(state, desk_value, caller, key), request)
+        return run(lambda caller: skip(state, desk_value, caller, text_input(key)), request)
 
     def make_copy(side: str):
         def on_copy(desk_value, key, request: gr.Request):
-            try:
-                caller = caller_for(state, request.username)
-            except AccessDenied as error:
-                raise gr.Error(str(error)) from None
-            return start_edit(state, desk_value, caller, side, key)
+            caller = caller_of(request)
+            with state.rater_lock(caller.id):
+                return start_edit(state, desk_value, caller, side, text_input(key))
 
         return on_copy
 
+    # Inputs arrive raw (preprocess=False) and are checked by text_input; outputs are plain
+    # strings (postprocess=False). Both skip Gradio's per-component thread hops on each vote.
+    fast = dict(preprocess=False, postprocess=False, show_progress="minimal")
     vote_inputs = [desk, key_box, strength, rationale, edit_box]
     for side, button in buttons.items():
-        button.click(make_vote(side), vote_inputs, outputs, api_name=f"vote_{side}", show_progress="minimal")
-    retry_button.click(on_retry, vote_inputs, outputs, api_name="retry_vote", show_progress="minimal")
-    skip_button.click(on_skip, [desk, key_box], outputs, api_name="skip_pair", show_progress="minimal")
-    again_button.click(on_again, [desk], outputs, api_name="pairs_again")
-    copy_left.click(make_copy("left"), [desk, key_box], [desk, edit_box], api_name="edit_from_a")
-    copy_right.click(make_copy("right"), [desk, key_box], [desk, edit_box], api_name="edit_from_b")
-    return {"load": (on_load, [desk], outputs)}
+        button.click(make_vote(side), vote_inputs, outputs, api_name=f"vote_{side}", **fast)
+    retry_button.click(on_retry, vote_inputs, outputs, api_name="retry_vote", **fast)
+    skip_button.click(on_skip, [desk, key_box], outputs, api_name="skip_pair", **fast)
+    again_button.click(on_again, [desk], outputs, api_name="pairs_again", **fast)
+    copy_left.click(make_copy("left"), [desk, key_box], [desk, edit_box], api_name="edit_from_a", **fast)
+    copy_right.click(make_copy("right"), [desk, key_box], [desk, edit_box], api_name="edit_from_b", **fast)
+    return {"load": (on_load, [desk], outputs, fast)}

@@ -5,20 +5,30 @@ CSS = """
 .pf-header { align-items: center; }
 .pf-brand { font-weight: 700; font-size: 1.35em; letter-spacing: .02em; }
 #pf-who { text-align: right; color: var(--body-text-color-subdued); }
-.prose.pf-box { border: 1px solid var(--border-color-primary); border-radius: 8px; padding: 10px 16px;
-          background: var(--background-fill-secondary); overflow-wrap: anywhere; }
-.prose.pf-prompt { max-height: 32vh; overflow-y: auto; }
-.prose.pf-response { min-height: 180px; max-height: 56vh; overflow-y: auto; background: var(--background-fill-primary); }
-.pf-box pre { white-space: pre-wrap; word-break: break-word; background: var(--background-fill-secondary);
-              padding: 8px; border-radius: 6px; }
-.pf-box p { margin: .35em 0; }
+.pf-screen { display: flex; flex-direction: column; gap: 10px; }
+.pf-card { border: 1px solid var(--border-color-primary); border-radius: 8px; padding: 10px 16px;
+           background: var(--background-fill-secondary); overflow-wrap: anywhere; }
+.pf-card.pf-prompt { max-height: 32vh; overflow-y: auto; }
+.pf-card.pf-response { min-height: 180px; max-height: 56vh; overflow-y: auto; background: var(--background-fill-primary); }
+.pf-card pre { white-space: pre-wrap; word-break: break-word; background: var(--background-fill-secondary);
+               padding: 8px; border-radius: 6px; }
+.pf-card p { margin: .35em 0; }
+.pf-sides { display: grid; grid-template-columns: 1fr 1fr; gap: 16px; }
+@media (max-width: 760px) { .pf-sides { grid-template-columns: 1fr; } }
 .pf-turn + .pf-turn { margin-top: .5em; }
 .pf-role { font-size: .72em; text-transform: uppercase; letter-spacing: .06em; font-weight: 600;
            color: var(--body-text-color-subdued); }
-.pf-side { gap: 2px !important; }
-.pf-side-title h4 { margin: 0 0 0 2px !important; }
+h4.pf-side-title { margin: 4px 0 4px 2px !important; font-weight: 600; }
 .pf-topbar { align-items: center; min-height: 36px; }
 .pf-choices button { min-height: 46px; font-size: 1.02em; }
+/* What shows follows from the screen's own markup, so events never send layout updates. */
+.pf-when-failed, .pf-when-empty { display: none !important; }
+#pf-annotate:has(#pf-status .pf-failed) .pf-when-failed,
+#pf-single:has(#pf1-status .pf-failed) .pf-when-failed,
+#pf-annotate:has(#pf-screen .pf-nothing) .pf-when-empty,
+#pf-single:has(#pf1-screen .pf-nothing) .pf-when-empty { display: inline-flex !important; }
+#pf-annotate:has(#pf-screen .pf-nothing) .pf-when-pair,
+#pf-single:has(#pf1-screen .pf-nothing) .pf-when-pair { display: none !important; }
 .pf-status { padding: 6px 12px; border-radius: 6px; font-weight: 500; }
 .pf-ok { background: #dcfce7; color: #166534; }
 .pf-info { background: #e0e7ff; color: #3730a3; }

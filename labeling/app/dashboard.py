@@ -64,7 +64,7 @@ def leaderboard_plot(stats: Stats) -> Figure:
 
 def win_rate_plot(stats: Stats) -> Figure:
     board = stats.leaderboard
-    title = "Win rate of row over column (ties count half)"
+    title = "Win rate, row over column (ties count half; games in brackets)"
     if len(board.policies) < 2:
         return _nothing_yet(title, "Needs votes between at least two policies.")
     import numpy as np
@@ -82,7 +82,7 @@ def win_rate_plot(stats: Stats) -> Figure:
     axes.set_xticks(range(n), board.policies, rotation=30, ha="right")
     axes.set_yticks(range(n), board.policies)
     figure.colorbar(image, ax=axes, shrink=0.8)
-    axes.set_title(title, loc="left", fontsize=11)
+    figure.suptitle(title, x=0.01, ha="left", fontsize=11)
     return figure
 
 
@@ -131,6 +131,9 @@ def annotators_plot(stats: Stats) -> Figure:
     rates = [bias[name].left_rate if name in bias else math.nan for name in names]
     colors = [_WARN if name in bias and bias[name].p_value < 0.05 else _ACCENT for name in names]
     left.barh(list(y), [r if _finite(r) else 0 for r in rates], color=colors)
+    for i, rate in enumerate(rates):
+        label = f" {rate:.2f} (n={bias[names[i]].n})" if _finite(rate) else " no decisive votes with a known side"
+        left.text(rate if _finite(rate) else 0, i, label, va="center", fontsize=8)
     left.axvline(0.5, color="black", lw=0.8, ls="--")
     left.set_xlim(0, 1)
     left.set_xlabel("share of decisive votes for the left side")
@@ -149,15 +152,20 @@ def judge_plot(stats: Stats) -> Figure:
     figure = _figure()
     axes = figure.subplots()
     measures = ("percent_agreement", "decisive_agreement", "kappa")
-    width = 0.8 / len(measures)
+    width = 0.22
     x = np.arange(len(judges))
     for k, measure in enumerate(measures):
         values = [getattr(j, measure) for j in judges]
-        axes.bar(x + k * width, [v if _finite(v) else 0 for v in values], width, label=measure.replace("_", " "))
-    axes.set_xticks(x + width, [f"{j.judge}\n({j.n_comparisons} pairs)" for j in judges], fontsize=8)
-    axes.set_ylim(min(0, *(j.kappa for j in judges if _finite(j.kappa))) - 0.05, 1.1)
+        bars = axes.bar(x + (k - 1) * width, [v if _finite(v) else 0 for v in values], width,
+                        label=measure.replace("_", " "))
+        for bar, value in zip(bars, values):
+            axes.text(bar.get_x() + bar.get_width() / 2, max(bar.get_height(), 0), f"{value:.2f}" if _finite(value)
+                      else "n/a", ha="center", va="bottom", fontsize=8)
+    axes.set_xticks(x, [f"{j.judge}\n({j.n_comparisons} pairs)" for j in judges], fontsize=8)
+    axes.set_xlim(-0.6, len(judges) - 0.4)
+    axes.set_ylim(min(0, *(j.kappa for j in judges if _finite(j.kappa))) - 0.05, 1.15)
     axes.axhline(0, color="black", lw=0.6)
-    axes.legend(fontsize=8, loc="upper right")
+    axes.legend(fontsize=8, loc="upper right", ncols=3)
     axes.set_title(title, loc="left", fontsize=11)
     return figure
 
@@ -205,17 +213,18 @@ def dashboard_figures(state) -> dict[str, Figure]:
 
 
 def build_dashboard_tab(state) -> dict:
-    refresh = gr.Button("Refresh", size="sm", elem_id="pf-dash-refresh")
+    with gr.Row():
+        refresh = gr.Button("Refresh", size="sm", elem_id="pf-dash-refresh", scale=0, min_width=120)
     plots = {}
     with gr.Row():
-        plots["leaderboard"] = gr.Plot(label="Leaderboard", elem_id="pf-dash-leaderboard")
-        plots["win_rate"] = gr.Plot(label="Win rates")
+        plots["leaderboard"] = gr.Plot(label="Leaderboard", show_label=False, elem_id="pf-dash-leaderboard")
+        plots["win_rate"] = gr.Plot(label="Win rates", show_label=False)
     with gr.Row():
-        plots["agreement"] = gr.Plot(label="Agreement")
-        plots["judge"] = gr.Plot(label="Judge vs human")
+        plots["agreement"] = gr.Plot(label="Agreement", show_label=False)
+        plots["judge"] = gr.Plot(label="Judge vs human", show_label=False)
     with gr.Row():
-        plots["annotators"] = gr.Plot(label="Annotators")
-        plots["training"] = gr.Plot(label="Training runs")
+        plots["annotators"] = gr.Plot(label="Annotators", show_label=False)
+        plots["training"] = gr.Plot(label="Training runs", show_label=False)
 
     def on_refresh(request: gr.Request):
         try:

@@ -49,12 +49,27 @@ def build_app(state: AppState) -> gr.Blocks:
                     gr.Tab(visible=caller.is_admin))
 
         blocks.load(on_load, [], [who, guidelines, dashboard_tab, admin_tab], api_name="whoami")
-        blocks.load(*annotate["load"], api_name="open_pairs")
+        fn, inputs, outputs, options = annotate["load"]
+        blocks.load(fn, inputs, outputs, api_name="open_pairs", **options)
         blocks.load(*admin["load"], api_name="admin_open")
-        single_tab.select(*single["load"], api_name="open_single")
+        fn, inputs, outputs, options = single["load"]
+        single_tab.select(fn, inputs, outputs, api_name="open_single", **options)
         dashboard_tab.select(*dashboard["refresh"], api_visibility="private")
-    blocks.queue(default_concurrency_limit=state.config.concurrency_limit)
+    # api_open=False: every event goes through the queue (and its concurrency limit), none around it.
+    blocks.queue(api_open=False, default_concurrency_limit=state.config.concurrency_limit)
+    _skip_queue_analytics(blocks)
     return blocks
+
+
+def _skip_queue_analytics(blocks: gr.Blocks) -> None:
+    """Gradio rebuilds a pandas summary of its last 10,000 events after every event, for a
+    monitoring page this app does not serve: work that grows with traffic on each vote.
+    Make it never due (the attributes are Gradio's own knobs, read on each event)."""
+    queue = blocks._queue
+    if hasattr(queue, "ANAYLTICS_CACHE_FREQUENCY"):  # sic, Gradio's spelling
+        queue.ANAYLTICS_CACHE_FREQUENCY = 2**62
+    if hasattr(queue, "ANALYTICS_MAX_EVENTS"):
+        queue.ANALYTICS_MAX_EVENTS = 1
 
 
 def make_asgi_app(state: AppState) -> FastAPI:

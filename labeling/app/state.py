@@ -7,6 +7,10 @@ per-process data (engine, login limiter, background jobs) in one `AppState`.
 from __future__ import annotations
 
 import tempfile
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,9 +32,31 @@ class AppConfig:
     max_failed_logins: int = field(default=5, metadata={"help": "failed logins per user and address before a lockout"})
     max_failed_logins_per_address: int = field(default=50, metadata={"help": "failed logins per address, any user, before a lockout"})
     lockout_window_s: float = field(default=900.0, metadata={"help": "window over which failed logins are counted"})
+    render_cache_size: int = field(default=4096, metadata={"help": "rendered prompts and responses kept in memory"})
     concurrency_limit: int = field(default=8, metadata={"help": "events handled at once (database work is short; more only adds contention)"})
     job_dir: Path | None = field(default=None, metadata={"help": "where background job logs go (default: a temporary directory)"})
     title: str = "prefloop"
+
+
+class RenderCache:
+    """Rendered HTML of prompts and responses, which never change once stored (LRU, thread-safe)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._items: OrderedDict = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key, render: Callable[[], str]) -> str:
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+        value = render()
+        with self._lock:
+            self._items[key] = value
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+        return value
 
 
 @dataclass
@@ -40,6 +66,10 @@ class AppState:
     limiter: LoginLimiter
     jobs: JobManager
     local_rater_id: int | None = None  # the --single-user account
+    renders: RenderCache = field(default_factory=lambda: RenderCache(4096))
+    _rater_locks: dict[int, threading.Lock] = field(default_factory=dict)
+    _locks_guard: threading.Lock = field(default_factory=threading.Lock)
+    _write_lock: threading.Lock | None = None
 
     @classmethod
     def create(cls, config: AppConfig, *, engine: Engine | None = None) -> "AppState":
@@ -54,6 +84,11 @@ class AppState:
                 window_s=config.lockout_window_s,
             ),
             jobs=JobManager(job_dir, db_url=config.db_url),
+            renders=RenderCache(config.render_cache_size),
+            # SQLite runs one transaction at a time (each begins IMMEDIATE). Queueing this
+            # process's transactions on a lock wakes the next one as soon as the last commits;
+            # left to SQLite's busy handler, waiters poll with sleeps of up to 100 ms.
+            _write_lock=threading.Lock() if engine.dialect.name == "sqlite" else None,
         )
         if config.single_user:
             from feedback_store.raters import get_or_create_local_user
@@ -62,5 +97,18 @@ class AppState:
                 state.local_rater_id = get_or_create_local_user(config.single_user, session=session).id
         return state
 
-    def session(self):
-        return session_scope(self.engine)
+    @contextmanager
+    def session(self) -> Iterator:
+        """A unit of work on the store (see feedback_store.db.session_scope)."""
+        if self._write_lock is None:
+            with session_scope(self.engine) as session:
+                yield session
+            return
+        with self._write_lock, session_scope(self.engine) as session:
+            yield session
+
+    def rater_lock(self, rater_id: int) -> threading.Lock:
+        """One rater's events run one at a time in this process: two clicks sent at once then
+        see each other's result instead of both acting on the same screen."""
+        with self._locks_guard:
+            return self._rater_locks.setdefault(rater_id, threading.Lock())

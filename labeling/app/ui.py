@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import html
+import time
+from dataclasses import dataclass
 from enum import Enum
 
-from feedback_store.progress import RaterProgress
+from feedback_store.progress import RaterProgress, rater_progress
+from labeling.app.markup import render_markdown, render_messages
 
 
 class Tone(str, Enum):
@@ -15,10 +19,12 @@ class Tone(str, Enum):
     error = "error"
 
 
-def status_html(text: str, tone: Tone = Tone.info) -> str:
+def status_html(text: str, tone: Tone = Tone.info, *, failed: bool = False) -> str:
+    """A one-line status. `failed` marks a save to retry: the stylesheet shows Retry beside it."""
     if not text:
         return ""
-    return f'<div class="pf-status pf-{tone.value}" role="status">{html.escape(text)}</div>'
+    marker = " pf-failed" if failed else ""
+    return f'<div class="pf-status pf-{tone.value}{marker}" role="status">{html.escape(text)}</div>'
 
 
 def progress_markdown(progress: RaterProgress, *, unit: str = "pairs") -> str:
@@ -30,7 +36,71 @@ def progress_markdown(progress: RaterProgress, *, unit: str = "pairs") -> str:
 
 
 def empty_queue_html(title: str, detail: str) -> str:
+    """The screen when there is nothing to judge; `pf-nothing` hides the choice buttons (CSS)."""
     return (
-        f'<div class="pf-empty"><div class="pf-empty-title">{html.escape(title)}</div>'
+        f'<div class="pf-empty pf-nothing"><div class="pf-empty-title">{html.escape(title)}</div>'
         f"<div>{html.escape(detail)}</div></div>"
     )
+
+
+def pair_screen_html(prompt: str, left: str, right: str) -> str:
+    """Prompt above, the two responses side by side: one block, so one output per event."""
+    return (
+        f'<div class="pf-screen"><div class="pf-card pf-prompt" id="pf-prompt">{prompt}</div>'
+        '<div class="pf-sides">'
+        f'<section><h4 class="pf-side-title">Response A</h4><div class="pf-card pf-response" id="pf-left">{left}</div></section>'
+        f'<section><h4 class="pf-side-title">Response B</h4><div class="pf-card pf-response" id="pf-right">{right}</div></section>'
+        "</div></div>"
+    )
+
+
+def card_screen_html(prompt: str, response: str) -> str:
+    return (
+        f'<div class="pf-screen"><div class="pf-card pf-prompt" id="pf1-prompt">{prompt}</div>'
+        f'<h4 class="pf-side-title">Response</h4><div class="pf-card pf-response" id="pf1-response">{response}</div>'
+        "</div>"
+    )
+
+
+def text_input(value) -> str | None:
+    """A text field as sent by a client, which may send anything: a string or nothing."""
+    return value if isinstance(value, str) else None
+
+
+@dataclass
+class ProgressMemo:
+    """A rater's progress, counted exactly now and then and kept up to date locally in between:
+    the exact count scans every pair, too much to repeat on every click."""
+
+    value: RaterProgress | None = None
+    counted_at: float = 0.0
+    max_age_s: float = 30.0
+
+    def current(self, rater_id: int, session) -> RaterProgress:
+        if self.value is None or time.monotonic() - self.counted_at > self.max_age_s:
+            self.value = rater_progress(rater_id, session=session)
+            self.counted_at = time.monotonic()
+        return self.value
+
+    def add_vote(self) -> None:
+        if self.value is not None:
+            self.value = dataclasses.replace(self.value, votes_today=self.value.votes_today + 1,
+                                             remaining=max(0, self.value.remaining - 1))
+
+    def add_rating(self) -> None:
+        if self.value is not None:
+            self.value = dataclasses.replace(self.value, ratings_today=self.value.ratings_today + 1)
+
+
+def response_html(state, response_id: int, session) -> str:
+    """A response's text as safe HTML; stored text never changes, so it is rendered once."""
+    from feedback_store.models import Response
+
+    return state.renders.get(("response", response_id),
+                             lambda: render_markdown(session.get(Response, response_id).text))
+
+
+def prompt_html(state, prompt_id: int, session) -> str:
+    from feedback_store.models import Prompt
+
+    return state.renders.get(("prompt", prompt_id), lambda: render_messages(session.get(Prompt, prompt_id).messages))

@@ -118,6 +118,9 @@ class LocalJudge:
         encoded = self.tokenizer(
             texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False
         ).to(next(self.model.parameters()).device)
+        # Left padding shifts each row's tokens: positions must count real tokens only, or a
+        # prompt would be judged differently alone and in a batch.
+        positions = (encoded["attention_mask"].cumsum(dim=-1) - 1).clamp(min=0)
         with torch.inference_mode():
             logits = self.model(**encoded).logits[:, -1, :].float()
         logprobs = torch.log_softmax(logits, dim=-1)[:, list(self._letter_ids)].tolist()

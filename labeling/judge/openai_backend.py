@@ -4,10 +4,23 @@ llama.cpp's server), through the `openai` client.
 Retries are the client's own: exponential backoff with jitter (0.5 s doubling, capped at 8 s)
 on 408/409/429/5xx, timeouts and connection errors, honouring `Retry-After`/`retry-after-ms`
 up to two minutes; `max_attempts` caps them (`max_retries = max_attempts - 1`). What this
-module adds: one client and connection pool shared by every request (sized to the
-concurrency, so 64 requests in flight never queue for a connection), a count of the HTTP
-attempts each judgement took (a request hook, so failures report it too), and the mapping
-of every failure to a status and a one-line reason.
+module adds:
+- one client (connection pool) created once and reused by every request, with enough
+  keep-alive connections for the concurrency: no request waits for a connection or opens one;
+- the client's aiohttp transport (`openai[aiohttp]`, its documented option for high
+  concurrency) when aiohttp is installed: its HTTP parsing is C, and per request it costs
+  about half the CPU of the default httpx transport (measured: ~1.2 against ~2.4 ms per
+  request at 64 in flight, bench/judge.py), which on a small machine decides whether 64
+  requests in flight are CPU-bound. Without aiohttp, the httpx transport's connections are
+  split over a few clients of at most `CONNECTIONS_PER_CLIENT` (its pool scans every
+  connection on each request and response: ~0.7 ms per request at 64 connections);
+- requests sent with the client's documented `post()` and the JSON read directly: the typed
+  `chat.completions.create` spends ~2 ms of CPU per request transforming the messages and
+  building pydantic models (measured: 4.7 -> 2.5 ms per request), which on a small machine
+  caps throughput well below what the endpoint can serve. Retries, timeouts and errors are
+  the same code path either way;
+- a count of the HTTP attempts each judgement took (a request hook, so failures report it
+  too), and the mapping of every failure to a status and a one-line reason.
 
 The API key comes from an environment variable, never from a command-line flag.
 """
@@ -15,6 +28,7 @@ The API key comes from an environment variable, never from a command-line flag.
 from __future__ import annotations
 
 import contextvars
+import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -41,12 +55,22 @@ class OpenAIJudgeConfig:
     temperature: float = field(default=0.0, metadata={"help": "sampling temperature (0: as deterministic as the endpoint allows)"})
     logprobs: bool = field(default=False, metadata={"help": "ask for logprobs (top 5) and turn them into a confidence"})
     max_connections: int = field(default=64, metadata={"help": "HTTP connections kept open (set to the concurrency)"})
+    transport: str = field(default="auto", metadata={"help": "HTTP transport: aiohttp, httpx, or auto (aiohttp when installed)"})
 
     def __post_init__(self) -> None:
         if self.max_attempts < 1:
             raise ValueError(f"max_attempts must be at least 1 (got {self.max_attempts})")
         if self.timeout <= 0:
             raise ValueError(f"timeout must be positive (got {self.timeout})")
+        if self.transport not in ("auto", "aiohttp", "httpx"):
+            raise ValueError(f"transport must be auto, aiohttp or httpx (got {self.transport!r})")
+        if self.transport == "aiohttp" and not aiohttp_available():
+            raise ValueError("transport 'aiohttp' needs the aiohttp package: pip install 'openai[aiohttp]'")
+
+    def resolved_transport(self) -> str:
+        if self.transport == "auto":
+            return "aiohttp" if aiohttp_available() else "httpx"
+        return self.transport
 
     def api_key(self) -> str:
         for name in self.api_key_env:
@@ -57,10 +81,19 @@ class OpenAIJudgeConfig:
         return NO_KEY
 
 
+def aiohttp_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("aiohttp") is not None
+
+
 async def _count_attempt(request) -> None:
     box = _attempts.get()
     if box is not None:
         box[0] += 1
+
+
+CONNECTIONS_PER_CLIENT = 8
 
 
 class OpenAIJudge:
@@ -73,43 +106,66 @@ class OpenAIJudge:
         self.max_output_tokens = config.max_tokens
         self.preferred_concurrency = config.max_connections
         self._api_key = config.api_key()  # fail before the run starts, not on its first request
-        self._client = None
+        self._clients: list = []
+        self._turn = 0
 
-    def _get_client(self):
-        # Created inside the running event loop (its connection pool belongs to that loop).
-        if self._client is None:
-            import httpx2  # the HTTP library the openai client is built on
-            import openai
+    def _next_client(self):
+        # Created inside the running event loop (their connection pools belong to that loop).
+        if not self._clients:
+            self._clients = self._make_clients()
+        self._turn = (self._turn + 1) % len(self._clients)
+        return self._clients[self._turn]
 
-            connections = max(self.config.max_connections, 1)
-            http_client = openai.DefaultAsyncHttpxClient(
+    def _make_clients(self) -> list:
+        import httpx2  # the HTTP library the openai client is built on
+        import openai
+
+        total = max(self.config.max_connections, 1)
+        if self.config.resolved_transport() == "aiohttp":
+            http_client_class, shards = openai.DefaultAioHttpClient, 1
+        else:
+            http_client_class, shards = openai.DefaultAsyncHttpxClient, -(-total // CONNECTIONS_PER_CLIENT)
+        clients = []
+        for shard in range(shards):
+            connections = total // shards + (1 if shard < total % shards else 0)
+            http_client = http_client_class(
                 limits=httpx2.Limits(max_connections=connections, max_keepalive_connections=connections),
                 event_hooks={"request": [_count_attempt]},
             )
-            self._client = openai.AsyncOpenAI(
-                api_key=self._api_key,
-                base_url=self.config.base_url,
-                max_retries=self.config.max_attempts - 1,
-                timeout=self.config.timeout,
-                http_client=http_client,
+            clients.append(
+                openai.AsyncOpenAI(
+                    api_key=self._api_key,
+                    base_url=self.config.base_url,
+                    max_retries=self.config.max_attempts - 1,
+                    timeout=self.config.timeout,
+                    http_client=http_client,
+                )
             )
-        return self._client
+        return clients
+
+    def request_body(self, messages) -> dict:
+        body = {
+            "model": self.config.model,
+            "messages": list(messages),
+            "temperature": self.config.temperature,
+            "max_tokens": self.config.max_tokens,
+        }
+        if self.config.logprobs:
+            body.update(logprobs=True, top_logprobs=5)
+        return body
 
     async def judge(self, request: JudgeRequest) -> JudgeReply:
+        import httpx2
         import openai
 
-        client = self._get_client()
-        extra = {"logprobs": True, "top_logprobs": 5} if self.config.logprobs else {}
+        client = self._next_client()
         box = [0]
         token = _attempts.set(box)
         try:
-            completion = await client.chat.completions.create(
-                model=self.config.model,
-                messages=list(request.messages),
-                temperature=self.config.temperature,
-                max_tokens=self.config.max_tokens,
-                **extra,
+            response = await client.post(
+                "/chat/completions", body=self.request_body(request.messages), cast_to=httpx2.Response
             )
+            payload = json.loads(response.content)
         except openai.APITimeoutError:
             raise JudgeCallError("timeout", f"no reply within {self.config.timeout:g} s", attempts=box[0]) from None
         except openai.APIStatusError as error:
@@ -118,50 +174,54 @@ class OpenAIJudge:
             ) from None
         except openai.APIConnectionError as error:
             raise JudgeCallError("connection_error", _one_line(str(error.__cause__ or error)), attempts=box[0]) from None
-        except (openai.APIError, ValueError) as error:  # a 200 whose body is not a chat completion (JSON errors included)
+        except (openai.APIError, ValueError) as error:  # a 200 whose body is not JSON
             raise JudgeCallError(
                 "bad_response", f"unreadable reply: {type(error).__name__}: {_one_line(str(error))}", attempts=box[0]
             ) from None
         finally:
             _attempts.reset(token)
-        return _reply(completion, attempts=box[0])
+        return reply_from_json(payload, attempts=box[0])
 
     async def aclose(self) -> None:
-        if self._client is not None:
-            await self._client.close()
-            self._client = None
+        clients, self._clients = self._clients, []
+        for client in clients:
+            await client.close()
 
 
-def _reply(completion, *, attempts: int) -> JudgeReply:
-    usage = getattr(completion, "usage", None)
-    prompt_tokens = int(getattr(usage, "prompt_tokens", 0) or 0)
-    completion_tokens = int(getattr(usage, "completion_tokens", 0) or 0)
-    choices = getattr(completion, "choices", None) or []
-    billed = {"attempts": attempts, "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens}
+def reply_from_json(payload, *, attempts: int) -> JudgeReply:
+    """A chat-completion JSON body as a JudgeReply; JudgeCallError if it holds no answer."""
+    if not isinstance(payload, dict):
+        raise JudgeCallError("bad_response", f"unreadable reply: a JSON {type(payload).__name__}", attempts=attempts)
+    usage = payload.get("usage") or {}
+    billed = {
+        "attempts": attempts,
+        "prompt_tokens": int(usage.get("prompt_tokens") or 0),
+        "completion_tokens": int(usage.get("completion_tokens") or 0),
+    }
+    choices = payload.get("choices") or []
     if not choices:
         raise JudgeCallError("empty", "the endpoint returned no choices", **billed)
-    choice = choices[0]
-    text = choice.message.content if choice.message is not None else None
-    if not text:
+    choice = choices[0] if isinstance(choices[0], dict) else {}
+    text = (choice.get("message") or {}).get("content")
+    if not text or not isinstance(text, str):
         raise JudgeCallError("empty", "the endpoint returned an empty message", **billed)
-    return JudgeReply(
-        text=text,
-        prompt_tokens=prompt_tokens,
-        completion_tokens=completion_tokens,
-        attempts=attempts,
-        truncated=choice.finish_reason == "length",
-        logprobs=_logprobs(choice),
-    )
+    return JudgeReply(text=text, truncated=choice.get("finish_reason") == "length", logprobs=_logprobs(choice), **billed)
 
 
-def _logprobs(choice) -> list[TokenLogprob] | None:
-    content = getattr(getattr(choice, "logprobs", None), "content", None)
+def _logprobs(choice: dict) -> list[TokenLogprob] | None:
+    content = (choice.get("logprobs") or {}).get("content")
     if not content:
         return None
-    return [
-        TokenLogprob(item.token, item.logprob, {alt.token: alt.logprob for alt in (item.top_logprobs or [])})
-        for item in content
-    ]
+    try:
+        return [
+            TokenLogprob(
+                item["token"], float(item["logprob"]),
+                {alt["token"]: float(alt["logprob"]) for alt in item.get("top_logprobs") or []},
+            )
+            for item in content
+        ]
+    except (KeyError, TypeError, ValueError):
+        return None  # malformed logprobs: no confidence, the verdict still stands
 
 
 def _one_line(text: str, limit: int = 300) -> str:

@@ -8,9 +8,10 @@ marked inconsistent (the judge was swayed by position). A call whose verdict can
 read is a parse failure, stored with the raw text, and the comparison stays undecided.
 
 `concurrency` workers pull requests from a bounded queue, so at most that many are in
-flight and memory does not grow with the number of comparisons. Decided comparisons go to
-one writer thread that stores each in its own short transaction while the requests go on;
-on Ctrl-C or SIGTERM the workers stop, every answered call is still written, and the run is
+flight and memory does not grow with the number of comparisons. A comparison goes to the
+store as soon as both its orders are in, in its own short transaction (shared only with
+comparisons that finished in the same event-loop iteration), while the requests go on. On
+Ctrl-C or SIGTERM the workers stop, every answered call is still written, and the run is
 marked aborted: only requests in flight are lost. A rerun skips voted comparisons and
 reuses answered orders of undecided ones, so nothing is asked twice.
 """
@@ -18,7 +19,6 @@ reuses answered orders of undecided ones, so nothing is asked twice.
 from __future__ import annotations
 
 import asyncio
-import queue
 import signal
 import threading
 import time
@@ -198,40 +198,37 @@ def _summarize(engine: Engine, plan: _Plan, stats: _Stats, elapsed: float) -> Ju
 
 
 class _StoreWriter:
-    """One thread that stores finished comparisons, each as soon as it is handed over.
+    """Stores finished comparisons from the event loop, each as soon as it is handed over.
 
-    While one transaction commits, comparisons that finish meanwhile queue up; the next
-    transaction takes all of them (a group commit). So a store that keeps up writes one
-    comparison per transaction, and a busy one never falls behind the requests. Either
-    way a comparison's calls, vote and ledger entry land together or not at all."""
+    A finished comparison is written at the end of the event-loop iteration in which its
+    second order came in, in one transaction with any others that finished in that same
+    iteration (responses arrive in bursts). A comparison's calls, vote and ledger entry land
+    together or not at all.
 
-    MAX_GROUP = 256
+    Why on the loop and not in a thread: SQLite writes cost ~1 ms of CPU and do no waiting
+    worth overlapping, while a writer thread makes the event loop wait for the GIL at every
+    system call it makes (measured: the loop stalled for ~1.5 ms per request at 64 in flight)."""
 
     def __init__(self, engine: Engine, plan: _Plan, config: JudgeRunConfig):
         self._engine, self._plan, self._config = engine, plan, config
-        self._queue: queue.Queue = queue.Queue()
+        self._pending: list[Judgement] = []
+        self._scheduled = False
         self.error: BaseException | None = None
         self.transactions = 0
-        self._thread = threading.Thread(target=self._loop, name="judge-store-writer", daemon=True)
-        self._thread.start()
 
     def submit(self, comparison_id: int, calls: Mapping[str, CallRecord], decision: Decision | None,
                *, failed: bool, doubt: bool = False) -> None:
         new = [c for order, c in sorted(calls.items()) if (comparison_id, order) not in self._plan.reused]
-        self._queue.put(Judgement(comparison_id, new, decision, failed=failed, doubt=doubt))
+        self._pending.append(Judgement(comparison_id, new, decision, failed=failed, doubt=doubt))
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self.flush)
 
-    def _loop(self) -> None:
-        done = False
-        while not done:
-            group = [self._queue.get()]
-            while len(group) < self.MAX_GROUP and not self._queue.empty():
-                group.append(self._queue.get_nowait())
-            done = None in group  # close() puts it last, after every submit
-            group = [j for j in group if j is not None]
-            if group and self.error is None:  # after a failure, stop writing: the run reports it
-                self._write(group)
-
-    def _write(self, group: list[Judgement]) -> None:
+    def flush(self) -> None:
+        self._scheduled = False
+        group, self._pending = self._pending, []
+        if not group or self.error is not None:  # after a failure, stop writing: the run reports it
+            return
         try:
             with session_scope(self._engine) as session:
                 record_judgements(
@@ -244,12 +241,8 @@ class _StoreWriter:
                     price_completion=self._config.price_completion,
                 )
             self.transactions += 1
-        except BaseException as error:  # noqa: BLE001 - handed to the event loop to raise
+        except Exception as error:  # noqa: BLE001 - raised by the workers and at the end
             self.error = error
-
-    def close(self) -> None:
-        self._queue.put(None)
-        self._thread.join()
 
 
 def _progress(config: JudgeRunConfig, total: int):
@@ -334,7 +327,7 @@ async def _execute(engine: Engine, backend: JudgeBackend, config: JudgeRunConfig
     async def produce() -> None:
         for start in range(0, len(plan.pending), config.page_size):
             page = plan.pending[start : start + config.page_size]
-            for pair in await asyncio.to_thread(_load_pairs, engine, page):
+            for pair in _load_pairs(engine, page):  # a few ms: not worth a thread (see _StoreWriter)
                 known = {o: plan.reused[(pair.comparison_id, o)] for o in ORDERS if (pair.comparison_id, o) in plan.reused}
                 if len(known) == len(ORDERS):
                     finish(pair.comparison_id, known)
@@ -383,7 +376,8 @@ async def _execute(engine: Engine, backend: JudgeBackend, config: JudgeRunConfig
         for comparison_id, calls in answered.items():
             if calls:
                 writer.submit(comparison_id, calls, None, failed=False)
-        await asyncio.shield(asyncio.to_thread(_close_and_finish, engine, writer, plan.run_id, status))
+        writer.flush()
+        _finish(engine, plan.run_id, RunStatus.failed if writer.error is not None else status)
         await backend.aclose()
     if writer.error is not None:
         raise writer.error
@@ -394,10 +388,7 @@ def _load_pairs(engine: Engine, ids: list[int]) -> list[PairTexts]:
         return load_pairs(ids, session=session)
 
 
-def _close_and_finish(engine: Engine, writer: _StoreWriter, run_id: int, status: RunStatus) -> None:
-    writer.close()
-    if writer.error is not None:
-        status = RunStatus.failed
+def _finish(engine: Engine, run_id: int, status: RunStatus) -> None:
     with session_scope(engine) as session:
         finish_judge_run(run_id, status, session=session)
 

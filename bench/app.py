@@ -1,0 +1,226 @@
+"""Many annotators at once against a real `prefloop serve`: no vote lost or doubled, and the
+vote round trip next to the bare `record_vote` call.
+
+A temporary SQLite store gets N users and enough pairs for N x V votes; `prefloop serve` runs
+in a subprocess; N simulated annotators (one asyncio task and HTTP client each, signed in as
+their own user) open the page's pair and vote V times through the app's HTTP API, exactly as
+the page's buttons do, pausing a "think time" between votes. A share of the submissions is
+sent twice at once (a double click). Afterwards every acknowledged idempotency key must be in
+the store exactly once and nothing else. The bare call is `record_vote` in its own
+transaction on an identically seeded store, in this process, with no server.
+
+    .venv/bin/python bench/app.py                 # 50 annotators x 40 votes
+    .venv/bin/python bench/app.py --think-ms 0    # closed loop: a stress figure, not a human pace
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+from rich.progress import Progress
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from sqlmodel import select  # noqa: E402
+
+from feedback_store.app_settings import set_target_overlap  # noqa: E402
+from feedback_store.db import engine_for, session_scope  # noqa: E402
+from feedback_store.models import Vote  # noqa: E402
+from feedback_store.queue import next_comparison_for  # noqa: E402
+from feedback_store.raters import get_rater  # noqa: E402
+from feedback_store.votes import record_vote  # noqa: E402
+from tests.app_support import (  # noqa: E402
+    PASSWORD, completion, endpoint_table, migrated_sqlite, page_event_body, seed_pairs, seed_users, start_serve,
+)
+
+GOAL_P95_MS = 150.0
+SIDES = ("left", "right", "tie", "both_bad")
+KEY, STATUS = 2, 4  # positions in a vote event's outputs (labeling.app.annotate: outputs)
+
+
+@dataclass
+class Annotator:
+    name: str
+    saved_keys: list[str] = field(default_factory=list)
+    latencies_ms: list[float] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
+
+
+class PageSession:
+    """One browser tab's traffic: events join the queue and complete on the session's stream."""
+
+    def __init__(self, client: httpx.AsyncClient, session_hash: str) -> None:
+        self.client = client
+        self.session_hash = session_hash
+        self.endpoints: dict = {}
+
+    async def start(self, name: str) -> bool:
+        login = await self.client.post("/login", data={"username": name, "password": PASSWORD})
+        config = await self.client.get("/config")
+        self.endpoints = endpoint_table(config.json()) if config.status_code == 200 else {}
+        return login.status_code == 200 and bool(self.endpoints)
+
+    async def events(self, api_name: str, *data, copies: int = 1) -> list[tuple[str, object]]:
+        """Send the same event `copies` times at once (2 = a double click); their results, in order."""
+        body = page_event_body(self.endpoints[api_name], data, self.session_hash)
+        joined = await asyncio.gather(*(self.client.post("/gradio_api/queue/join", json=body) for _ in range(copies)))
+        if any(response.status_code != 200 for response in joined):
+            return [("http_error", f"{response.status_code} {response.text[:200]}") for response in joined]
+        ids = [response.json()["event_id"] for response in joined]
+        results: dict = {}
+        async with self.client.stream("GET", "/gradio_api/queue/data", params={"session_hash": self.session_hash}) as stream:
+            async for line in stream.aiter_lines():
+                if not line.startswith("data: "):
+                    continue
+                message = json.loads(line[6:])
+                if message.get("msg") == "process_completed" and message.get("event_id") in ids:
+                    results[message["event_id"]] = completion(message)
+                if len(results) == len(ids) or message.get("msg") == "close_stream":
+                    break
+        return [results.get(event_id, ("none", None)) for event_id in ids]
+
+
+async def annotate(url: str, who: Annotator, votes: int, think_s: float, double_rate: float, rng: random.Random,
+                   progress) -> None:
+    async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+        page = PageSession(client, f"bench-{who.name}")
+        if not await page.start(who.name):
+            who.errors.append("could not sign in")
+            return
+        [(event, outputs)] = await page.events("open_pairs")
+        key = outputs[KEY] if event == "complete" else None
+        attempts = 0
+        while len(who.saved_keys) < votes and isinstance(key, str) and key and attempts < 3 * votes:
+            attempts += 1
+            await asyncio.sleep(rng.uniform(0, 2 * think_s))
+            copies = 2 if rng.random() < double_rate else 1
+            started = time.perf_counter()
+            results = await page.events(f"vote_{rng.choice(SIDES)}", key, None, "", "", copies=copies)
+            elapsed_ms = (time.perf_counter() - started) * 1000
+            saved = [r for r in results if r[0] == "complete" and "Saved" in r[1][STATUS]]
+            if len(saved) != 1:
+                who.errors.append(f"{len(saved)} saves for one submission: {str(results)[:300]}")
+            if saved:
+                who.latencies_ms.append(elapsed_ms)
+                who.saved_keys.append(key)
+                progress()
+            last = next((r for r in reversed(results) if r[0] == "complete"), None)
+            if last is None:
+                break
+            key = last[1][KEY] if isinstance(last[1][KEY], str) else key
+
+
+def bare_record_vote(url: str, users: list[str], votes: int) -> list[float]:
+    """The store call alone: reserve a pair and record the vote, each in its own transaction."""
+    engine = engine_for(url)
+    with session_scope(engine) as session:
+        ids = [get_rater(name, session=session).id for name in users]
+    timings = []
+    rng = random.Random(1)
+    for _ in range(votes):
+        for rater_id in ids:
+            with session_scope(engine) as session:
+                assignment = next_comparison_for(rater_id, session=session)
+                comparison_id, left = assignment.comparison_id, assignment.left_response_id
+            started = time.perf_counter()
+            with session_scope(engine) as session:
+                record_vote(comparison_id, rater_id, rng.choice(("a", "b", "tie", "both_bad")), session=session,
+                            left_response_id=left, idempotency_key=f"bare-{rater_id}-{comparison_id}")
+            timings.append((time.perf_counter() - started) * 1000)
+    return timings
+
+
+def seed(url: str, users: list[str], pairs: int, overlap: int) -> None:
+    engine = engine_for(url)
+    seed_users(engine, users)
+    seed_pairs(engine, pairs)
+    with session_scope(engine) as session:
+        set_target_overlap(overlap, session=session)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--annotators", type=int, default=50)
+    parser.add_argument("--votes", type=int, default=40, help="votes per annotator")
+    parser.add_argument("--think-ms", type=float, default=1000.0,
+                        help="mean pause between an annotator's votes (uniform 0..2x); 0 = closed loop")
+    parser.add_argument("--double-rate", type=float, default=0.05, help="share of submissions sent twice at once")
+    parser.add_argument("--overlap", type=int, default=5, help="target human votes per pair")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    users = [f"annotator{i:02d}" for i in range(args.annotators)]
+    total = args.annotators * args.votes
+    pairs = total // args.overlap + args.votes * 2  # room to spare: reservations hold some pairs
+    root = Path(tempfile.mkdtemp(prefix="prefloop-bench-app-"))
+    print(f"store: {root}; {args.annotators} annotators x {args.votes} votes, {pairs} pairs, overlap {args.overlap}, "
+          f"think {args.think_ms:.0f} ms mean, {args.double_rate:.0%} double submissions")
+
+    bare_url = migrated_sqlite(root / "bare.db")
+    seed(bare_url, users, pairs, args.overlap)
+    bare = bare_record_vote(bare_url, users, args.votes)
+
+    url = migrated_sqlite(root / "app.db")
+    seed(url, users, pairs, args.overlap)
+    server = start_serve(url, root)
+    annotators = [Annotator(name) for name in users]
+    try:
+        with Progress() as bar:
+            task = bar.add_task("votes", total=total)
+
+            async def run_all() -> float:
+                started = time.perf_counter()
+                await asyncio.gather(*(
+                    annotate(server.url, who, args.votes, args.think_ms / 1000, args.double_rate,
+                             random.Random(args.seed * 1000 + i), lambda: bar.advance(task))
+                    for i, who in enumerate(annotators)
+                ))
+                return time.perf_counter() - started
+
+            wall = asyncio.run(run_all())
+    finally:
+        server.stop()
+
+    acknowledged = [key for who in annotators for key in who.saved_keys]
+    with session_scope(engine_for(url)) as session:
+        stored = list(session.exec(select(Vote.idempotency_key)).all())
+    lost = len(set(acknowledged) - set(stored))
+    doubled = (len(stored) - len(set(stored))) + len(set(stored) - set(acknowledged))
+    missing = total - len(acknowledged)
+    errors = [error for who in annotators for error in who.errors]
+    latencies = [ms for who in annotators for ms in who.latencies_ms]
+
+    p50, p95 = statistics.median(latencies), percentile(latencies, 95)
+    bare_p50, bare_p95 = statistics.median(bare), percentile(bare, 95)
+    print(f"\n{len(acknowledged)} votes acknowledged in {wall:.1f} s ({len(acknowledged) / wall:.1f}/s), "
+          f"{len(stored)} stored; {len(errors)} refused or failed submissions")
+    for error in errors[:5]:
+        print("  ", error)
+    print(f"{'':24}{'p50 ms':>10}{'p95 ms':>10}")
+    print(f"{'app round trip (HTTP)':24}{p50:>10.1f}{p95:>10.1f}")
+    print(f"{'bare record_vote':24}{bare_p50:>10.2f}{bare_p95:>10.2f}")
+    print(f"round trip / bare at p95: {p95 / bare_p95:.0f}x; p95 vs goal {GOAL_P95_MS:.0f} ms: {p95 / GOAL_P95_MS:.2f}")
+    if missing:
+        print(f"warning: {missing} votes were never acknowledged")
+    print(f"RESULT app ratio={p95 / GOAL_P95_MS:.3f} p50_ms={p50:.1f} p95_ms={p95:.1f} bare_p50_ms={bare_p50:.2f} "
+          f"bare_p95_ms={bare_p95:.2f} lost={lost} doubled={doubled}")
+    return 0 if lost == doubled == missing == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
