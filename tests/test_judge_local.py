@@ -31,8 +31,9 @@ def _conversations(n):
     ]
 
 
-def test_a_batch_gives_the_same_verdicts_as_one_at_a_time(model_and_tokenizer):
-    model, tokenizer = model_and_tokenizer
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])  # rotary and absolute positions
+def test_a_batch_gives_the_same_verdicts_as_one_at_a_time(kind):
+    model, tokenizer = tiny_model(kind=kind)
     judge = LocalJudge(model, tokenizer, LocalJudgeConfig(batch_size=8))
     conversations = _conversations(6)  # different lengths: the batch is left-padded
     batched = judge.run_batch(conversations)

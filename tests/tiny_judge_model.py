@@ -31,16 +31,20 @@ def tiny_tokenizer():
     return fast
 
 
-def tiny_model(seed: int = 0):
-    """(model, tokenizer): a 2-layer Llama with random weights, in eval mode."""
+def tiny_model(seed: int = 0, kind: str = "llama"):
+    """(model, tokenizer): a 2-layer Llama (rotary positions) or GPT-2 (absolute positions)
+    with random weights, in eval mode."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
     tokenizer = tiny_tokenizer()
+    ids = dict(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
+    torch.manual_seed(seed)
+    if kind == "gpt2":
+        config = GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=4, n_positions=4096, **ids)
+        return GPT2LMHeadModel(config).eval(), tokenizer
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, **ids,
     )
-    torch.manual_seed(seed)
     return LlamaForCausalLM(config).eval(), tokenizer

@@ -122,7 +122,7 @@ class LocalJudge:
         # prompt would be judged differently alone and in a batch.
         positions = (encoded["attention_mask"].cumsum(dim=-1) - 1).clamp(min=0)
         with torch.inference_mode():
-            logits = self.model(**encoded).logits[:, -1, :].float()
+            logits = self.model(**encoded, position_ids=positions).logits[:, -1, :].float()
         logprobs = torch.log_softmax(logits, dim=-1)[:, list(self._letter_ids)].tolist()
         lengths = encoded["attention_mask"].sum(dim=1).tolist()
         replies = []
