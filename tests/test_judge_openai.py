@@ -67,24 +67,24 @@ def test_both_orders_agreement_and_inconsistency(engine, server):
 def test_rerun_judges_nothing_twice_and_reuses_answered_orders(sqlite_engine, server):
     engine = sqlite_engine
     ids = add_pairs(engine, [("x GOOD", "y"), ("p", "q GOOD"), ("always failing #fault:500", "r GOOD")])
-    first = run_judge(engine, judge(server), FAST)
+    first = run_judge(engine, judge(server, max_attempts=2), FAST)
     assert (first.decided, first.failed) == (2, 1)
     assert first.failures == {"http_error": 2}  # both orders of the failing comparison
     attempts_after_first = server.log.attempts
 
     # Rerun: decided comparisons cost no request; the failed one is asked again, both orders
     # (each still fails), and nothing is lost: every comparison is voted or has recorded failures.
-    second = run_judge(engine, judge(server), FAST)
+    second = run_judge(engine, judge(server, max_attempts=2), FAST)
     assert second.comparisons == 1 and second.decided == 0 and second.failed == 1
-    assert server.log.attempts - attempts_after_first == 2 * 3  # two orders x max_attempts
+    assert server.log.attempts - attempts_after_first == 2 * 2  # two orders x max_attempts
     votes = votes_by_comparison(engine)
     assert set(votes) == set(ids[:2])
     failures = [c for c in calls(engine) if c.status != "ok"]
     assert {c.comparison_id for c in failures} == {ids[2]}
-    assert all(c.error.startswith("HTTP 500") and c.attempts == 3 for c in failures)
+    assert all(c.error.startswith("HTTP 500") and c.attempts == 2 for c in failures)
 
-    third = run_judge(engine, judge(server), FAST)
-    assert third.comparisons == 1 and server.log.attempts - attempts_after_first == 4 * 3
+    third = run_judge(engine, judge(server, max_attempts=2), FAST)
+    assert third.comparisons == 1 and server.log.attempts - attempts_after_first == 4 * 2
 
 
 def test_answered_order_is_not_asked_again(sqlite_engine, server):
@@ -228,11 +228,11 @@ def test_prompt_injection_does_not_flip_the_verdict(sqlite_engine, server):
 def test_concurrency_is_bounded_and_reaches_64(sqlite_engine, server):
     engine = sqlite_engine
     server.script.latency = 0.2
-    add_pairs(engine, [(f"q{i} GOOD", f"r{i}") for i in range(96)])
+    add_pairs(engine, [(f"q{i} GOOD", f"r{i}") for i in range(64)])
     summary = run_judge(engine, judge(server, max_connections=64), JudgeRunConfig(concurrency=64, progress=False))
-    assert summary.decided == 96
+    assert summary.decided == 64
     assert server.log.max_in_flight == 64
-    assert server.log.attempts == 192
+    assert server.log.attempts == 128
 
 
 def test_rate_limit_paces_requests(sqlite_engine, server):

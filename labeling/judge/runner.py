@@ -137,7 +137,7 @@ def run_judge(engine: Engine, backend: JudgeBackend, config: JudgeRunConfig = Ju
     started = time.monotonic()
     try:
         asyncio.run(_execute(engine, backend, config, plan, stats))
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, asyncio.CancelledError):  # Ctrl-C, or SIGTERM (cancels the main task)
         pass  # the run is stored as aborted; the summary says so
     return _summarize(engine, plan, stats, time.monotonic() - started)
 
