@@ -148,7 +148,8 @@ def _backend(args: argparse.Namespace):
 
 def format_summary(s) -> str:
     lines = [
-        f"judge run {s.run_id} ({s.rater}): {s.status} in {s.elapsed_s:.1f} s",
+        f"judge run {s.run_id} ({s.rater}): {s.status} in {s.elapsed_s:.1f} s"
+        + (f" ({s.requests / s.elapsed_s:.1f} requests/s)" if s.requests and s.elapsed_s > 0 else ""),
         f"  comparisons {s.comparisons}: decided {s.decided} (inconsistent {s.inconsistent}), "
         f"undecided after a failure {s.failed}" + (f", routed to humans {s.doubts}" if s.doubts else ""),
         f"  requests {s.requests} ({s.attempts} attempts, retries included)"

@@ -4,21 +4,18 @@ llama.cpp's server), through the `openai` client.
 Retries are the client's own: exponential backoff with jitter (0.5 s doubling, capped at 8 s)
 on 408/409/429/5xx, timeouts and connection errors, honouring `Retry-After`/`retry-after-ms`
 up to two minutes; `max_attempts` caps them (`max_retries = max_attempts - 1`). What this
-module adds:
-- one client (connection pool) created once and reused by every request, with enough
-  keep-alive connections for the concurrency: no request waits for a connection or opens one;
+module adds, each measured with bench/judge.py at 64 requests in flight on 2 cores:
+- clients created once and reused by every request, with a keep-alive connection for each
+  request in flight: no request waits for a connection or opens one;
 - the client's aiohttp transport (`openai[aiohttp]`, its documented option for high
-  concurrency) when aiohttp is installed: its HTTP parsing is C, and per request it costs
-  about half the CPU of the default httpx transport (measured: ~1.2 against ~2.4 ms per
-  request at 64 in flight, bench/judge.py), which on a small machine decides whether 64
-  requests in flight are CPU-bound. Without aiohttp, the httpx transport's connections are
-  split over a few clients of at most `CONNECTIONS_PER_CLIENT` (its pool scans every
-  connection on each request and response: ~0.7 ms per request at 64 connections);
+  concurrency) when aiohttp is installed: HTTP parsing in C, ~1.2 ms of CPU per request
+  against ~1.7-2.5 ms with the default httpx transport. Without aiohttp, the httpx
+  connections are split over clients of at most `CONNECTIONS_PER_CLIENT`, because the httpx
+  pool scans every connection on each request and response (~0.7 ms per request at 64);
 - requests sent with the client's documented `post()` and the JSON read directly: the typed
-  `chat.completions.create` spends ~2 ms of CPU per request transforming the messages and
-  building pydantic models (measured: 4.7 -> 2.5 ms per request), which on a small machine
-  caps throughput well below what the endpoint can serve. Retries, timeouts and errors are
-  the same code path either way;
+  `chat.completions.create` spends ~2 ms more per request transforming the messages and
+  building pydantic models, which on a small machine caps throughput below what the
+  endpoint can serve. Retries, timeouts and status errors take the same code path;
 - a count of the HTTP attempts each judgement took (a request hook, so failures report it
   too), and the mapping of every failure to a status and a one-line reason.
 

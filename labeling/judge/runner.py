@@ -136,7 +136,7 @@ def run_judge(engine: Engine, backend: JudgeBackend, config: JudgeRunConfig = Ju
     plan, stats = _prepare(engine, backend, config), _Stats()
     started = time.monotonic()
     try:
-        asyncio.run(_execute(engine, backend, config, plan, stats))
+        asyncio.run(_execute(engine, backend, config, plan, stats, handle_sigterm=True))
     except (KeyboardInterrupt, asyncio.CancelledError):  # Ctrl-C, or SIGTERM (cancels the main task)
         pass  # the run is stored as aborted; the summary says so
     return _summarize(engine, plan, stats, time.monotonic() - started)
@@ -145,10 +145,11 @@ def run_judge(engine: Engine, backend: JudgeBackend, config: JudgeRunConfig = Ju
 async def judge_comparisons(
     engine: Engine, backend: JudgeBackend, config: JudgeRunConfig = JudgeRunConfig()
 ) -> JudgeRunSummary:
-    """`run_judge` for callers already inside an event loop (cancellation aborts the run)."""
+    """`run_judge` for callers already inside an event loop: cancelling it aborts the run (the
+    caller's own signal handling is left alone)."""
     plan, stats = await asyncio.to_thread(_prepare, engine, backend, config), _Stats()
     started = time.monotonic()
-    await _execute(engine, backend, config, plan, stats)
+    await _execute(engine, backend, config, plan, stats, handle_sigterm=False)
     return _summarize(engine, plan, stats, time.monotonic() - started)
 
 
@@ -170,7 +171,8 @@ def _prepare(engine: Engine, backend: JudgeBackend, config: JudgeRunConfig) -> _
 class _Stats:
     attempts: int = 0
     doubts: int = 0
-    tokens: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
     failures: Counter = field(default_factory=Counter)  # call status -> count
     outcomes: Counter = field(default_factory=Counter)  # decided / inconsistent / failed comparisons
 
@@ -278,7 +280,9 @@ def _progress(config: JudgeRunConfig, total: int):
     return progress, task
 
 
-async def _execute(engine: Engine, backend: JudgeBackend, config: JudgeRunConfig, plan: _Plan, stats: _Stats) -> None:
+async def _execute(
+    engine: Engine, backend: JudgeBackend, config: JudgeRunConfig, plan: _Plan, stats: _Stats, *, handle_sigterm: bool
+) -> None:
     template = get_template(config.template)
     concurrency = config.concurrency or backend.preferred_concurrency
     limiter = RateLimiter(config.rpm, config.tpm)
@@ -308,13 +312,15 @@ async def _execute(engine: Engine, backend: JudgeBackend, config: JudgeRunConfig
         except JudgeCallError as error:
             limiter.settle(estimate, error.prompt_tokens + error.completion_tokens)
             stats.attempts += error.attempts
-            stats.tokens += error.prompt_tokens + error.completion_tokens
+            stats.prompt_tokens += error.prompt_tokens
+            stats.completion_tokens += error.completion_tokens
             return CallRecord(**base, status=error.status, raw_text=error.raw_text, error=error.reason,
                               attempts=error.attempts, prompt_tokens=error.prompt_tokens,
                               completion_tokens=error.completion_tokens)
         limiter.settle(estimate, reply.prompt_tokens + reply.completion_tokens)
         stats.attempts += reply.attempts
-        stats.tokens += reply.prompt_tokens + reply.completion_tokens
+        stats.prompt_tokens += reply.prompt_tokens
+        stats.completion_tokens += reply.completion_tokens
         usage = {"attempts": reply.attempts, "prompt_tokens": reply.prompt_tokens,
                  "completion_tokens": reply.completion_tokens, "raw_text": reply.text}
         try:
@@ -352,11 +358,11 @@ async def _execute(engine: Engine, backend: JudgeBackend, config: JudgeRunConfig
                 finish(pair.comparison_id, calls)
             if writer.error is not None:
                 raise writer.error
-            progress.update(task, advance=1, status=_status_line(stats))
+            progress.update(task, advance=1, status=_status_line(stats, config))
 
     loop = asyncio.get_running_loop()
     main = asyncio.current_task()
-    sigterm = _on_sigterm(loop, main.cancel if main else None)
+    sigterm = handle_sigterm and _on_sigterm(loop, main.cancel if main else None)
     status = RunStatus.failed
     progress.start()
     try:
@@ -404,6 +410,11 @@ def _on_sigterm(loop: asyncio.AbstractEventLoop, cancel) -> bool:
     return True
 
 
-def _status_line(stats: _Stats) -> str:
+def _status_line(stats: _Stats, config: JudgeRunConfig) -> str:
     o = stats.outcomes
-    return f"decided {o['decided']} (inconsistent {o['inconsistent']})  failed {o['failed']}  tokens {stats.tokens}"
+    line = f"decided {o['decided']} (inconsistent {o['inconsistent']})  failed {o['failed']}"
+    line += f"  tokens {stats.prompt_tokens + stats.completion_tokens}"
+    if config.price_prompt is not None or config.price_completion is not None:
+        cost = stats.prompt_tokens * (config.price_prompt or 0) + stats.completion_tokens * (config.price_completion or 0)
+        line += f"  cost {cost / 1e6:.4f}"
+    return line
