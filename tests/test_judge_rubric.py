@@ -88,3 +88,14 @@ def test_judge_votes_feed_the_judge_vs_human_report(engine):
     assert judge.judge == "judge:rubric:shorter@rule"
     assert (judge.n_comparisons, judge.n_pairs) == (3, 3)
     assert judge.percent_agreement == pytest.approx(2 / 3)
+
+
+def test_async_api_inside_a_running_loop(sqlite_engine):
+    import asyncio
+
+    from labeling.judge import judge_comparisons
+
+    ids = add_pairs(sqlite_engine, [("short", "longer one")])
+    summary = asyncio.run(judge_comparisons(sqlite_engine, RubricJudge("shorter"), QUIET))
+    assert summary.status == "done" and summary.decided == 1
+    assert votes_by_comparison(sqlite_engine)[ids[0]].choice == Choice.a
