@@ -17,6 +17,8 @@ Adapters:
     model = apply_adapter(model, cfg)   # targets from find_targets(model) / target_modules_for(model)
     save_adapter(model, out_dir)        # then ModelSpec(adapter_path=out_dir) loads it back
     model = load_adapter(model, out_dir)
+    keep_4bit_trainable(model)          # done by apply_adapter; needed if a 4-bit CPU model
+                                        # generated before training without apply_adapter
 
 Several adapters on one base, switched per request:
     pool = PolicyPool.load(spec, {"dpo-3": "runs/3/adapter"}); with pool.use("dpo-3") as m: ...
