@@ -178,7 +178,7 @@ def run_training(request: TrainRequest, *, engine: Engine, progress: bool = True
     if not state.is_main_process:
         # Under `accelerate launch`, rank 0 exports, snapshots and records the run; the others
         # train on the very rows it saved.
-        run_id, output_dir = _from_main(None)
+        run_id, output_dir = _from_main()
         return _execute(method, run_id, spec, adapter, settings, options, Path(output_dir),
                         lambda: _saved_data(Path(output_dir)), engine=engine, progress=progress,
                         callbacks=callbacks, checkpoint=None, main=False)
@@ -258,7 +258,7 @@ def _to_followers(state, **message) -> None:
         broadcast_object_list([message])
 
 
-def _from_main(_) -> tuple[int, str]:
+def _from_main() -> tuple[int, str]:
     from accelerate.utils import broadcast_object_list
 
     [message] = broadcast_object_list([None])
@@ -385,7 +385,11 @@ def _train(method, run_id, spec, adapter, settings, dataset, output_dir, notes, 
     from alignment.models import apply_adapter, context_length, is_quantized, load_model, save_adapter
     from alignment.models.adapters import find_targets
 
+    from transformers import set_seed
+
     trainer_settings = dict(settings["trainer"])
+    # The run's seed before anything random: a new reward head, LoRA's A matrices.
+    set_seed(int(trainer_settings.get("seed", 42)))
     model, tokenizer = load_model(spec, head=method.head)
     if method.head == "causal_lm" and not (hasattr(model, "can_generate") and model.can_generate()):
         raise TrainingError(f"{spec.model} is not a generative (causal) language model: {method.name} needs one")
