@@ -74,6 +74,8 @@ def test_method_trains_and_records_the_run(method, store, model_dir, tmp_path):
     with session_scope(store) as session:
         policies = session.exec(select(PolicyVersion).where(PolicyVersion.training_run_id == run.id)).all()
         if method == "reward":
+            # the score head is trained in full and saved with the adapter (modules_to_save)
+            assert any(name.endswith("score.weight") for name in tensors)
             assert policies == []  # a reward model is not a policy: its path is the run's output
             assert 0.0 <= run.metrics["eval_accuracy"] <= 1.0 and run.metrics["eval_pairs"] >= 1
             assert (Path(result.output_path) / "prefloop_run.json").is_file()
@@ -123,7 +125,9 @@ def test_other_adapters_train(adapter, store, model_dir, tmp_path):
 
 
 def test_quantized_4bit_lora_trains_on_cpu(store, model_dir, tmp_path):
-    result = train(store, "dpo", model_dir, tmp_path, model={"quantize": "4bit"}, trainer={"max_steps": 2})
+    """QLoRA as the seed does it (4-bit base, gradient checkpointing), on CPU."""
+    result = train(store, "dpo", model_dir, tmp_path, model={"quantize": "4bit"},
+                   trainer={"max_steps": 2, "gradient_checkpointing": True})
     lora_b = [t for name, t in adapter_tensors(result.output_path).items() if "lora_B" in name]
     assert lora_b and all(t.abs().sum() > 0 for t in lora_b)
     assert all(t.dtype == torch.float32 for t in lora_b)  # not left in TRL's bf16 cast
@@ -213,3 +217,31 @@ def test_encoder_reward_model_and_scoring(store, tmp_path):
     batch = scorer.score_batch(["what is the capital", "explain"], ["good yes", "bad no"])
     assert batch[0] == pytest.approx(scorer.score("what is the capital", "good yes"), abs=1e-5)
     assert score("explain", "bad no", model_path=result.output_path) == pytest.approx(batch[1], abs=1e-5)
+
+
+@pytest.mark.parametrize("loss_type", ["hinge", "robust"])
+def test_dpo_loss_types(loss_type, store, model_dir, tmp_path):
+    result = train(store, "dpo", model_dir, tmp_path, trainer={"max_steps": 1},
+                   dpo={"loss_type": [loss_type], "beta": 0.5, "label_smoothing": 0.1})
+    config = get_run(store, result.run_id).config["trainer"]
+    assert config["loss_type"] == [loss_type] and config["beta"] == 0.5
+
+
+def test_out_of_memory_fails_the_run_with_advice(store, model_dir, tmp_path):
+    from transformers import TrainerCallback
+
+    class Exhaust(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    request = TrainRequest("reward", model=model_dir, overrides=[{"trainer": FAST, "run": {"runs_dir": str(tmp_path)}}])
+    with pytest.raises(TrainingError, match="out of memory: lower trainer.per_device_train_batch_size"):
+        run_training(request, engine=store, progress=False, callbacks=[Exhaust()])
+    run = get_run(store, 1)
+    assert run.status == RunStatus.failed and run.error.startswith("out of memory")
+
+
+def test_tensorboard_reporting(store, model_dir, tmp_path):
+    result = train(store, "sft", model_dir, tmp_path, trainer={"max_steps": 1, "report_to": "tensorboard"})
+    output_dir = Path(result.output_path).parent
+    assert list(output_dir.rglob("events.out.tfevents.*"))
