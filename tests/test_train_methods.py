@@ -245,3 +245,18 @@ def test_tensorboard_reporting(store, model_dir, tmp_path):
     result = train(store, "sft", model_dir, tmp_path, trainer={"max_steps": 1, "report_to": "tensorboard"})
     output_dir = Path(result.output_path).parent
     assert list(output_dir.rglob("events.out.tfevents.*"))
+
+
+def test_sft_from_a_parquet_file_like_the_seed(store, model_dir, tmp_path):
+    """The seed's example: instruction tuning on a parquet file with a `text` column."""
+    from datasets import Dataset
+
+    path = tmp_path / "train.parquet"
+    Dataset.from_dict({"text": [f"<|user|> explain the {w} </s> <|assistant|> the answer is {w} </s>"
+                                for w in ("capital", "model", "question", "answer", "poem", "list")]}).to_parquet(path)
+    result = train(store, "sft", model_dir, tmp_path, trainer={"max_steps": 2}, run={"data": str(path)})
+    run = get_run(store, result.run_id)
+    assert run.status == RunStatus.done and run.config["data"] == f"file:{path}"
+    assert run.snapshot_ids == {"comparison_ids": [], "response_ids": []} and len(run.snapshot_hash) == 64
+    with pytest.raises(TrainingError, match="dpo needs columns prompt/chosen/rejected or chosen/rejected"):
+        train(store, "dpo", model_dir, tmp_path, run={"data": str(path)})
