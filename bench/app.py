@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import statistics
 import sys
@@ -26,7 +27,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
+import aiohttp
 from rich.progress import Progress
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -56,35 +57,50 @@ class Annotator:
     errors: list[str] = field(default_factory=list)
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
 
 
 class PageSession:
-    """One browser tab's traffic: events join the queue and complete on the session's stream."""
+    """One browser tab's traffic: events join the queue and complete on the session's stream.
 
-    def __init__(self, client: httpx.AsyncClient, session_hash: str) -> None:
+    aiohttp rather than httpx: the simulated annotators share the 2 cores with the server
+    under test, and aiohttp costs them about a third of the CPU per request."""
+
+    def __init__(self, client: aiohttp.ClientSession, session_hash: str) -> None:
         self.client = client
         self.session_hash = session_hash
         self.endpoints: dict = {}
 
     async def start(self, name: str) -> bool:
-        login = await self.client.post("/login", data={"username": name, "password": PASSWORD})
-        config = await self.client.get("/config")
-        self.endpoints = endpoint_table(config.json()) if config.status_code == 200 else {}
-        return login.status_code == 200 and bool(self.endpoints)
+        async with self.client.post("/login", data={"username": name, "password": PASSWORD}) as login:
+            signed_in = login.status == 200
+        async with self.client.get("/config") as config:
+            self.endpoints = endpoint_table(await config.json()) if config.status == 200 else {}
+        return signed_in and bool(self.endpoints)
+
+    async def _join(self, body: dict):
+        async with self.client.post("/gradio_api/queue/join", json=body) as response:
+            return response.status, await response.text()
 
     async def events(self, api_name: str, *data, copies: int = 1) -> list[tuple[str, object]]:
         """Send the same event `copies` times at once (2 = a double click); their results, in order."""
         body = page_event_body(self.endpoints[api_name], data, self.session_hash)
-        joined = await asyncio.gather(*(self.client.post("/gradio_api/queue/join", json=body) for _ in range(copies)))
-        if any(response.status_code != 200 for response in joined):
-            return [("http_error", f"{response.status_code} {response.text[:200]}") for response in joined]
-        ids = [response.json()["event_id"] for response in joined]
+        joined = await asyncio.gather(*(self._join(body) for _ in range(copies)))
+        if any(status != 200 for status, _ in joined):
+            return [("http_error", f"{status} {text[:200]}") for status, text in joined]
+        ids = [json.loads(text)["event_id"] for _, text in joined]
         results: dict = {}
-        async with self.client.stream("GET", "/gradio_api/queue/data", params={"session_hash": self.session_hash}) as stream:
-            async for line in stream.aiter_lines():
+        async with self.client.get("/gradio_api/queue/data", params={"session_hash": self.session_hash}) as stream:
+            async for raw in stream.content:
+                line = raw.decode().strip()
                 if not line.startswith("data: "):
                     continue
                 message = json.loads(line[6:])
@@ -97,7 +113,8 @@ class PageSession:
 
 async def annotate(url: str, who: Annotator, votes: int, think_s: float, double_rate: float, rng: random.Random,
                    progress) -> None:
-    async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+    timeout = aiohttp.ClientTimeout(total=60)
+    async with aiohttp.ClientSession(base_url=url, timeout=timeout, cookie_jar=aiohttp.CookieJar(unsafe=True)) as client:
         page = PageSession(client, f"bench-{who.name}")
         if not await page.start(who.name):
             who.errors.append("could not sign in")
@@ -185,13 +202,16 @@ def main() -> int:
 
             async def run_all() -> float:
                 started = time.perf_counter()
+                cpu_before[:] = [cpu_seconds(server.process.pid), time.process_time()]
                 await asyncio.gather(*(
                     annotate(server.url, who, args.votes, args.think_ms / 1000, args.double_rate,
                              random.Random(args.seed * 1000 + i), lambda: bar.advance(task))
                     for i, who in enumerate(annotators)
                 ))
+                cpu_after[:] = [cpu_seconds(server.process.pid), time.process_time()]
                 return time.perf_counter() - started
 
+            cpu_before, cpu_after = [], []
             wall = asyncio.run(run_all())
     finally:
         server.stop()
@@ -209,6 +229,10 @@ def main() -> int:
     bare_p50, bare_p95 = statistics.median(bare), percentile(bare, 95)
     print(f"\n{len(acknowledged)} votes acknowledged in {wall:.1f} s ({len(acknowledged) / wall:.1f}/s), "
           f"{len(stored)} stored; {len(errors)} refused or failed submissions")
+    server_cpu, client_cpu = (after - before for after, before in zip(cpu_after, cpu_before))
+    print(f"CPU per acknowledged vote: server {server_cpu / max(1, len(acknowledged)) * 1000:.1f} ms, "
+          f"simulated clients {client_cpu / max(1, len(acknowledged)) * 1000:.1f} ms "
+          f"(load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)")
     for error in errors[:5]:
         print("  ", error)
     print(f"{'':24}{'p50 ms':>10}{'p95 ms':>10}")

@@ -214,7 +214,10 @@ def submit(state, desk: Desk | None, caller: Caller, side: str, key: str, streng
                 _assign(state, desk, caller, session)
             message = "That pair is no longer on your screen, so nothing was saved. Here is your current pair."
             return desk, _screen(state, desk, caller, session, status_html(message, Tone.warn))
+    progress_before = desk.progress.value
     try:
+        # One transaction: the vote, an edit if any, and the next reservation. If any part
+        # fails nothing is kept, and Retry (same key) does it all again.
         with state.session() as session:
             record_vote(
                 slot.comparison_id,
@@ -229,12 +232,18 @@ def submit(state, desk: Desk | None, caller: Caller, side: str, key: str, streng
             )
             if edit_text and edit_text.strip():
                 _store_edit(session, slot, side, caller, edit_text, key)
+            desk.slot = None
+            _assign(state, desk, caller, session)
+            desk.progress.add_vote()
+            screen = _screen(state, desk, caller, session, status_html("Saved ✓", Tone.ok), clear_inputs=True)
     except (VoteError, EditError) as error:
         # Nothing was written: the pair stays on screen with the inputs as they were.
+        desk.slot, desk.progress.value = slot, progress_before
         return desk, PairScreen(status_html(f"Not saved: {error}.", Tone.error))
     except SQLAlchemyError as error:
         # The database is unreachable or busy past its timeout: keep the screen and the key,
         # without touching the database again, and offer Retry.
+        desk.slot, desk.progress.value = slot, progress_before
         desk.failed_side = side
         reason = type(getattr(error, "orig", None) or error).__name__
         message = f"Save failed ({reason}). Your answer is NOT recorded yet: press Retry."
@@ -243,11 +252,7 @@ def submit(state, desk: Desk | None, caller: Caller, side: str, key: str, streng
     while len(desk.saved_keys) > SAVED_KEYS_KEPT:
         desk.saved_keys.popitem(last=False)
     desk.failed_side = None
-    desk.slot = None
-    desk.progress.add_vote()
-    with state.session() as session:
-        _assign(state, desk, caller, session)
-        return desk, _screen(state, desk, caller, session, status_html("Saved ✓", Tone.ok), clear_inputs=True)
+    return desk, screen
 
 
 def retry(state, desk: Desk | None, caller: Caller, key: str, strength: str | None = None,

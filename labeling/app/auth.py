@@ -139,17 +139,27 @@ class AccessDenied(Exception):
 
 
 def caller_for(state, username: str | None) -> Caller:
-    """The signed-in rater: the --single-user account, or the name Gradio's login put on the request."""
-    with state.session() as session:
-        if state.local_rater_id is not None:
-            rater = session.get(Rater, state.local_rater_id)
-        elif username:
-            rater = get_rater(username, session=session)
-        else:
-            raise AccessDenied("not signed in")
-        if rater is None or rater.kind != RaterKind.human or not rater.active:
-            raise AccessDenied("this account is unknown or deactivated")
-        return Caller(id=rater.id, name=rater.name, role=Role(rater.role or Role.annotator))
+    """The signed-in rater: the --single-user account, or the name Gradio's login put on the request.
+
+    The account row is re-read at most every `identity_cache_s` seconds per user, so a vote
+    costs one transaction rather than two.
+    """
+    if state.local_rater_id is None and not username:
+        raise AccessDenied("not signed in")
+    cache_key = username if state.local_rater_id is None else None
+    cached = state.callers.get(cache_key)
+    if cached is not None and time.monotonic() - cached[1] < state.config.identity_cache_s:
+        caller = cached[0]
+    else:
+        with state.session() as session:
+            rater = (session.get(Rater, state.local_rater_id) if state.local_rater_id is not None
+                     else get_rater(username, session=session))
+            usable = rater is not None and rater.kind == RaterKind.human and rater.active
+            caller = Caller(id=rater.id, name=rater.name, role=Role(rater.role or Role.annotator)) if usable else None
+        state.callers[cache_key] = (caller, time.monotonic())
+    if caller is None:
+        raise AccessDenied("this account is unknown or deactivated")
+    return caller
 
 
 def admin_for(state, username: str | None) -> Caller:

@@ -56,7 +56,8 @@ def build_app(state: AppState) -> gr.Blocks:
         single_tab.select(fn, inputs, outputs, api_name="open_single", **options)
         dashboard_tab.select(*dashboard["refresh"], api_visibility="private")
     # api_open=False: every event goes through the queue (and its concurrency limit), none around it.
-    blocks.queue(api_open=False, default_concurrency_limit=state.config.concurrency_limit)
+    # status_update_rate: events take milliseconds, so no queue-position estimates are broadcast.
+    blocks.queue(api_open=False, default_concurrency_limit=state.config.concurrency_limit, status_update_rate=3600)
     _skip_queue_analytics(blocks)
     return blocks
 
