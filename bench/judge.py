@@ -52,12 +52,12 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def http_phase(engine, name: str, args, server_args: list[str]) -> dict:
+def http_phase(engine, name: str, args, server_args: list[str], limit: int | None = None) -> dict:
     process, url = start_server("--latency", str(args.latency), *server_args)
     try:
         backend = OpenAIJudge(OpenAIJudgeConfig(model=name, base_url=url, max_connections=args.concurrency, max_attempts=6))
         server_cpu, client_cpu = cpu_seconds(process.pid), time.process_time()
-        summary = run_judge(engine, backend, JudgeRunConfig(concurrency=args.concurrency, progress=False))
+        summary = run_judge(engine, backend, JudgeRunConfig(concurrency=args.concurrency, limit=limit, progress=False))
         client_cpu, server_cpu = time.process_time() - client_cpu, cpu_seconds(process.pid) - server_cpu
     finally:
         process.terminate()
@@ -73,8 +73,8 @@ def main() -> None:
     parser.add_argument("--comparisons", type=int, default=1000, help="comparisons (2 judgements each)")
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--latency", type=float, default=0.2)
-    parser.add_argument("--local-requests", type=int, default=32, help="judgements in each local measurement")
-    parser.add_argument("--local-new-tokens", type=int, default=48, help="generate mode: new tokens per judgement")
+    parser.add_argument("--local-requests", type=int, default=16, help="judgements in the batched local measurement (up to 16 per batch)")
+    parser.add_argument("--local-new-tokens", type=int, default=32, help="generate mode: new tokens per judgement")
     parser.add_argument("--skip-local", action="store_true")
     args = parser.parse_args()
 
@@ -88,7 +88,7 @@ def main() -> None:
         engine = engine_for(url)
         add_pairs(engine, [(f"answer {i} GOOD", f"answer {i} plain") for i in range(args.comparisons)])
         # A short warm-up (connections, first-call costs) under another judge name.
-        http_phase(engine, "warmup", argparse.Namespace(**{**vars(args)}), [])
+        http_phase(engine, "warmup", args, [], limit=2 * args.concurrency)
         clean = http_phase(engine, "bench-clean", args, [])
         faults = http_phase(engine, "bench-faults", args, ["--rate-429", "0.1", "--retry-after", "0.2"])
         load_after = os.getloadavg()[0]
@@ -142,13 +142,15 @@ def local_phase(engine, args) -> dict:
 
     model, tokenizer, label = load_local_model()
     n = args.local_requests // 2  # comparisons: two judgements each
+    # One at a time is slow: a quarter as many judgements measure its rate as well.
+    sizes = {1: max(1, n // 4), 16: n}
     results = {"label": label, "threads": torch.get_num_threads()}
     for mode, template, extra in (("choice", "pairwise-verdict-v1", {}), ("generate", "pairwise-v1", {"max_new_tokens": args.local_new_tokens})):
         rates = {}
         for batch in (1, 16):
             config = LocalJudgeConfig(mode=mode, batch_size=batch, **extra)
             backend = LocalJudge(model, tokenizer, config, model_id=f"bench-{mode}-{batch}")
-            run = JudgeRunConfig(template=template, limit=n, concurrency=2 * batch, progress=False)
+            run = JudgeRunConfig(template=template, limit=sizes[batch], concurrency=2 * batch, progress=False)
             summary = run_judge(engine, backend, run)
             rates[batch] = summary.requests / summary.elapsed_s
             results[f"{mode}-largest-batch"] = max(backend.batches)
@@ -157,9 +159,9 @@ def local_phase(engine, args) -> dict:
 
 
 def print_local(local: dict, args) -> None:
-    print(f"\nLocal judge: {local['label']}, {args.local_requests} judgements per measurement, "
-          f"torch threads {local['threads']}")
-    print(f"{'judgements/s':34}{'1 at a time':>12}{'batch 16':>10}{'speedup':>9}{'largest batch':>15}")
+    print(f"\nLocal judge: {local['label']}, {args.local_requests} judgements batched "
+          f"({max(1, args.local_requests // 8) * 2} one at a time), torch threads {local['threads']}")
+    print(f"{'judgements/s':34}{'1 at a time':>12}{'batched':>10}{'speedup':>9}{'largest batch':>15}")
     for mode, what in (("choice", "choice (1 forward pass, verdict)"),
                        ("generate", f"generate ({args.local_new_tokens} tokens, explain)")):
         one, batched = local[mode]
