@@ -13,7 +13,7 @@ from matplotlib.figure import Figure
 from sqlmodel import select
 
 from feedback_store.db import engine_for, session_scope
-from feedback_store.models import Prompt, Role, RunMetric, TrainingRun
+from feedback_store.models import Prompt, Role, RunMetric, TrainingRun, Vote
 from feedback_store.queue import target_overlap
 from feedback_store.raters import get_or_create_judge, get_rater
 from feedback_store.votes import record_vote
@@ -185,3 +185,23 @@ def test_serve_refuses_to_start_with_nobody_able_to_sign_in(sqlite_url):
     result = _cli("serve", "--port", "1", db=sqlite_url)
     assert result.returncode == 2 and "--single-user" in result.stderr
     assert time.monotonic() - started < 60
+
+
+def test_single_user_mode_needs_no_sign_in(sqlite_url, tmp_path):
+    from labeling.app.server import BackgroundServer
+    from tests.app_support import AppClient
+
+    seed_pairs(engine_for(sqlite_url), 1)
+    state = AppState.create(AppConfig(db_url=sqlite_url, single_user="local", job_dir=tmp_path))
+    with BackgroundServer(state) as url:
+        client = AppClient(url)
+        event, outputs = client.call("whoami")
+        assert event == "complete" and "Signed in as <b>local</b> (admin)" in outputs[0]
+        event, outputs = client.call("open_pairs")
+        event, outputs = client.call("vote_tie", outputs[2], None, "", "")
+        assert event == "complete" and "Saved" in outputs[4]
+        client.close()
+    with session_scope(engine_for(sqlite_url)) as session:
+        local = get_rater("local", session=session)
+        assert local.role == Role.admin and local.password_hash is None
+        assert [v.rater_id for v in session.exec(select(Vote)).all()] == [local.id]

@@ -17,7 +17,7 @@ from tests.app_support import PASSWORD, REPO, AppClient, migrated_sqlite, seed_p
 
 pytestmark = pytest.mark.browser
 CHROMIUM = "/usr/bin/chromium"
-ANNOTATORS = ["bob", "carol", "dave", "eve", "frank", "gina"]
+ANNOTATORS = ["bob", "carol", "dave", "eve", "frank", "gina", "hank"]
 
 
 @pytest.fixture(scope="module")
@@ -146,6 +146,30 @@ def test_double_click_and_key_repeat_record_once(app, page):
     wait_for_key(page, key)
     page.wait_for_timeout(800)
     assert len(votes_of(app, "dave")) == 2
+
+
+def test_an_empty_queue_shows_a_message_and_a_way_back(app, page, tmp_path):
+    sign_in(page, app["url"], "hank")
+    assert page.is_hidden("#pf-again") and page.is_hidden("#pf-retry") and page.is_visible("#pf-vote-left")
+    key = current_key(page)
+    for _ in range(8):  # skip every pair, with the keyboard
+        page.keyboard.press("s")
+        page.wait_for_function("old => document.querySelector('#pf-key textarea, #pf-key input').value !== old",
+                               arg=key)
+        key = current_key(page)
+    assert key == ""
+    assert "Nothing left to rank" in page.inner_text("#pf-screen")
+    assert page.is_visible("#pf-again") and page.is_hidden("#pf-vote-left") and page.is_hidden("#pf-skip")
+    page.screenshot(path=str(tmp_path / "empty.png"), full_page=True)
+    shutil.copy(tmp_path / "empty.png", REPO / "test-output" / "empty.png")
+    page.click("#pf-again")
+    wait_for_key(page, "")
+    assert page.is_visible("#pf-vote-left") and page.is_hidden("#pf-again")
+    # A failed save puts Retry next to its message (the stylesheet keys on the status markup).
+    page.evaluate("document.querySelector('#pf-status').insertAdjacentHTML('beforeend',"
+                  " '<div class=\"pf-status pf-error pf-failed\">Save failed</div>')")
+    assert page.is_visible("#pf-retry")
+    assert votes_of(app, "hank") == []
 
 
 def test_single_response_mode_with_keyboard(app, page):

@@ -235,3 +235,22 @@ def test_auth_callable_checks_passwords_and_locks_out(state):
         asyncio.run(auth("bob", PASSWORD))  # even the right password waits out the lockout
     assert locked.value.status_code == 429
     assert asyncio.run(auth("carol", PASSWORD)) is True
+
+
+def test_account_changes_apply_once_the_identity_cache_expires(sqlite_url, tmp_path):
+    engine = engine_for(sqlite_url)
+    seed_users(engine, ["bob"])
+    state = AppState.create(AppConfig(db_url=sqlite_url, job_dir=tmp_path, identity_cache_s=0.2), engine=engine)
+    assert caller_for(state, "bob").role == Role.annotator
+    with session_scope(engine) as session:
+        get_rater("bob", session=session).role = Role.admin
+    assert caller_for(state, "bob").role == Role.annotator  # still the cached account
+    import time
+
+    time.sleep(0.25)
+    assert caller_for(state, "bob").is_admin
+    with session_scope(engine) as session:
+        get_rater("bob", session=session).active = False
+    time.sleep(0.25)
+    with pytest.raises(AccessDenied):
+        caller_for(state, "bob")

@@ -19,7 +19,7 @@ from labeling.app.annotate import build_annotate_tab
 from labeling.app.auth import AccessDenied, ClientAddressMiddleware, caller_for, make_auth
 from labeling.app.dashboard import build_dashboard_tab
 from labeling.app.single import build_single_tab
-from labeling.app.state import AppState
+from labeling.app.state import AppConfig, AppState
 
 def build_app(state: AppState) -> gr.Blocks:
     with gr.Blocks(title=state.config.title, analytics_enabled=False) as blocks:
@@ -83,10 +83,15 @@ def make_asgi_app(state: AppState) -> FastAPI:
         blocks,
         path="",
         auth=None if state.config.single_user else make_auth(state),
-        auth_message="Sign in with your prefloop account (ask an admin: `prefloop users add NAME`).",
+        auth_message=(
+            "Sign in with your prefloop account (an admin creates it: `prefloop users add NAME`). "
+            f"After {state.config.max_failed_logins} failed attempts, sign-in for that account from this "
+            f"address pauses for {state.config.lockout_window_s / 60:.0f} minutes."
+        ),
         ssr_mode=False,
         show_error=True,
         footer_links=[],
+        max_file_size="500mb",  # uploads (prompt files) need a login, but bound them anyway
         run_history=False,
         mcp_server=False,
         enable_monitoring=False,
@@ -104,6 +109,17 @@ def serve(state: AppState, *, host: str = "127.0.0.1", port: int = 7860, log_lev
         uvicorn.run(make_asgi_app(state), host=host, port=port, log_level=log_level, timeout_graceful_shutdown=3)
     finally:
         state.jobs.stop_all()
+
+
+def launch(config: AppConfig, *, host: str = "127.0.0.1", port: int = 7860) -> None:
+    """Start the app on an existing, migrated store and block until interrupted.
+
+    For `prefloop demo`: `launch(AppConfig(db_url=url, single_user="demo"))` opens the app
+    with no sign-in, as the admin "demo" (created if missing).
+    """
+    state = AppState.create(config)
+    print(f"prefloop app on http://{host}:{port}", flush=True)
+    serve(state, host=host, port=port)
 
 
 class BackgroundServer:
