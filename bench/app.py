@@ -41,7 +41,14 @@ from feedback_store.queue import next_comparison_for  # noqa: E402
 from feedback_store.raters import get_rater  # noqa: E402
 from feedback_store.votes import record_vote  # noqa: E402
 from tests.app_support import (  # noqa: E402
-    PASSWORD, completion, endpoint_table, migrated_sqlite, page_event_body, seed_pairs, seed_users, start_serve,
+    PASSWORD,
+    completion,
+    endpoint_table,
+    migrated_sqlite,
+    page_event_body,
+    seed_pairs,
+    seed_users,
+    start_serve,
 )
 
 GOAL_P95_MS = 150.0
@@ -80,7 +87,9 @@ class PageSession:
         self.endpoints: dict = {}
 
     async def start(self, name: str) -> bool:
-        async with self.client.post("/login", data={"username": name, "password": PASSWORD}) as login:
+        async with self.client.post(
+            "/login", data={"username": name, "password": PASSWORD}
+        ) as login:
             signed_in = login.status == 200
         async with self.client.get("/config") as config:
             self.endpoints = endpoint_table(await config.json()) if config.status == 200 else {}
@@ -98,7 +107,9 @@ class PageSession:
             return [("http_error", f"{status} {text[:200]}") for status, text in joined]
         ids = [json.loads(text)["event_id"] for _, text in joined]
         results: dict = {}
-        async with self.client.get("/gradio_api/queue/data", params={"session_hash": self.session_hash}) as stream:
+        async with self.client.get(
+            "/gradio_api/queue/data", params={"session_hash": self.session_hash}
+        ) as stream:
             async for raw in stream.content:
                 line = raw.decode().strip()
                 if not line.startswith("data: "):
@@ -111,10 +122,19 @@ class PageSession:
         return [results.get(event_id, ("none", None)) for event_id in ids]
 
 
-async def annotate(url: str, who: Annotator, votes: int, think_s: float, double_rate: float, rng: random.Random,
-                   progress) -> None:
+async def annotate(
+    url: str,
+    who: Annotator,
+    votes: int,
+    think_s: float,
+    double_rate: float,
+    rng: random.Random,
+    progress,
+) -> None:
     timeout = aiohttp.ClientTimeout(total=60)
-    async with aiohttp.ClientSession(base_url=url, timeout=timeout, cookie_jar=aiohttp.CookieJar(unsafe=True)) as client:
+    async with aiohttp.ClientSession(
+        base_url=url, timeout=timeout, cookie_jar=aiohttp.CookieJar(unsafe=True)
+    ) as client:
         page = PageSession(client, f"bench-{who.name}")
         if not await page.start(who.name):
             who.errors.append("could not sign in")
@@ -127,7 +147,9 @@ async def annotate(url: str, who: Annotator, votes: int, think_s: float, double_
             await asyncio.sleep(rng.uniform(0, 2 * think_s))
             copies = 2 if rng.random() < double_rate else 1
             started = time.perf_counter()
-            results = await page.events(f"vote_{rng.choice(SIDES)}", key, None, "", "", copies=copies)
+            results = await page.events(
+                f"vote_{rng.choice(SIDES)}", key, None, "", "", copies=copies
+            )
             elapsed_ms = (time.perf_counter() - started) * 1000
             saved = [r for r in results if r[0] == "complete" and "Saved" in r[1][STATUS]]
             if len(saved) != 1:
@@ -156,8 +178,14 @@ def bare_record_vote(url: str, users: list[str], votes: int) -> list[float]:
                 comparison_id, left = assignment.comparison_id, assignment.left_response_id
             started = time.perf_counter()
             with session_scope(engine) as session:
-                record_vote(comparison_id, rater_id, rng.choice(("a", "b", "tie", "both_bad")), session=session,
-                            left_response_id=left, idempotency_key=f"bare-{rater_id}-{comparison_id}")
+                record_vote(
+                    comparison_id,
+                    rater_id,
+                    rng.choice(("a", "b", "tie", "both_bad")),
+                    session=session,
+                    left_response_id=left,
+                    idempotency_key=f"bare-{rater_id}-{comparison_id}",
+                )
             timings.append((time.perf_counter() - started) * 1000)
     return timings
 
@@ -171,12 +199,20 @@ def seed(url: str, users: list[str], pairs: int, overlap: int) -> None:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--annotators", type=int, default=50)
     parser.add_argument("--votes", type=int, default=40, help="votes per annotator")
-    parser.add_argument("--think-ms", type=float, default=1000.0,
-                        help="mean pause between an annotator's votes (uniform 0..2x); 0 = closed loop")
-    parser.add_argument("--double-rate", type=float, default=0.05, help="share of submissions sent twice at once")
+    parser.add_argument(
+        "--think-ms",
+        type=float,
+        default=1000.0,
+        help="mean pause between an annotator's votes (uniform 0..2x); 0 = closed loop",
+    )
+    parser.add_argument(
+        "--double-rate", type=float, default=0.05, help="share of submissions sent twice at once"
+    )
     parser.add_argument("--overlap", type=int, default=5, help="target human votes per pair")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -185,8 +221,10 @@ def main() -> int:
     total = args.annotators * args.votes
     pairs = total // args.overlap + args.votes * 2  # room to spare: reservations hold some pairs
     root = Path(tempfile.mkdtemp(prefix="prefloop-bench-app-"))
-    print(f"store: {root}; {args.annotators} annotators x {args.votes} votes, {pairs} pairs, overlap {args.overlap}, "
-          f"think {args.think_ms:.0f} ms mean, {args.double_rate:.0%} double submissions")
+    print(
+        f"store: {root}; {args.annotators} annotators x {args.votes} votes, {pairs} pairs, overlap {args.overlap}, "
+        f"think {args.think_ms:.0f} ms mean, {args.double_rate:.0%} double submissions"
+    )
 
     bare_url = migrated_sqlite(root / "bare.db")
     seed(bare_url, users, pairs, args.overlap)
@@ -203,11 +241,20 @@ def main() -> int:
             async def run_all() -> float:
                 started = time.perf_counter()
                 cpu_before[:] = [cpu_seconds(server.process.pid), time.process_time()]
-                await asyncio.gather(*(
-                    annotate(server.url, who, args.votes, args.think_ms / 1000, args.double_rate,
-                             random.Random(args.seed * 1000 + i), lambda: bar.advance(task))
-                    for i, who in enumerate(annotators)
-                ))
+                await asyncio.gather(
+                    *(
+                        annotate(
+                            server.url,
+                            who,
+                            args.votes,
+                            args.think_ms / 1000,
+                            args.double_rate,
+                            random.Random(args.seed * 1000 + i),
+                            lambda: bar.advance(task),
+                        )
+                        for i, who in enumerate(annotators)
+                    )
+                )
                 cpu_after[:] = [cpu_seconds(server.process.pid), time.process_time()]
                 return time.perf_counter() - started
 
@@ -227,22 +274,30 @@ def main() -> int:
 
     p50, p95 = statistics.median(latencies), percentile(latencies, 95)
     bare_p50, bare_p95 = statistics.median(bare), percentile(bare, 95)
-    print(f"\n{len(acknowledged)} votes acknowledged in {wall:.1f} s ({len(acknowledged) / wall:.1f}/s), "
-          f"{len(stored)} stored; {len(errors)} refused or failed submissions")
+    print(
+        f"\n{len(acknowledged)} votes acknowledged in {wall:.1f} s ({len(acknowledged) / wall:.1f}/s), "
+        f"{len(stored)} stored; {len(errors)} refused or failed submissions"
+    )
     server_cpu, client_cpu = (after - before for after, before in zip(cpu_after, cpu_before))
-    print(f"CPU per acknowledged vote: server {server_cpu / max(1, len(acknowledged)) * 1000:.1f} ms, "
-          f"simulated clients {client_cpu / max(1, len(acknowledged)) * 1000:.1f} ms "
-          f"(load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)")
+    print(
+        f"CPU per acknowledged vote: server {server_cpu / max(1, len(acknowledged)) * 1000:.1f} ms, "
+        f"simulated clients {client_cpu / max(1, len(acknowledged)) * 1000:.1f} ms "
+        f"(load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)"
+    )
     for error in errors[:5]:
         print("  ", error)
     print(f"{'':24}{'p50 ms':>10}{'p95 ms':>10}")
     print(f"{'app round trip (HTTP)':24}{p50:>10.1f}{p95:>10.1f}")
     print(f"{'bare record_vote':24}{bare_p50:>10.2f}{bare_p95:>10.2f}")
-    print(f"round trip / bare at p95: {p95 / bare_p95:.0f}x; p95 vs goal {GOAL_P95_MS:.0f} ms: {p95 / GOAL_P95_MS:.2f}")
+    print(
+        f"round trip / bare at p95: {p95 / bare_p95:.0f}x; p95 vs goal {GOAL_P95_MS:.0f} ms: {p95 / GOAL_P95_MS:.2f}"
+    )
     if missing:
         print(f"warning: {missing} votes were never acknowledged")
-    print(f"RESULT app ratio={p95 / GOAL_P95_MS:.3f} p50_ms={p50:.1f} p95_ms={p95:.1f} bare_p50_ms={bare_p50:.2f} "
-          f"bare_p95_ms={bare_p95:.2f} lost={lost} doubled={doubled}")
+    print(
+        f"RESULT app ratio={p95 / GOAL_P95_MS:.3f} p50_ms={p50:.1f} p95_ms={p95:.1f} bare_p50_ms={bare_p50:.2f} "
+        f"bare_p95_ms={bare_p95:.2f} lost={lost} doubled={doubled}"
+    )
     return 0 if lost == doubled == missing == 0 else 1
 
 

@@ -25,11 +25,17 @@ def start_of_day(now: datetime | None = None) -> datetime:
     return now.replace(hour=0, minute=0, second=0, microsecond=0)
 
 
-def rater_progress(rater_id: int, *, session: Session, since: datetime | None = None) -> RaterProgress:
+def rater_progress(
+    rater_id: int, *, session: Session, since: datetime | None = None
+) -> RaterProgress:
     bound = since or start_of_day()
 
     def count(model) -> int:
-        query = select(func.count()).select_from(model).where(model.rater_id == rater_id, model.created_at >= bound)
+        query = (
+            select(func.count())
+            .select_from(model)
+            .where(model.rater_id == rater_id, model.created_at >= bound)
+        )
         return int(session.execute(query).scalar_one())
 
     overlap = target_overlap(session=session)

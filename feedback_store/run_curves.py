@@ -13,7 +13,9 @@ from feedback_store.models import RunMetric, TrainingRun
 @dataclass
 class RunCurves:
     run: TrainingRun
-    curves: dict[str, tuple[list[int], list[float]]] = field(default_factory=dict)  # name -> (steps, values)
+    curves: dict[str, tuple[list[int], list[float]]] = field(
+        default_factory=dict
+    )  # name -> (steps, values)
 
     @property
     def label(self) -> str:

@@ -14,7 +14,12 @@ from pathlib import Path
 
 import httpx
 
-from feedback_store.catalog import add_comparison, add_prompt, add_response, get_or_create_policy
+from feedback_store.catalog import (
+    add_comparison,
+    add_prompt,
+    add_response,
+    get_or_create_policy,
+)
 from feedback_store.db import engine_for, session_scope
 from feedback_store.models import Role
 from feedback_store.raters import create_user
@@ -42,11 +47,21 @@ def seed_pairs(engine, n: int, *, xss_first: bool = False) -> list[int]:
         base = get_or_create_policy("base", session=session, base_model="tiny")
         tuned = get_or_create_policy("tuned", session=session, base_model="tiny")
         for i in range(n):
-            prompt, _ = add_prompt(f"Question {i}: how do I **boil** an egg?", session=session, source="test")
-            first_text = XSS_TEXT if (xss_first and i == 0) else f"Answer {i} from base.\n\n- put it in water\n- wait"
+            prompt, _ = add_prompt(
+                f"Question {i}: how do I **boil** an egg?", session=session, source="test"
+            )
+            first_text = (
+                XSS_TEXT
+                if (xss_first and i == 0)
+                else f"Answer {i} from base.\n\n- put it in water\n- wait"
+            )
             first, _ = add_response(prompt.id, base.id, first_text, session=session)
-            second, _ = add_response(prompt.id, tuned.id, f"Answer {i} from tuned: `boil` it for 7 minutes.",
-                                     session=session)
+            second, _ = add_response(
+                prompt.id,
+                tuned.id,
+                f"Answer {i} from tuned: `boil` it for 7 minutes.",
+                session=session,
+            )
             comparison, _ = add_comparison(first, second, session=session, source="test")
             ids.append(comparison.id)
     return ids
@@ -81,11 +96,28 @@ def start_serve(db_url: str, log_dir: Path, *extra: str, timeout: float = 60.0) 
     """Run the real `prefloop serve` in a subprocess and wait until it answers."""
     port = free_port()
     log_path = Path(log_dir) / f"serve-{port}.log"
-    cli = [sys.executable, "-c", "import sys; from labeling.cli import main; sys.exit(main(sys.argv[1:]))"]
+    cli = [
+        sys.executable,
+        "-c",
+        "import sys; from labeling.cli import main; sys.exit(main(sys.argv[1:]))",
+    ]
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
-            [*cli, "serve", "--db", db_url, "--port", str(port), "--job-dir", str(log_dir / "jobs"), *extra],
-            stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            [
+                *cli,
+                "serve",
+                "--db",
+                db_url,
+                "--port",
+                str(port),
+                "--job-dir",
+                str(log_dir / "jobs"),
+                *extra,
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
     server = ServerProcess(f"http://127.0.0.1:{port}", process, log_path)
     deadline = time.monotonic() + timeout
@@ -107,7 +139,9 @@ class AppClient:
     queue (`/gradio_api/queue/join`, by fn_index, state slots sent empty) and their results come
     back on the session's event stream (`/gradio_api/queue/data`)."""
 
-    def __init__(self, base_url: str, *, session_hash: str | None = None, timeout: float = 30.0) -> None:
+    def __init__(
+        self, base_url: str, *, session_hash: str | None = None, timeout: float = 30.0
+    ) -> None:
         import uuid
 
         self.http = httpx.Client(base_url=base_url, timeout=timeout)
@@ -132,7 +166,9 @@ class AppClient:
         endpoint = self.endpoints().get(api_name)
         if endpoint is None:
             return None, f"{self.http.get('/config').status_code} no endpoint {api_name!r}"
-        joined = self.http.post("/gradio_api/queue/join", json=page_event_body(endpoint, data, self.session_hash))
+        joined = self.http.post(
+            "/gradio_api/queue/join", json=page_event_body(endpoint, data, self.session_hash)
+        )
         if joined.status_code != 200:
             return None, f"{joined.status_code} {joined.text}"
         return joined.json()["event_id"], ""
@@ -140,12 +176,17 @@ class AppClient:
     def results(self, event_ids: list[str]) -> dict[str, tuple[str, object]]:
         """Read the session's stream until every one of these events has completed."""
         results: dict[str, tuple[str, object]] = {}
-        with self.http.stream("GET", "/gradio_api/queue/data", params={"session_hash": self.session_hash}) as stream:
+        with self.http.stream(
+            "GET", "/gradio_api/queue/data", params={"session_hash": self.session_hash}
+        ) as stream:
             for line in stream.iter_lines():
                 if not line.startswith("data: "):
                     continue
                 message = json.loads(line[6:])
-                if message.get("msg") == "process_completed" and message.get("event_id") in event_ids:
+                if (
+                    message.get("msg") == "process_completed"
+                    and message.get("event_id") in event_ids
+                ):
                     results[message["event_id"]] = completion(message)
                 if len(results) == len(event_ids) or message.get("msg") == "close_stream":
                     break

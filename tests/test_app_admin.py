@@ -24,7 +24,11 @@ from labeling.app.markup import render_markdown, render_messages
 from labeling.app.state import AppConfig, AppState
 from tests.app_support import PASSWORD, REPO, XSS_TEXT, seed_pairs, seed_users
 
-CLI = [sys.executable, "-c", "import sys; from labeling.cli import main; sys.exit(main(sys.argv[1:]))"]
+CLI = [
+    sys.executable,
+    "-c",
+    "import sys; from labeling.cli import main; sys.exit(main(sys.argv[1:]))",
+]
 
 
 @pytest.fixture
@@ -35,21 +39,34 @@ def state(sqlite_url, tmp_path):
 
 
 def test_sanitizer_keeps_markdown_and_makes_html_inert():
-    rendered = render_markdown(XSS_TEXT + "\n\n**bold** [ok](https://example.org) ![pic](http://tracker/x.png)")
-    assert "<script" not in rendered and "<img" not in rendered and 'href="javascript' not in rendered
+    rendered = render_markdown(
+        XSS_TEXT + "\n\n**bold** [ok](https://example.org) ![pic](http://tracker/x.png)"
+    )
+    assert (
+        "<script" not in rendered and "<img" not in rendered and 'href="javascript' not in rendered
+    )
     assert "&lt;script&gt;window.__xss=1&lt;/script&gt;" in rendered  # shown as the text it is
     assert "<strong>bold</strong>" in rendered and 'href="https://example.org"' in rendered
     assert "![pic](http://tracker/x.png)" in rendered  # an image is shown as text, never fetched
-    raw = render_markdown('<a href="javascript:alert(1)" onclick="x()">x</a><iframe src="//e"></iframe>')
+    raw = render_markdown(
+        '<a href="javascript:alert(1)" onclick="x()">x</a><iframe src="//e"></iframe>'
+    )
     assert "<a" not in raw and "<iframe" not in raw
-    turns = render_messages([{"role": "system", "content": "Be brief"}, {"role": "user", "content": "<b>hi</b>"}])
+    turns = render_messages(
+        [{"role": "system", "content": "Be brief"}, {"role": "user", "content": "<b>hi</b>"}]
+    )
     assert "pf-system" in turns and "&lt;b&gt;hi&lt;/b&gt;" in turns
 
 
 def test_users_overlap_and_guidelines(state):
     alice = caller_for(state, "alice")
-    assert admin.save_user(state, alice, "dave", "a long password", "annotator") == "added annotator dave"
-    assert admin.save_user(state, alice, "dave", "another password", "admin") == "updated admin dave"
+    assert (
+        admin.save_user(state, alice, "dave", "a long password", "annotator")
+        == "added annotator dave"
+    )
+    assert (
+        admin.save_user(state, alice, "dave", "another password", "admin") == "updated admin dave"
+    )
     with pytest.raises(admin.AdminError, match="8 characters"):
         admin.save_user(state, alice, "erin", "short", "annotator")
     with pytest.raises(admin.AdminError, match="role"):
@@ -77,7 +94,9 @@ def test_users_overlap_and_guidelines(state):
 def test_import_and_export(state, tmp_path):
     alice = caller_for(state, "alice")
     upload = tmp_path / "prompts.jsonl"
-    upload.write_text("\n".join(json.dumps({"prompt": f"Tell me about {topic}"}) for topic in ("owls", "bees")))
+    upload.write_text(
+        "\n".join(json.dumps({"prompt": f"Tell me about {topic}"}) for topic in ("owls", "bees"))
+    )
     assert "2 new prompts" in admin.import_prompt_file(state, alice, str(upload))
     with session_scope(state.engine) as session:
         assert len(session.exec(select(Prompt)).all()) == 2
@@ -130,7 +149,9 @@ def _add_run(state):
         session.flush()
         for step in range(5):
             session.add(RunMetric(run_id=run.id, step=step, name="loss", value=1.0 / (step + 1)))
-            session.add(RunMetric(run_id=run.id, step=step, name="rewards/margins", value=0.1 * step))
+            session.add(
+                RunMetric(run_id=run.id, step=step, name="rewards/margins", value=0.1 * step)
+            )
 
 
 def test_dashboard_draws_every_statistic(state):
@@ -144,9 +165,14 @@ def test_dashboard_draws_every_statistic(state):
                 record_vote(comparison_id, rater.id, "b" if i % 3 else "a", session=session)
     _add_run(state)
     figures = dashboard.dashboard_figures(state)
-    assert set(figures) == set(dashboard.PLOTS) and all(isinstance(f, Figure) for f in figures.values())
+    assert set(figures) == set(dashboard.PLOTS) and all(
+        isinstance(f, Figure) for f in figures.values()
+    )
     board = figures["leaderboard"].axes[0]
-    assert [t.get_text().split()[0] for t in board.get_yticklabels()] == ["base", "tuned"]  # best at the top
+    assert [t.get_text().split()[0] for t in board.get_yticklabels()] == [
+        "base",
+        "tuned",
+    ]  # best at the top
     assert len(figures["win_rate"].axes[0].images) == 1
     assert len(figures["annotators"].axes) == 2
     assert figures["judge"].axes[0].patches  # bars drawn
@@ -162,12 +188,20 @@ def test_dashboard_on_an_empty_store_explains_itself(state):
 
 
 def _cli(*args, input_text=None, db=None):
-    return subprocess.run([*CLI, *args, *(["--db", db] if db else [])], input=input_text, capture_output=True,
-                          text=True, cwd=REPO, timeout=120)
+    return subprocess.run(
+        [*CLI, *args, *(["--db", db] if db else [])],
+        input=input_text,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
 
 
 def test_users_command(sqlite_url):
-    added = _cli("users", "add", "zoe", "--role", "admin", input_text=PASSWORD + "\n", db=sqlite_url)
+    added = _cli(
+        "users", "add", "zoe", "--role", "admin", input_text=PASSWORD + "\n", db=sqlite_url
+    )
     assert added.returncode == 0 and "added admin zoe" in added.stdout
     short = _cli("users", "add", "yann", input_text="short\n", db=sqlite_url)
     assert short.returncode == 2 and "8 characters" in short.stderr
@@ -177,7 +211,11 @@ def test_users_command(sqlite_url):
     assert "zoe" in listed.stdout and "admin" in listed.stdout and "yann" not in listed.stdout
     with session_scope(engine_for(sqlite_url)) as session:
         zoe = get_rater("zoe", session=session)
-        assert zoe.role == Role.admin and zoe.password_hash.startswith("scrypt$") and PASSWORD not in zoe.password_hash
+        assert (
+            zoe.role == Role.admin
+            and zoe.password_hash.startswith("scrypt$")
+            and PASSWORD not in zoe.password_hash
+        )
 
 
 def test_serve_refuses_to_start_with_nobody_able_to_sign_in(sqlite_url):

@@ -13,7 +13,15 @@ from feedback_store.app_settings import set_target_overlap
 from feedback_store.db import engine_for, session_scope
 from feedback_store.models import Comparison, Rater, Role, Vote
 from feedback_store.queue import target_overlap
-from tests.app_support import PASSWORD, REPO, AppClient, migrated_sqlite, seed_pairs, seed_users, start_serve
+from tests.app_support import (
+    PASSWORD,
+    REPO,
+    AppClient,
+    migrated_sqlite,
+    seed_pairs,
+    seed_users,
+    start_serve,
+)
 
 pytestmark = pytest.mark.browser
 CHROMIUM = "/usr/bin/chromium"
@@ -44,8 +52,14 @@ def browser():
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(
             executable_path=CHROMIUM,
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                  "--disable-sync", "--no-first-run"],
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--no-first-run",
+            ],
         )
         yield browser
         browser.close()
@@ -76,7 +90,9 @@ def current_key(page) -> str:
 def wait_for_key(page, old: str) -> str:
     page.wait_for_function(
         "old => { const box = document.querySelector('#pf-key textarea, #pf-key input');"
-        " return box && box.value && box.value !== old; }", arg=old)
+        " return box && box.value && box.value !== old; }",
+        arg=old,
+    )
     return current_key(page)
 
 
@@ -94,8 +110,10 @@ def picked(vote: Vote, app) -> int:
 
 def test_sign_in_and_vote_with_mouse_and_keyboard(app, page, tmp_path):
     sign_in(page, app["url"], "bob")
-    assert page.inner_text("#pf-who") .startswith("Signed in as bob")
-    assert page.is_hidden("#pf-tab-admin-button") or not page.get_by_role("tab", name="Admin").count()
+    assert page.inner_text("#pf-who").startswith("Signed in as bob")
+    assert (
+        page.is_hidden("#pf-tab-admin-button") or not page.get_by_role("tab", name="Admin").count()
+    )
     key = current_key(page)
     shot = tmp_path / "annotate.png"
     page.screenshot(path=str(shot), full_page=True)
@@ -142,7 +160,9 @@ def test_double_click_and_key_repeat_record_once(app, page):
     page.wait_for_timeout(800)
     assert len(votes_of(app, "dave")) == 1
     # Two clicks fired in the same tick, before the page can react to the first.
-    page.evaluate("() => { const b = document.querySelector('#pf-vote-right'); b.click(); b.click(); }")
+    page.evaluate(
+        "() => { const b = document.querySelector('#pf-vote-right'); b.click(); b.click(); }"
+    )
     wait_for_key(page, key)
     page.wait_for_timeout(800)
     assert len(votes_of(app, "dave")) == 2
@@ -150,24 +170,36 @@ def test_double_click_and_key_repeat_record_once(app, page):
 
 def test_an_empty_queue_shows_a_message_and_a_way_back(app, page, tmp_path):
     sign_in(page, app["url"], "hank")
-    assert page.is_hidden("#pf-again") and page.is_hidden("#pf-retry") and page.is_visible("#pf-vote-left")
+    assert (
+        page.is_hidden("#pf-again")
+        and page.is_hidden("#pf-retry")
+        and page.is_visible("#pf-vote-left")
+    )
     key = current_key(page)
     for _ in range(8):  # skip every pair, with the keyboard
         page.keyboard.press("s")
-        page.wait_for_function("old => document.querySelector('#pf-key textarea, #pf-key input').value !== old",
-                               arg=key)
+        page.wait_for_function(
+            "old => document.querySelector('#pf-key textarea, #pf-key input').value !== old",
+            arg=key,
+        )
         key = current_key(page)
     assert key == ""
     assert "Nothing left to rank" in page.inner_text("#pf-screen")
-    assert page.is_visible("#pf-again") and page.is_hidden("#pf-vote-left") and page.is_hidden("#pf-skip")
+    assert (
+        page.is_visible("#pf-again")
+        and page.is_hidden("#pf-vote-left")
+        and page.is_hidden("#pf-skip")
+    )
     page.screenshot(path=str(tmp_path / "empty.png"), full_page=True)
     shutil.copy(tmp_path / "empty.png", REPO / "test-output" / "empty.png")
     page.click("#pf-again")
     wait_for_key(page, "")
     assert page.is_visible("#pf-vote-left") and page.is_hidden("#pf-again")
     # A failed save puts Retry next to its message (the stylesheet keys on the status markup).
-    page.evaluate("document.querySelector('#pf-status').insertAdjacentHTML('beforeend',"
-                  " '<div class=\"pf-status pf-error pf-failed\">Save failed</div>')")
+    page.evaluate(
+        "document.querySelector('#pf-status').insertAdjacentHTML('beforeend',"
+        " '<div class=\"pf-status pf-error pf-failed\">Save failed</div>')"
+    )
     assert page.is_visible("#pf-retry")
     assert votes_of(app, "hank") == []
 
@@ -206,7 +238,11 @@ def test_http_api_cannot_act_as_someone_else_or_as_an_admin(app, tmp_path):
     # Her own pair, her own vote: recorded under her name whatever she sends.
     event, outputs = eve.call("open_pairs")
     event, outputs = eve.call("vote_left", outputs[2], None, "", "")
-    assert event == "complete" and len(votes_of(app, "eve")) == 1 and len(votes_of(app, "bob")) == before
+    assert (
+        event == "complete"
+        and len(votes_of(app, "eve")) == 1
+        and len(votes_of(app, "bob")) == before
+    )
 
     refused = {
         "admin_save_user": ("eve", "new password!", "admin"),

@@ -11,10 +11,24 @@ from fastapi import HTTPException
 from sqlmodel import select
 
 from feedback_store.db import engine_for, make_engine, session_scope
-from feedback_store.models import Assignment, Choice, Comparison, Rating, Response, Role, Vote
+from feedback_store.models import (
+    Assignment,
+    Choice,
+    Comparison,
+    Rating,
+    Response,
+    Role,
+    Vote,
+)
 from feedback_store.raters import get_rater
 from labeling.app import annotate, single
-from labeling.app.auth import AccessDenied, LoginLimiter, admin_for, caller_for, make_auth
+from labeling.app.auth import (
+    AccessDenied,
+    LoginLimiter,
+    admin_for,
+    caller_for,
+    make_auth,
+)
 from labeling.app.state import AppConfig, AppState
 from tests.app_support import PASSWORD, seed_pairs, seed_users
 
@@ -42,7 +56,9 @@ def test_vote_records_the_choice_in_canonical_order_and_moves_on(state):
     assert screen.has_pair and screen.key == desk.slot.key
     assert "Question" in screen.screen_html and 'id="pf-left"' in screen.screen_html
     first = desk.slot
-    desk, screen = annotate.submit(state, desk, bob, "left", first.key, "clearly better", " because ")
+    desk, screen = annotate.submit(
+        state, desk, bob, "left", first.key, "clearly better", " because "
+    )
 
     [vote] = votes(state)
     assert vote.rater_id == bob.id and vote.comparison_id == first.comparison_id
@@ -62,7 +78,9 @@ def test_double_submit_and_stale_keys_record_once(state):
     desk, _ = annotate.open_desk(state, None, bob)
     key = desk.slot.key
     desk, _ = annotate.submit(state, desk, bob, "right", key)
-    desk, screen = annotate.submit(state, desk, bob, "left", key)  # the second click of a double click
+    desk, screen = annotate.submit(
+        state, desk, bob, "left", key
+    )  # the second click of a double click
     assert "Already saved" in screen.status
     assert len(votes(state)) == 1 and votes(state)[0].idempotency_key == key
 
@@ -98,7 +116,9 @@ def test_an_edit_becomes_a_response_and_a_pair_it_wins(state):
     bob = caller(state, "bob")
     desk, _ = annotate.open_desk(state, None, bob)
     slot = desk.slot
-    desk, screen = annotate.submit(state, desk, bob, "right", slot.key, None, "", "A much better answer.")
+    desk, screen = annotate.submit(
+        state, desk, bob, "right", slot.key, None, "", "A much better answer."
+    )
     assert "Saved" in screen.status
     with session_scope(state.engine) as session:
         edited = session.exec(select(Response).where(Response.edited_from_id.is_not(None))).one()
@@ -115,12 +135,18 @@ def test_an_edit_without_a_source_saves_nothing(state):
     seed_pairs(state.engine, 2)
     bob = caller(state, "bob")
     desk, _ = annotate.open_desk(state, None, bob)
-    desk, screen = annotate.submit(state, desk, bob, "both_bad", desk.slot.key, None, "", "Better text")
-    assert "Not saved" in screen.status and votes(state) == []  # the vote is not kept without its edit
+    desk, screen = annotate.submit(
+        state, desk, bob, "both_bad", desk.slot.key, None, "", "Better text"
+    )
+    assert (
+        "Not saved" in screen.status and votes(state) == []
+    )  # the vote is not kept without its edit
     # Starting the edit from one side gives it a source; "both bad" plus an edit is then fine.
     desk, text = annotate.start_edit(state, desk, bob, "left", desk.slot.key)
     assert text.startswith("Answer")
-    desk, screen = annotate.submit(state, desk, bob, "both_bad", desk.slot.key, None, "", text + " Fixed.")
+    desk, screen = annotate.submit(
+        state, desk, bob, "both_bad", desk.slot.key, None, "", text + " Fixed."
+    )
     assert "Saved" in screen.status and len(votes(state)) == 2
 
 
@@ -132,17 +158,25 @@ def test_skip_releases_the_pair_and_the_queue_never_goes_blank(state):
     desk, screen = annotate.skip(state, desk, bob, desk.slot.key)
     assert desk.slot.comparison_id != first and "Skipped" in screen.status
     with session_scope(state.engine) as session:
-        held = session.exec(select(Assignment.comparison_id).where(Assignment.rater_id == bob.id)).all()
+        held = session.exec(
+            select(Assignment.comparison_id).where(Assignment.rater_id == bob.id)
+        ).all()
     assert held == [desk.slot.comparison_id]
     desk, screen = annotate.skip(state, desk, bob, desk.slot.key)
-    assert not screen.has_pair and "skipped 2 pair" in screen.screen_html and "pf-nothing" in screen.screen_html
+    assert (
+        not screen.has_pair
+        and "skipped 2 pair" in screen.screen_html
+        and "pf-nothing" in screen.screen_html
+    )
     desk, screen = annotate.show_skipped_again(state, desk, bob)
     assert screen.has_pair
 
 
 def test_empty_store_shows_a_message_not_a_blank_page(state):
     desk, screen = annotate.open_desk(state, None, caller(state, "bob"))
-    assert not screen.has_pair and "Nothing left to rank" in screen.screen_html and screen.progress_md
+    assert (
+        not screen.has_pair and "Nothing left to rank" in screen.screen_html and screen.progress_md
+    )
 
 
 def test_a_failed_save_says_so_and_retry_records_once(sqlite_url, tmp_path):
@@ -159,7 +193,9 @@ def test_a_failed_save_says_so_and_retry_records_once(sqlite_url, tmp_path):
     try:
         desk, screen = annotate.submit(state, desk, bob, "left", key, None, "my reason")
         assert screen.failed and "NOT recorded" in screen.status
-        assert screen.key is None and screen.screen_html is None  # the pair and its key stay on screen
+        assert (
+            screen.key is None and screen.screen_html is None
+        )  # the pair and its key stay on screen
         assert not screen.clear_inputs  # the rationale stays for the retry
     finally:
         blocker.execute("ROLLBACK")
@@ -188,7 +224,11 @@ def test_single_response_ratings(state):
     with session_scope(state.engine) as session:
         [rating] = session.exec(select(Rating)).all()
     assert (rating.response_id, rating.rater_id, rating.thumbs_up, rating.comment) == (
-        first.response_id, bob.id, False, "too long")
+        first.response_id,
+        bob.id,
+        False,
+        "too long",
+    )
 
 
 def test_identity_comes_from_the_server_side_account(state, sqlite_url, tmp_path):
@@ -203,14 +243,18 @@ def test_identity_comes_from_the_server_side_account(state, sqlite_url, tmp_path
         get_rater("carol", session=session).active = False
     with pytest.raises(AccessDenied):
         caller_for(state, "carol")
-    local = AppState.create(AppConfig(db_url=sqlite_url, single_user="me", job_dir=tmp_path), engine=state.engine)
+    local = AppState.create(
+        AppConfig(db_url=sqlite_url, single_user="me", job_dir=tmp_path), engine=state.engine
+    )
     assert caller_for(local, None).name == "me" and caller_for(local, "bob").name == "me"
     assert caller_for(local, None).is_admin
 
 
 def test_login_limiter_locks_per_user_and_address():
     now = [1000.0]
-    limiter = LoginLimiter(max_failures=3, max_failures_per_address=5, window_s=60, clock=lambda: now[0])
+    limiter = LoginLimiter(
+        max_failures=3, max_failures_per_address=5, window_s=60, clock=lambda: now[0]
+    )
     for _ in range(3):
         assert limiter.retry_after("bob", "1.2.3.4") == 0
         limiter.failed("bob", "1.2.3.4")
@@ -240,7 +284,9 @@ def test_auth_callable_checks_passwords_and_locks_out(state):
 def test_account_changes_apply_once_the_identity_cache_expires(sqlite_url, tmp_path):
     engine = engine_for(sqlite_url)
     seed_users(engine, ["bob"])
-    state = AppState.create(AppConfig(db_url=sqlite_url, job_dir=tmp_path, identity_cache_s=0.2), engine=engine)
+    state = AppState.create(
+        AppConfig(db_url=sqlite_url, job_dir=tmp_path, identity_cache_s=0.2), engine=engine
+    )
     assert caller_for(state, "bob").role == Role.annotator
     with session_scope(engine) as session:
         get_rater("bob", session=session).role = Role.admin

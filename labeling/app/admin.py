@@ -10,7 +10,12 @@ from pathlib import Path
 
 import gradio as gr
 
-from feedback_store.app_settings import guidelines, set_setting, set_target_overlap, GUIDELINES_SETTING
+from feedback_store.app_settings import (
+    GUIDELINES_SETTING,
+    guidelines,
+    set_setting,
+    set_target_overlap,
+)
 from feedback_store.models import RaterKind, Role
 from feedback_store.queue import target_overlap
 from feedback_store.raters import create_user, get_rater, list_users
@@ -55,8 +60,10 @@ def export_dataset(state, caller: Caller, kind: str, out_dir: Path | None = None
 
 def users_table(state, caller: Caller) -> list[list]:
     with state.session() as session:
-        return [[u.name, (u.role or Role.annotator).value, "yes" if u.active else "no"]
-                for u in list_users(session=session)]
+        return [
+            [u.name, (u.role or Role.annotator).value, "yes" if u.active else "no"]
+            for u in list_users(session=session)
+        ]
 
 
 def save_user(state, caller: Caller, name: str, password: str, role: str) -> str:
@@ -115,15 +122,21 @@ def job_view(state, job_id) -> tuple[str, float | None, str]:
     job = state.jobs.get(int(job_id)) if job_id not in (None, "") else None
     if job is None:
         return "No job selected.", None, ""
-    return f"**{job.label()}** · started by {job.started_by} · `prefloop {' '.join(job.argv)}`", job.progress(), job.tail()
+    return (
+        f"**{job.label()}** · started by {job.started_by} · `prefloop {' '.join(job.argv)}`",
+        job.progress(),
+        job.tail(),
+    )
 
 
 def progress_bar_html(fraction: float | None) -> str:
     if fraction is None:
         return '<div class="pf-bar"><div class="pf-bar-fill pf-bar-unknown"></div></div>'
     percent = max(0.0, min(100.0, fraction * 100))
-    return (f'<div class="pf-bar" role="progressbar" aria-valuenow="{percent:.0f}">'
-            f'<div class="pf-bar-fill" style="width:{percent:.0f}%"></div><span>{percent:.0f}%</span></div>')
+    return (
+        f'<div class="pf-bar" role="progressbar" aria-valuenow="{percent:.0f}">'
+        f'<div class="pf-bar-fill" style="width:{percent:.0f}%"></div><span>{percent:.0f}%</span></div>'
+    )
 
 
 # ---- the Gradio tab ------------------------------------------------------------------------
@@ -143,17 +156,25 @@ def build_admin_tab(state) -> dict:
             raise gr.Error(str(error)) from None
 
     with gr.Accordion("Import prompts", open=True):
-        upload = gr.File(label="JSONL, CSV or parquet: `prompt` or `messages` per row (optional `chosen`/`rejected`)",
-                         file_types=[".jsonl", ".ndjson", ".csv", ".parquet", ".pq"], type="filepath",
-                         elem_id="pf-admin-upload", height=140)
+        upload = gr.File(
+            label="JSONL, CSV or parquet: `prompt` or `messages` per row (optional `chosen`/`rejected`)",
+            file_types=[".jsonl", ".ndjson", ".csv", ".parquet", ".pq"],
+            type="filepath",
+            elem_id="pf-admin-upload",
+            height=140,
+        )
         import_button = gr.Button("Import", elem_id="pf-admin-import")
         import_result = gr.Markdown("")
 
     with gr.Accordion("Background jobs", open=True):
         with gr.Row():
             command = gr.Dropdown(list(JOB_COMMANDS), value="generate", label="Command", scale=1)
-            arguments = gr.Textbox(label="Arguments (as on the command line; see `prefloop <command> --help`)",
-                                   placeholder="e.g. --help", scale=4, elem_id="pf-admin-args")
+            arguments = gr.Textbox(
+                label="Arguments (as on the command line; see `prefloop <command> --help`)",
+                placeholder="e.g. --help",
+                scale=4,
+                elem_id="pf-admin-args",
+            )
             start_button = gr.Button("Start", variant="primary", scale=1, elem_id="pf-admin-start")
         with gr.Row():
             job_select = gr.Dropdown([], label="Job", scale=3, elem_id="pf-admin-job")
@@ -170,10 +191,14 @@ def build_admin_tab(state) -> dict:
         export_file = gr.File(label="Download", interactive=False)
 
     with gr.Accordion("Users", open=False):
-        users = gr.Dataframe(headers=["name", "role", "active"], interactive=False, elem_id="pf-admin-users")
+        users = gr.Dataframe(
+            headers=["name", "role", "active"], interactive=False, elem_id="pf-admin-users"
+        )
         with gr.Row():
             user_name = gr.Textbox(label="Name", elem_id="pf-admin-user-name")
-            user_password = gr.Textbox(label="Password (8+ characters)", type="password", elem_id="pf-admin-user-pw")
+            user_password = gr.Textbox(
+                label="Password (8+ characters)", type="password", elem_id="pf-admin-user-pw"
+            )
             user_role = gr.Radio([r.value for r in Role], value=Role.annotator.value, label="Role")
         with gr.Row():
             save_user_button = gr.Button("Add or reset user", elem_id="pf-admin-save-user")
@@ -183,9 +208,13 @@ def build_admin_tab(state) -> dict:
 
     with gr.Accordion("Overlap and guidelines", open=False):
         with gr.Row():
-            overlap = gr.Number(label="Target overlap: human votes wanted per pair", precision=0, minimum=1)
+            overlap = gr.Number(
+                label="Target overlap: human votes wanted per pair", precision=0, minimum=1
+            )
             overlap_button = gr.Button("Save overlap", elem_id="pf-admin-overlap")
-        guidelines_box = gr.Textbox(label="Guidelines (Markdown, shown to every annotator)", lines=8)
+        guidelines_box = gr.Textbox(
+            label="Guidelines (Markdown, shown to every annotator)", lines=8
+        )
         guidelines_button = gr.Button("Save guidelines")
         settings_result = gr.Markdown("")
 
@@ -200,12 +229,22 @@ def build_admin_tab(state) -> dict:
         caller = admin(request)
         job = attempt(lambda: start_job(state, caller, command_value, arguments_value))
         status, fraction, log = job_view(state, job.id)
-        return gr.update(choices=job_choices(), value=str(job.id)), status, progress_bar_html(fraction), log
+        return (
+            gr.update(choices=job_choices(), value=str(job.id)),
+            status,
+            progress_bar_html(fraction),
+            log,
+        )
 
     def on_tick(job_id, request: gr.Request):
         admin(request)
         status, fraction, log = job_view(state, job_id)
-        return gr.update(choices=job_choices(), value=job_id), status, progress_bar_html(fraction), log
+        return (
+            gr.update(choices=job_choices(), value=job_id),
+            status,
+            progress_bar_html(fraction),
+            log,
+        )
 
     def on_stop(job_id, request: gr.Request):
         admin(request)
@@ -245,24 +284,45 @@ def build_admin_tab(state) -> dict:
         except AccessDenied:
             return [], gr.update(), gr.update(), gr.Timer(active=False), gr.update(choices=[])
         with state.session() as session:
-            current_overlap, current_guidelines = target_overlap(session=session), guidelines(session=session)
-        return (users_table(state, caller), current_overlap, current_guidelines, gr.Timer(active=True),
-                gr.update(choices=job_choices()))
+            current_overlap, current_guidelines = (
+                target_overlap(session=session),
+                guidelines(session=session),
+            )
+        return (
+            users_table(state, caller),
+            current_overlap,
+            current_guidelines,
+            gr.Timer(active=True),
+            gr.update(choices=job_choices()),
+        )
 
     import_button.click(on_import, [upload], [import_result], api_name="admin_import")
     job_outputs = [job_select, job_status, job_progress, job_log]
     start_button.click(on_start, [command, arguments], job_outputs, api_name="admin_start_job")
-    timer.tick(on_tick, [job_select], job_outputs, api_name="admin_job_tick", show_progress="hidden")
-    job_select.change(on_tick, [job_select], job_outputs, api_visibility="private", show_progress="hidden")
+    timer.tick(
+        on_tick, [job_select], job_outputs, api_name="admin_job_tick", show_progress="hidden"
+    )
+    job_select.change(
+        on_tick, [job_select], job_outputs, api_visibility="private", show_progress="hidden"
+    )
     stop_button.click(on_stop, [job_select], job_outputs, api_name="admin_stop_job")
     export_button.click(on_export, [export_kind], [export_file], api_name="admin_export")
-    save_user_button.click(on_save_user, [user_name, user_password, user_role], [users, user_result, user_password],
-                           api_name="admin_save_user")
-    activate_button.click(make_set_active(True), [user_name], [users, user_result], api_name="admin_activate_user")
-    deactivate_button.click(make_set_active(False), [user_name], [users, user_result],
-                            api_name="admin_deactivate_user")
+    save_user_button.click(
+        on_save_user,
+        [user_name, user_password, user_role],
+        [users, user_result, user_password],
+        api_name="admin_save_user",
+    )
+    activate_button.click(
+        make_set_active(True), [user_name], [users, user_result], api_name="admin_activate_user"
+    )
+    deactivate_button.click(
+        make_set_active(False), [user_name], [users, user_result], api_name="admin_deactivate_user"
+    )
     overlap_button.click(on_overlap, [overlap], [settings_result], api_name="admin_set_overlap")
-    guidelines_button.click(on_guidelines, [guidelines_box], [settings_result], api_name="admin_set_guidelines")
+    guidelines_button.click(
+        on_guidelines, [guidelines_box], [settings_result], api_name="admin_set_guidelines"
+    )
     return {"load": (on_load, [], [users, overlap, guidelines_box, timer, job_select])}
 
 

@@ -25,8 +25,7 @@ import gradio as gr
 from sqlalchemy.exc import SQLAlchemyError
 
 from feedback_store.catalog import add_comparison, add_response, get_or_create_policy
-from feedback_store.models import Comparison
-from feedback_store.models import Choice, Response
+from feedback_store.models import Choice, Comparison, Response
 from feedback_store.queue import next_comparison_for, release
 from feedback_store.votes import VoteError, record_vote
 from labeling.app.auth import AccessDenied, Caller, caller_for
@@ -132,7 +131,9 @@ def _assign(state, desk: Desk, caller: Caller, session) -> None:
     )
 
 
-def _screen(state, desk: Desk, caller: Caller, session, status: str = "", *, clear_inputs: bool = False) -> PairScreen:
+def _screen(
+    state, desk: Desk, caller: Caller, session, status: str = "", *, clear_inputs: bool = False
+) -> PairScreen:
     progress = progress_markdown(desk.progress.current(caller.id, session))
     if desk.slot is None:
         detail = (
@@ -141,12 +142,19 @@ def _screen(state, desk: Desk, caller: Caller, session, status: str = "", *, cle
             else "Every pair has its votes for now. New pairs appear when an admin generates them; "
             "meanwhile, try the single-response tab."
         )
-        return PairScreen(status, empty_queue_html("Nothing left to rank right now", detail), key="",
-                          progress_md=progress, clear_inputs=clear_inputs)
+        return PairScreen(
+            status,
+            empty_queue_html("Nothing left to rank right now", detail),
+            key="",
+            progress_md=progress,
+            clear_inputs=clear_inputs,
+        )
     slot = desk.slot
-    screen = pair_screen_html(prompt_html(state, slot.prompt_id, session),
-                              response_html(state, slot.left_id, session),
-                              response_html(state, slot.right_id, session))
+    screen = pair_screen_html(
+        prompt_html(state, slot.prompt_id, session),
+        response_html(state, slot.left_id, session),
+        response_html(state, slot.right_id, session),
+    )
     return PairScreen(status, screen, key=slot.key, progress_md=progress, clear_inputs=clear_inputs)
 
 
@@ -186,27 +194,55 @@ def _store_edit(session, slot: Slot, side: str, caller: Caller, text: str, key: 
     """An edited answer becomes a response of its own (an SFT example) and a pair it wins."""
     source_id = {"left": slot.left_id, "right": slot.right_id}.get(side, slot.edit_source_id)
     if source_id is None:
-        raise EditError("to submit an edit, mark A or B as better, or start the edit from one of them")
+        raise EditError(
+            "to submit an edit, mark A or B as better, or start the edit from one of them"
+        )
     source = session.get(Response, source_id)
     if text.strip() == source.text.strip():
         return  # untouched: nothing to learn from
-    policy = get_or_create_policy(HUMAN_EDIT_POLICY, session=session, base_model="human",
-                                  description="answers edited by annotators")
-    edited, _ = add_response(slot.prompt_id, policy.id, text.strip(), session=session,
-                             edited_from_id=source.id, author_rater_id=caller.id)
+    policy = get_or_create_policy(
+        HUMAN_EDIT_POLICY,
+        session=session,
+        base_model="human",
+        description="answers edited by annotators",
+    )
+    edited, _ = add_response(
+        slot.prompt_id,
+        policy.id,
+        text.strip(),
+        session=session,
+        edited_from_id=source.id,
+        author_rater_id=caller.id,
+    )
     pair, _ = add_comparison(edited, source, session=session, source="human-edit")
     choice = Choice.a if pair.response_a_id == edited.id else Choice.b
-    record_vote(pair.id, caller.id, choice, session=session, rationale="edited answer",
-                idempotency_key=f"{key}:edit")
+    record_vote(
+        pair.id,
+        caller.id,
+        choice,
+        session=session,
+        rationale="edited answer",
+        idempotency_key=f"{key}:edit",
+    )
 
 
-def submit(state, desk: Desk | None, caller: Caller, side: str, key: str, strength: str | None = None,
-           rationale: str | None = None, edit_text: str | None = None) -> tuple[Desk, PairScreen]:
+def submit(
+    state,
+    desk: Desk | None,
+    caller: Caller,
+    side: str,
+    key: str,
+    strength: str | None = None,
+    rationale: str | None = None,
+    edit_text: str | None = None,
+) -> tuple[Desk, PairScreen]:
     """Record the caller's judgement of the pair on screen, once, and move to the next pair."""
     desk = _bind(desk, caller)
     if key and key in desk.saved_keys:
         with state.session() as session:
-            return desk, _screen(state, desk, caller, session, status_html("Already saved.", Tone.info))
+            return desk, _screen(
+                state, desk, caller, session, status_html("Already saved.", Tone.info)
+            )
     slot = desk.slot
     if slot is None or key != slot.key:
         with state.session() as session:
@@ -235,7 +271,9 @@ def submit(state, desk: Desk | None, caller: Caller, side: str, key: str, streng
             desk.slot = None
             _assign(state, desk, caller, session)
             desk.progress.add_vote()
-            screen = _screen(state, desk, caller, session, status_html("Saved ✓", Tone.ok), clear_inputs=True)
+            screen = _screen(
+                state, desk, caller, session, status_html("Saved ✓", Tone.ok), clear_inputs=True
+            )
     except (VoteError, EditError) as error:
         # Nothing was written: the pair stays on screen with the inputs as they were.
         desk.slot, desk.progress.value = slot, progress_before
@@ -255,8 +293,15 @@ def submit(state, desk: Desk | None, caller: Caller, side: str, key: str, streng
     return desk, screen
 
 
-def retry(state, desk: Desk | None, caller: Caller, key: str, strength: str | None = None,
-          rationale: str | None = None, edit_text: str | None = None) -> tuple[Desk, PairScreen]:
+def retry(
+    state,
+    desk: Desk | None,
+    caller: Caller,
+    key: str,
+    strength: str | None = None,
+    rationale: str | None = None,
+    edit_text: str | None = None,
+) -> tuple[Desk, PairScreen]:
     desk = _bind(desk, caller)
     if desk.failed_side is None:
         return open_desk(state, desk, caller)
@@ -272,7 +317,9 @@ def skip(state, desk: Desk | None, caller: Caller, key: str) -> tuple[Desk, Pair
             desk.slot = None
             desk.failed_side = None
             _assign(state, desk, caller, session)
-            return desk, _screen(state, desk, caller, session, status_html("Skipped.", Tone.info), clear_inputs=True)
+            return desk, _screen(
+                state, desk, caller, session, status_html("Skipped.", Tone.info), clear_inputs=True
+            )
         return desk, _screen(state, desk, caller, session)
 
 
@@ -317,27 +364,54 @@ def build_annotate_tab(state) -> dict:
         with gr.Row(elem_classes="pf-topbar", equal_height=True):
             progress = gr.Markdown("", elem_id="pf-progress")
             status = gr.HTML("", elem_id="pf-status", js_on_load=None)
-            retry_button = gr.Button("Retry save", variant="stop", elem_id="pf-retry", elem_classes="pf-when-failed",
-                                     size="sm", scale=0, min_width=120)
+            retry_button = gr.Button(
+                "Retry save",
+                variant="stop",
+                elem_id="pf-retry",
+                elem_classes="pf-when-failed",
+                size="sm",
+                scale=0,
+                min_width=120,
+            )
         key_box = gr.Textbox(visible="hidden", elem_id="pf-key")
         screen_html = gr.HTML("", elem_id="pf-screen", js_on_load=None)
-        again_button = gr.Button("Check for pairs again", elem_id="pf-again", size="sm", elem_classes="pf-when-empty")
+        again_button = gr.Button(
+            "Check for pairs again", elem_id="pf-again", size="sm", elem_classes="pf-when-empty"
+        )
         with gr.Row(elem_classes="pf-choices pf-when-pair"):
             buttons = {
-                side: gr.Button(f"{label}  [{shortcut}]", variant="primary" if side in ("left", "right") else "secondary",
-                                elem_id=f"pf-vote-{side}", elem_classes=f"pf-key-{shortcut}")
+                side: gr.Button(
+                    f"{label}  [{shortcut}]",
+                    variant="primary" if side in ("left", "right") else "secondary",
+                    elem_id=f"pf-vote-{side}",
+                    elem_classes=f"pf-key-{shortcut}",
+                )
                 for side, label, shortcut in BUTTONS
             }
-            skip_button = gr.Button("Skip  [S]", variant="secondary", elem_id="pf-skip", elem_classes="pf-key-s")
+            skip_button = gr.Button(
+                "Skip  [S]", variant="secondary", elem_id="pf-skip", elem_classes="pf-key-s"
+            )
         with gr.Row(elem_classes="pf-when-pair"):
-            strength = gr.Radio(list(STRENGTHS), value=None, label="How much better? (optional)", elem_id="pf-strength")
-            rationale = gr.Textbox(label="Why? (optional)", lines=1, max_lines=4, elem_id="pf-rationale")
-        with gr.Accordion("Edit the better answer (optional)", open=False, elem_classes="pf-when-pair"):
+            strength = gr.Radio(
+                list(STRENGTHS),
+                value=None,
+                label="How much better? (optional)",
+                elem_id="pf-strength",
+            )
+            rationale = gr.Textbox(
+                label="Why? (optional)", lines=1, max_lines=4, elem_id="pf-rationale"
+            )
+        with gr.Accordion(
+            "Edit the better answer (optional)", open=False, elem_classes="pf-when-pair"
+        ):
             with gr.Row():
                 copy_left = gr.Button("Start from A", size="sm", elem_id="pf-copy-left")
                 copy_right = gr.Button("Start from B", size="sm", elem_id="pf-copy-right")
-            edit_box = gr.Textbox(label="Improved answer: saved with your vote as a new, preferred response",
-                                  lines=6, elem_id="pf-edit")
+            edit_box = gr.Textbox(
+                label="Improved answer: saved with your vote as a new, preferred response",
+                lines=6,
+                elem_id="pf-edit",
+            )
 
     outputs = [desk, screen_html, key_box, progress, status, strength, rationale, edit_box]
 
@@ -359,15 +433,38 @@ def build_annotate_tab(state) -> dict:
         return run(lambda caller: show_skipped_again(state, desk_value, caller), request)
 
     def make_vote(side: str):
-        def on_vote(desk_value, key, strength_value, rationale_value, edit_value, request: gr.Request):
-            return run(lambda caller: submit(state, desk_value, caller, side, text_input(key), text_input(strength_value),
-                                             text_input(rationale_value), text_input(edit_value)), request)
+        def on_vote(
+            desk_value, key, strength_value, rationale_value, edit_value, request: gr.Request
+        ):
+            return run(
+                lambda caller: submit(
+                    state,
+                    desk_value,
+                    caller,
+                    side,
+                    text_input(key),
+                    text_input(strength_value),
+                    text_input(rationale_value),
+                    text_input(edit_value),
+                ),
+                request,
+            )
 
         return on_vote
 
     def on_retry(desk_value, key, strength_value, rationale_value, edit_value, request: gr.Request):
-        return run(lambda caller: retry(state, desk_value, caller, text_input(key), text_input(strength_value),
-                                        text_input(rationale_value), text_input(edit_value)), request)
+        return run(
+            lambda caller: retry(
+                state,
+                desk_value,
+                caller,
+                text_input(key),
+                text_input(strength_value),
+                text_input(rationale_value),
+                text_input(edit_value),
+            ),
+            request,
+        )
 
     def on_skip(desk_value, key, request: gr.Request):
         return run(lambda caller: skip(state, desk_value, caller, text_input(key)), request)
@@ -389,6 +486,10 @@ def build_annotate_tab(state) -> dict:
     retry_button.click(on_retry, vote_inputs, outputs, api_name="retry_vote", **fast)
     skip_button.click(on_skip, [desk, key_box], outputs, api_name="skip_pair", **fast)
     again_button.click(on_again, [desk], outputs, api_name="pairs_again", **fast)
-    copy_left.click(make_copy("left"), [desk, key_box], [desk, edit_box], api_name="edit_from_a", **fast)
-    copy_right.click(make_copy("right"), [desk, key_box], [desk, edit_box], api_name="edit_from_b", **fast)
+    copy_left.click(
+        make_copy("left"), [desk, key_box], [desk, edit_box], api_name="edit_from_a", **fast
+    )
+    copy_right.click(
+        make_copy("right"), [desk, key_box], [desk, edit_box], api_name="edit_from_b", **fast
+    )
     return {"load": (on_load, [desk], outputs, fast)}

@@ -23,7 +23,9 @@ from feedback_store.raters import check_password, get_rater, hash_password
 
 # Gradio calls the auth function with (user, password) only; the peer address reaches it
 # through this per-request context variable, set by ClientAddressMiddleware.
-_CLIENT_ADDRESS: contextvars.ContextVar[str] = contextvars.ContextVar("prefloop_client_address", default="unknown")
+_CLIENT_ADDRESS: contextvars.ContextVar[str] = contextvars.ContextVar(
+    "prefloop_client_address", default="unknown"
+)
 
 
 class ClientAddressMiddleware:
@@ -47,8 +49,14 @@ class ClientAddressMiddleware:
 class LoginLimiter:
     """Counts failed logins per (user, address) and per address over a sliding window."""
 
-    def __init__(self, *, max_failures: int, max_failures_per_address: int, window_s: float,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        *,
+        max_failures: int,
+        max_failures_per_address: int,
+        window_s: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.max_failures = max_failures
         self.max_failures_per_address = max_failures_per_address
         self.window_s = window_s
@@ -71,7 +79,9 @@ class LoginLimiter:
         now = self.clock()
         wait = 0.0
         with self._lock:
-            for key, limit in zip(self._keys(user, address), (self.max_failures, self.max_failures_per_address)):
+            for key, limit in zip(
+                self._keys(user, address), (self.max_failures, self.max_failures_per_address)
+            ):
                 times = self._recent(key, now)
                 if len(times) >= limit:
                     wait = max(wait, times[-limit] + self.window_s - now)
@@ -100,7 +110,12 @@ def make_auth(state) -> Callable:
         # Read the hash in a short transaction; the ~50 ms scrypt runs outside it.
         with state.session() as session:
             rater = get_rater(user, session=session)
-            usable = rater is not None and rater.kind == RaterKind.human and rater.active and rater.password_hash
+            usable = (
+                rater is not None
+                and rater.kind == RaterKind.human
+                and rater.active
+                and rater.password_hash
+            )
             stored = rater.password_hash if usable else None
         return check_password(password, stored or decoy) and stored is not None
 
@@ -152,10 +167,17 @@ def caller_for(state, username: str | None) -> Caller:
         caller = cached[0]
     else:
         with state.session() as session:
-            rater = (session.get(Rater, state.local_rater_id) if state.local_rater_id is not None
-                     else get_rater(username, session=session))
+            rater = (
+                session.get(Rater, state.local_rater_id)
+                if state.local_rater_id is not None
+                else get_rater(username, session=session)
+            )
             usable = rater is not None and rater.kind == RaterKind.human and rater.active
-            caller = Caller(id=rater.id, name=rater.name, role=Role(rater.role or Role.annotator)) if usable else None
+            caller = (
+                Caller(id=rater.id, name=rater.name, role=Role(rater.role or Role.annotator))
+                if usable
+                else None
+            )
         state.callers[cache_key] = (caller, time.monotonic())
     if caller is None:
         raise AccessDenied("this account is unknown or deactivated")

@@ -29,7 +29,16 @@ def _nothing_yet(title: str, message: str) -> Figure:
     figure = _figure(height=2.0)
     axes = figure.subplots()
     axes.set_title(title, loc="left", fontsize=11)
-    axes.text(0.5, 0.5, message, ha="center", va="center", color=_MUTED, fontsize=11, transform=axes.transAxes)
+    axes.text(
+        0.5,
+        0.5,
+        message,
+        ha="center",
+        va="center",
+        color=_MUTED,
+        fontsize=11,
+        transform=axes.transAxes,
+    )
     axes.set_axis_off()
     return figure
 
@@ -51,7 +60,9 @@ def leaderboard_plot(stats: Stats) -> Figure:
     has_ci = all(_finite(r.ci_low) and _finite(r.ci_high) for r in rows)
     if has_ci:
         errors = [[r.rating - r.ci_low for r in rows], [r.ci_high - r.rating for r in rows]]
-        axes.errorbar(centers, y, xerr=errors, fmt="o", color=_ACCENT, ecolor=_MUTED, capsize=4, lw=2)
+        axes.errorbar(
+            centers, y, xerr=errors, fmt="o", color=_ACCENT, ecolor=_MUTED, capsize=4, lw=2
+        )
     else:
         axes.plot(centers, y, "o", color=_ACCENT)
     axes.set_yticks(list(y), [f"{r.policy}  (n={r.n})" for r in rows])
@@ -70,15 +81,24 @@ def win_rate_plot(stats: Stats) -> Figure:
     import numpy as np
 
     n = len(board.policies)
-    matrix = np.array([[np.nan if v is None else v for v in row] for row in board.win_rate], dtype=float)
+    matrix = np.array(
+        [[np.nan if v is None else v for v in row] for row in board.win_rate], dtype=float
+    )
     figure = _figure(width=max(5.0, 1.0 * n + 3), height=max(3.0, 0.8 * n + 1.5))
     axes = figure.subplots()
     image = axes.imshow(np.ma.masked_invalid(matrix), cmap="RdBu", vmin=0, vmax=1)
     for i in range(n):
         for j in range(n):
             if not math.isnan(matrix[i, j]):
-                axes.text(j, i, f"{matrix[i, j]:.2f}\n({board.games[i][j]})", ha="center", va="center", fontsize=8,
-                          color="white" if abs(matrix[i, j] - 0.5) > 0.3 else "black")
+                axes.text(
+                    j,
+                    i,
+                    f"{matrix[i, j]:.2f}\n({board.games[i][j]})",
+                    ha="center",
+                    va="center",
+                    fontsize=8,
+                    color="white" if abs(matrix[i, j] - 0.5) > 0.3 else "black",
+                )
     axes.set_xticks(range(n), board.policies, rotation=30, ha="right")
     axes.set_yticks(range(n), board.policies)
     figure.colorbar(image, ax=axes, shrink=0.8)
@@ -96,15 +116,25 @@ def agreement_plot(stats: Stats) -> Figure:
         "Krippendorff's α": agreement.krippendorff_alpha,
     }
     if not any(_finite(v) for v in measures.values()):
-        return _nothing_yet(title, "Needs pairs voted on by two or more annotators (raise the target overlap).")
+        return _nothing_yet(
+            title, "Needs pairs voted on by two or more annotators (raise the target overlap)."
+        )
     figure = _figure()
     axes = figure.subplots()
     names = list(measures)
     values = [v if _finite(v) else 0.0 for v in measures.values()]
-    bars = axes.bar(names, values, color=[_ACCENT if _finite(v) else _MUTED for v in measures.values()])
+    bars = axes.bar(
+        names, values, color=[_ACCENT if _finite(v) else _MUTED for v in measures.values()]
+    )
     for bar, value in zip(bars, measures.values()):
-        axes.text(bar.get_x() + bar.get_width() / 2, bar.get_height(), f"{value:.2f}" if _finite(value) else "n/a",
-                  ha="center", va="bottom", fontsize=9)
+        axes.text(
+            bar.get_x() + bar.get_width() / 2,
+            bar.get_height(),
+            f"{value:.2f}" if _finite(value) else "n/a",
+            ha="center",
+            va="bottom",
+            fontsize=9,
+        )
     axes.set_ylim(min(0, *values) - 0.05, 1.1)
     axes.axhline(0, color="black", lw=0.6)
     axes.set_title(title, loc="left", fontsize=11)
@@ -132,7 +162,11 @@ def annotators_plot(stats: Stats) -> Figure:
     colors = [_WARN if name in bias and bias[name].p_value < 0.05 else _ACCENT for name in names]
     left.barh(list(y), [r if _finite(r) else 0 for r in rates], color=colors)
     for i, rate in enumerate(rates):
-        label = f" {rate:.2f} (n={bias[names[i]].n})" if _finite(rate) else " no decisive votes with a known side"
+        label = (
+            f" {rate:.2f} (n={bias[names[i]].n})"
+            if _finite(rate)
+            else " no decisive votes with a known side"
+        )
         left.text(rate if _finite(rate) else 0, i, label, va="center", fontsize=8)
     left.axvline(0.5, color="black", lw=0.8, ls="--")
     left.set_xlim(0, 1)
@@ -156,11 +190,21 @@ def judge_plot(stats: Stats) -> Figure:
     x = np.arange(len(judges))
     for k, measure in enumerate(measures):
         values = [getattr(j, measure) for j in judges]
-        bars = axes.bar(x + (k - 1) * width, [v if _finite(v) else 0 for v in values], width,
-                        label=measure.replace("_", " "))
+        bars = axes.bar(
+            x + (k - 1) * width,
+            [v if _finite(v) else 0 for v in values],
+            width,
+            label=measure.replace("_", " "),
+        )
         for bar, value in zip(bars, values):
-            axes.text(bar.get_x() + bar.get_width() / 2, max(bar.get_height(), 0), f"{value:.2f}" if _finite(value)
-                      else "n/a", ha="center", va="bottom", fontsize=8)
+            axes.text(
+                bar.get_x() + bar.get_width() / 2,
+                max(bar.get_height(), 0),
+                f"{value:.2f}" if _finite(value) else "n/a",
+                ha="center",
+                va="bottom",
+                fontsize=8,
+            )
     axes.set_xticks(x, [f"{j.judge}\n({j.n_comparisons} pairs)" for j in judges], fontsize=8)
     axes.set_xlim(-0.6, len(judges) - 0.4)
     axes.set_ylim(min(0, *(j.kappa for j in judges if _finite(j.kappa))) - 0.05, 1.15)
@@ -191,7 +235,7 @@ def training_plot(runs: list[RunCurves], max_metrics: int = 4) -> Figure:
         axes.set_title(name, loc="left", fontsize=10)
         axes.set_xlabel("step")
         axes.grid(alpha=0.3)
-    for axes in list(grid.flat)[len(names):]:
+    for axes in list(grid.flat)[len(names) :]:
         axes.set_axis_off()
     grid.flat[0].legend(fontsize=7)
     figure.suptitle(title, x=0.01, ha="left", fontsize=11)
@@ -217,7 +261,9 @@ def build_dashboard_tab(state) -> dict:
         refresh = gr.Button("Refresh", size="sm", elem_id="pf-dash-refresh", scale=0, min_width=120)
     plots = {}
     with gr.Row():
-        plots["leaderboard"] = gr.Plot(label="Leaderboard", show_label=False, elem_id="pf-dash-leaderboard")
+        plots["leaderboard"] = gr.Plot(
+            label="Leaderboard", show_label=False, elem_id="pf-dash-leaderboard"
+        )
         plots["win_rate"] = gr.Plot(label="Win rates", show_label=False)
     with gr.Row():
         plots["agreement"] = gr.Plot(label="Agreement", show_label=False)

@@ -16,12 +16,20 @@ from functools import lru_cache
 import nh3
 from markdown_it import MarkdownIt
 
+# fmt: off
 _TAGS = {
     "p", "br", "hr", "pre", "code", "blockquote", "strong", "em", "b", "i", "s", "del", "ins",
     "sub", "sup", "kbd", "ul", "ol", "li", "h1", "h2", "h3", "h4", "h5", "h6", "a",
     "table", "thead", "tbody", "tr", "th", "td", "span", "div",
 }
-_ATTRIBUTES = {"a": {"href", "title"}, "th": {"align"}, "td": {"align"}, "ol": {"start"}, "code": {"class"}}
+# fmt: on
+_ATTRIBUTES = {
+    "a": {"href", "title"},
+    "th": {"align"},
+    "td": {"align"},
+    "ol": {"start"},
+    "code": {"class"},
+}
 _URL_SCHEMES = {"http", "https", "mailto"}
 
 
@@ -33,7 +41,9 @@ def _image_as_text(_renderer, tokens, idx, _options, _env) -> str:
 
 @lru_cache(maxsize=1)
 def _markdown() -> MarkdownIt:
-    md = MarkdownIt("commonmark", {"html": False, "linkify": False}).enable(["table", "strikethrough"])
+    md = MarkdownIt("commonmark", {"html": False, "linkify": False}).enable(
+        ["table", "strikethrough"]
+    )
     md.add_render_rule("image", _image_as_text)
     return md
 
@@ -60,5 +70,7 @@ def render_messages(messages: list[dict]) -> str:
     for message in messages:
         role = html.escape(str(message.get("role", "")))
         body = render_markdown(str(message.get("content", "")))
-        parts.append(f'<div class="pf-turn pf-{role}"><div class="pf-role">{role}</div>{body}</div>')
+        parts.append(
+            f'<div class="pf-turn pf-{role}"><div class="pf-role">{role}</div>{body}</div>'
+        )
     return "\n".join(parts)

@@ -14,26 +14,38 @@ import uvicorn
 from fastapi import FastAPI
 
 from labeling.app.admin import build_admin_tab, guidelines_html
-from labeling.app.assets import CSS, KEYS_JS, theme
 from labeling.app.annotate import build_annotate_tab
-from labeling.app.auth import AccessDenied, ClientAddressMiddleware, caller_for, make_auth
+from labeling.app.assets import CSS, KEYS_JS, theme
+from labeling.app.auth import (
+    AccessDenied,
+    ClientAddressMiddleware,
+    caller_for,
+    make_auth,
+)
 from labeling.app.dashboard import build_dashboard_tab
 from labeling.app.single import build_single_tab
 from labeling.app.state import AppConfig, AppState
 
+
 def build_app(state: AppState) -> gr.Blocks:
     with gr.Blocks(title=state.config.title, analytics_enabled=False) as blocks:
         with gr.Row(elem_classes="pf-header"):
-            gr.HTML(f'<div class="pf-brand">{html.escape(state.config.title)}</div>', js_on_load=None)
+            gr.HTML(
+                f'<div class="pf-brand">{html.escape(state.config.title)}</div>', js_on_load=None
+            )
             who = gr.HTML("", elem_id="pf-who", js_on_load=None)
         with gr.Accordion("Guidelines", open=False, elem_id="pf-guidelines"):
             guidelines = gr.HTML("", js_on_load=None, elem_classes="pf-guidelines")
         with gr.Tabs():
             with gr.Tab("Rank pairs", id="pairs", elem_id="pf-tab-pairs"):
                 annotate = build_annotate_tab(state)
-            with gr.Tab("Rate single responses", id="single", elem_id="pf-tab-single") as single_tab:
+            with gr.Tab(
+                "Rate single responses", id="single", elem_id="pf-tab-single"
+            ) as single_tab:
                 single = build_single_tab(state)
-            with gr.Tab("Dashboard", id="dashboard", visible=False, elem_id="pf-tab-dashboard") as dashboard_tab:
+            with gr.Tab(
+                "Dashboard", id="dashboard", visible=False, elem_id="pf-tab-dashboard"
+            ) as dashboard_tab:
                 dashboard = build_dashboard_tab(state)
             with gr.Tab("Admin", id="admin", visible=False, elem_id="pf-tab-admin") as admin_tab:
                 admin = build_admin_tab(state)
@@ -43,10 +55,18 @@ def build_app(state: AppState) -> gr.Blocks:
                 caller = caller_for(state, request.username)
             except AccessDenied as error:
                 raise gr.Error(str(error)) from None
-            sign_out = "" if state.local_rater_id is not None else ' · <a href="logout">Sign out</a>'
-            badge = (f'Signed in as <b>{html.escape(caller.name)}</b> ({caller.role.value}){sign_out}')
-            return (badge, guidelines_html(state), gr.Tab(visible=caller.is_admin),
-                    gr.Tab(visible=caller.is_admin))
+            sign_out = (
+                "" if state.local_rater_id is not None else ' · <a href="logout">Sign out</a>'
+            )
+            badge = (
+                f"Signed in as <b>{html.escape(caller.name)}</b> ({caller.role.value}){sign_out}"
+            )
+            return (
+                badge,
+                guidelines_html(state),
+                gr.Tab(visible=caller.is_admin),
+                gr.Tab(visible=caller.is_admin),
+            )
 
         blocks.load(on_load, [], [who, guidelines, dashboard_tab, admin_tab], api_name="whoami")
         fn, inputs, outputs, options = annotate["load"]
@@ -57,7 +77,11 @@ def build_app(state: AppState) -> gr.Blocks:
         dashboard_tab.select(*dashboard["refresh"], api_visibility="private")
     # api_open=False: every event goes through the queue (and its concurrency limit), none around it.
     # status_update_rate: events take milliseconds, so no queue-position estimates are broadcast.
-    blocks.queue(api_open=False, default_concurrency_limit=state.config.concurrency_limit, status_update_rate=3600)
+    blocks.queue(
+        api_open=False,
+        default_concurrency_limit=state.config.concurrency_limit,
+        status_update_rate=3600,
+    )
     _skip_queue_analytics(blocks)
     return blocks
 
@@ -103,10 +127,18 @@ def make_asgi_app(state: AppState) -> FastAPI:
     return app
 
 
-def serve(state: AppState, *, host: str = "127.0.0.1", port: int = 7860, log_level: str = "warning") -> None:
+def serve(
+    state: AppState, *, host: str = "127.0.0.1", port: int = 7860, log_level: str = "warning"
+) -> None:
     """Run the app until interrupted (`prefloop serve`)."""
     try:
-        uvicorn.run(make_asgi_app(state), host=host, port=port, log_level=log_level, timeout_graceful_shutdown=3)
+        uvicorn.run(
+            make_asgi_app(state),
+            host=host,
+            port=port,
+            log_level=log_level,
+            timeout_graceful_shutdown=3,
+        )
     finally:
         state.jobs.stop_all()
 

@@ -76,7 +76,9 @@ def _deal(tray: Tray, caller: Caller, session) -> None:
     tray.card = Card(response.id, uuid.uuid4().hex) if response is not None else None
 
 
-def _screen(state, tray: Tray, caller: Caller, session, status: str = "", *, clear_inputs: bool = False) -> CardScreen:
+def _screen(
+    state, tray: Tray, caller: Caller, session, status: str = "", *, clear_inputs: bool = False
+) -> CardScreen:
     progress = progress_markdown(tray.progress.current(caller.id, session))
     if tray.card is None:
         detail = (
@@ -84,14 +86,25 @@ def _screen(state, tray: Tray, caller: Caller, session, status: str = "", *, cle
             if tray.skipped
             else "You have rated every response there is."
         )
-        return CardScreen(status, empty_queue_html("Nothing left to rate", detail), key="", progress_md=progress,
-                          clear_inputs=clear_inputs)
+        return CardScreen(
+            status,
+            empty_queue_html("Nothing left to rate", detail),
+            key="",
+            progress_md=progress,
+            clear_inputs=clear_inputs,
+        )
     response = session.get(Response, tray.card.response_id)
-    screen = card_screen_html(prompt_html(state, response.prompt_id, session), response_html(state, response.id, session))
-    return CardScreen(status, screen, key=tray.card.key, progress_md=progress, clear_inputs=clear_inputs)
+    screen = card_screen_html(
+        prompt_html(state, response.prompt_id, session), response_html(state, response.id, session)
+    )
+    return CardScreen(
+        status, screen, key=tray.card.key, progress_md=progress, clear_inputs=clear_inputs
+    )
 
 
-def open_tray(state, tray: Tray | None, caller: Caller, *, forget_skipped: bool = False) -> tuple[Tray, CardScreen]:
+def open_tray(
+    state, tray: Tray | None, caller: Caller, *, forget_skipped: bool = False
+) -> tuple[Tray, CardScreen]:
     tray = _bind(tray, caller)
     if forget_skipped:
         tray.skipped.clear()
@@ -101,12 +114,15 @@ def open_tray(state, tray: Tray | None, caller: Caller, *, forget_skipped: bool 
         return tray, _screen(state, tray, caller, session)
 
 
-def rate(state, tray: Tray | None, caller: Caller, thumb: str, key: str,
-         comment: str | None = None) -> tuple[Tray, CardScreen]:
+def rate(
+    state, tray: Tray | None, caller: Caller, thumb: str, key: str, comment: str | None = None
+) -> tuple[Tray, CardScreen]:
     tray = _bind(tray, caller)
     if key and key in tray.saved_keys:
         with state.session() as session:
-            return tray, _screen(state, tray, caller, session, status_html("Already saved.", Tone.info))
+            return tray, _screen(
+                state, tray, caller, session, status_html("Already saved.", Tone.info)
+            )
     card = tray.card
     if card is None or key != card.key:
         with state.session() as session:
@@ -118,8 +134,14 @@ def rate(state, tray: Tray | None, caller: Caller, thumb: str, key: str,
         return tray, CardScreen(status_html(f"Not saved: unknown rating {thumb!r}.", Tone.error))
     try:
         with state.session() as session:
-            record_rating(card.response_id, caller.id, thumb == "up", session=session,
-                          comment=(comment or "").strip() or None, idempotency_key=key)
+            record_rating(
+                card.response_id,
+                caller.id,
+                thumb == "up",
+                session=session,
+                comment=(comment or "").strip() or None,
+                idempotency_key=key,
+            )
     except VoteError as error:
         return tray, CardScreen(status_html(f"Not saved: {error}.", Tone.error))
     except SQLAlchemyError as error:
@@ -134,10 +156,14 @@ def rate(state, tray: Tray | None, caller: Caller, thumb: str, key: str,
     tray.progress.add_rating()
     with state.session() as session:
         _deal(tray, caller, session)
-        return tray, _screen(state, tray, caller, session, status_html("Saved ✓", Tone.ok), clear_inputs=True)
+        return tray, _screen(
+            state, tray, caller, session, status_html("Saved ✓", Tone.ok), clear_inputs=True
+        )
 
 
-def retry(state, tray: Tray | None, caller: Caller, key: str, comment: str | None = None) -> tuple[Tray, CardScreen]:
+def retry(
+    state, tray: Tray | None, caller: Caller, key: str, comment: str | None = None
+) -> tuple[Tray, CardScreen]:
     tray = _bind(tray, caller)
     if tray.failed_thumb is None:
         return open_tray(state, tray, caller)
@@ -151,7 +177,9 @@ def skip(state, tray: Tray | None, caller: Caller, key: str) -> tuple[Tray, Card
             tray.skipped.add(tray.card.response_id)
             tray.failed_thumb = None
             _deal(tray, caller, session)
-            return tray, _screen(state, tray, caller, session, status_html("Skipped.", Tone.info), clear_inputs=True)
+            return tray, _screen(
+                state, tray, caller, session, status_html("Skipped.", Tone.info), clear_inputs=True
+            )
         return tray, _screen(state, tray, caller, session)
 
 
@@ -177,21 +205,41 @@ def build_single_tab(state) -> dict:
         with gr.Row(elem_classes="pf-topbar", equal_height=True):
             progress = gr.Markdown("", elem_id="pf1-progress")
             status = gr.HTML("", elem_id="pf1-status", js_on_load=None)
-            retry_button = gr.Button("Retry save", variant="stop", elem_id="pf1-retry", elem_classes="pf-when-failed",
-                                     size="sm", scale=0, min_width=120)
+            retry_button = gr.Button(
+                "Retry save",
+                variant="stop",
+                elem_id="pf1-retry",
+                elem_classes="pf-when-failed",
+                size="sm",
+                scale=0,
+                min_width=120,
+            )
         key_box = gr.Textbox(visible="hidden", elem_id="pf1-key")
         screen_html = gr.HTML("", elem_id="pf1-screen", js_on_load=None)
-        again_button = gr.Button("Show skipped responses again", size="sm", elem_id="pf1-again",
-                                 elem_classes="pf-when-empty")
+        again_button = gr.Button(
+            "Show skipped responses again",
+            size="sm",
+            elem_id="pf1-again",
+            elem_classes="pf-when-empty",
+        )
         with gr.Row(elem_classes="pf-choices pf-when-pair"):
             buttons = {
-                thumb: gr.Button(f"{label}  [{shortcut.upper()}]", variant="primary", elem_id=f"pf1-{thumb}",
-                                 elem_classes=f"pf-key-{shortcut}")
+                thumb: gr.Button(
+                    f"{label}  [{shortcut.upper()}]",
+                    variant="primary",
+                    elem_id=f"pf1-{thumb}",
+                    elem_classes=f"pf-key-{shortcut}",
+                )
                 for thumb, label, shortcut in THUMBS
             }
             skip_button = gr.Button("Skip  [S]", elem_id="pf1-skip", elem_classes="pf-key-s")
-        comment = gr.Textbox(label="Comment (optional)", lines=1, max_lines=4, elem_id="pf1-comment",
-                             elem_classes="pf-when-pair")
+        comment = gr.Textbox(
+            label="Comment (optional)",
+            lines=1,
+            max_lines=4,
+            elem_id="pf1-comment",
+            elem_classes="pf-when-pair",
+        )
 
     outputs = [tray, screen_html, key_box, progress, status, comment]
 
@@ -207,25 +255,37 @@ def build_single_tab(state) -> dict:
         return run(lambda caller: open_tray(state, tray_value, caller), request)
 
     def on_again(tray_value, request: gr.Request):
-        return run(lambda caller: open_tray(state, tray_value, caller, forget_skipped=True), request)
+        return run(
+            lambda caller: open_tray(state, tray_value, caller, forget_skipped=True), request
+        )
 
     def make_rate(thumb: str):
         def on_rate(tray_value, key, comment_value, request: gr.Request):
-            return run(lambda caller: rate(state, tray_value, caller, thumb, text_input(key),
-                                           text_input(comment_value)), request)
+            return run(
+                lambda caller: rate(
+                    state, tray_value, caller, thumb, text_input(key), text_input(comment_value)
+                ),
+                request,
+            )
 
         return on_rate
 
     def on_retry(tray_value, key, comment_value, request: gr.Request):
-        return run(lambda caller: retry(state, tray_value, caller, text_input(key), text_input(comment_value)),
-                   request)
+        return run(
+            lambda caller: retry(
+                state, tray_value, caller, text_input(key), text_input(comment_value)
+            ),
+            request,
+        )
 
     def on_skip(tray_value, key, request: gr.Request):
         return run(lambda caller: skip(state, tray_value, caller, text_input(key)), request)
 
     fast = dict(preprocess=False, postprocess=False, show_progress="minimal")
     for thumb, button in buttons.items():
-        button.click(make_rate(thumb), [tray, key_box, comment], outputs, api_name=f"rate_{thumb}", **fast)
+        button.click(
+            make_rate(thumb), [tray, key_box, comment], outputs, api_name=f"rate_{thumb}", **fast
+        )
     retry_button.click(on_retry, [tray, key_box, comment], outputs, api_name="retry_rating", **fast)
     skip_button.click(on_skip, [tray, key_box], outputs, api_name="skip_response", **fast)
     again_button.click(on_again, [tray], outputs, api_name="responses_again", **fast)

@@ -28,18 +28,39 @@ class AppConfig:
         default=None,
         metadata={"help": "no login: every visitor acts as this admin account (local use only)"},
     )
-    reservation_s: float = field(default=300.0, metadata={"help": "how long a pair stays reserved for the rater it was given to"})
-    max_failed_logins: int = field(default=5, metadata={"help": "failed logins per user and address before a lockout"})
-    max_failed_logins_per_address: int = field(default=50, metadata={"help": "failed logins per address, any user, before a lockout"})
-    lockout_window_s: float = field(default=900.0, metadata={"help": "window over which failed logins are counted"})
-    render_cache_size: int = field(default=4096, metadata={"help": "rendered prompts and responses kept in memory"})
+    reservation_s: float = field(
+        default=300.0,
+        metadata={"help": "how long a pair stays reserved for the rater it was given to"},
+    )
+    max_failed_logins: int = field(
+        default=5, metadata={"help": "failed logins per user and address before a lockout"}
+    )
+    max_failed_logins_per_address: int = field(
+        default=50, metadata={"help": "failed logins per address, any user, before a lockout"}
+    )
+    lockout_window_s: float = field(
+        default=900.0, metadata={"help": "window over which failed logins are counted"}
+    )
+    render_cache_size: int = field(
+        default=4096, metadata={"help": "rendered prompts and responses kept in memory"}
+    )
     identity_cache_s: float = field(
         default=5.0,
-        metadata={"help": "how long a signed-in user's account (role, active) is reused before being re-read; "
-                          "a role change or deactivation applies within this time"},
+        metadata={
+            "help": "how long a signed-in user's account (role, active) is reused before being re-read; "
+            "a role change or deactivation applies within this time"
+        },
     )
-    concurrency_limit: int = field(default=8, metadata={"help": "events handled at once (database work is short; more only adds contention)"})
-    job_dir: Path | None = field(default=None, metadata={"help": "where background job logs go (default: a temporary directory)"})
+    concurrency_limit: int = field(
+        default=8,
+        metadata={
+            "help": "events handled at once (database work is short; more only adds contention)"
+        },
+    )
+    job_dir: Path | None = field(
+        default=None,
+        metadata={"help": "where background job logs go (default: a temporary directory)"},
+    )
     title: str = "prefloop"
 
 
@@ -75,7 +96,9 @@ class AppState:
     _rater_locks: dict[int, threading.Lock] = field(default_factory=dict)
     _locks_guard: threading.Lock = field(default_factory=threading.Lock)
     _write_lock: threading.Lock | None = None
-    callers: dict = field(default_factory=dict)  # user name -> (Caller, read at), see auth.caller_for
+    callers: dict = field(
+        default_factory=dict
+    )  # user name -> (Caller, read at), see auth.caller_for
 
     @classmethod
     def create(cls, config: AppConfig, *, engine: Engine | None = None) -> "AppState":
@@ -100,7 +123,9 @@ class AppState:
             from feedback_store.raters import get_or_create_local_user
 
             with session_scope(engine) as session:
-                state.local_rater_id = get_or_create_local_user(config.single_user, session=session).id
+                state.local_rater_id = get_or_create_local_user(
+                    config.single_user, session=session
+                ).id
         return state
 
     @contextmanager

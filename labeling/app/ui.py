@@ -84,8 +84,11 @@ class ProgressMemo:
 
     def add_vote(self) -> None:
         if self.value is not None:
-            self.value = dataclasses.replace(self.value, votes_today=self.value.votes_today + 1,
-                                             remaining=max(0, self.value.remaining - 1))
+            self.value = dataclasses.replace(
+                self.value,
+                votes_today=self.value.votes_today + 1,
+                remaining=max(0, self.value.remaining - 1),
+            )
 
     def add_rating(self) -> None:
         if self.value is not None:
@@ -96,11 +99,14 @@ def response_html(state, response_id: int, session) -> str:
     """A response's text as safe HTML; stored text never changes, so it is rendered once."""
     from feedback_store.models import Response
 
-    return state.renders.get(("response", response_id),
-                             lambda: render_markdown(session.get(Response, response_id).text))
+    return state.renders.get(
+        ("response", response_id), lambda: render_markdown(session.get(Response, response_id).text)
+    )
 
 
 def prompt_html(state, prompt_id: int, session) -> str:
     from feedback_store.models import Prompt
 
-    return state.renders.get(("prompt", prompt_id), lambda: render_messages(session.get(Prompt, prompt_id).messages))
+    return state.renders.get(
+        ("prompt", prompt_id), lambda: render_messages(session.get(Prompt, prompt_id).messages)
+    )

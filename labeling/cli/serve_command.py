@@ -16,7 +16,9 @@ def register(subparsers, common: argparse.ArgumentParser) -> None:
         description="Run the labeling web app. Accounts come from `prefloop users add`; "
         "--single-user NAME skips login and makes every visitor the admin NAME (local use only).",
     )
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)"
+    )
     parser.add_argument("--port", type=int, default=7860, help="port to listen on (default: 7860)")
     parser.add_argument(
         "--single-user",
@@ -24,7 +26,9 @@ def register(subparsers, common: argparse.ArgumentParser) -> None:
         default=None,
         help="no login: every visitor acts as the admin account NAME (created if missing)",
     )
-    parser.add_argument("--job-dir", default=None, help="where admin-started job logs go (default: a temp dir)")
+    parser.add_argument(
+        "--job-dir", default=None, help="where admin-started job logs go (default: a temp dir)"
+    )
     parser.set_defaults(handler=run_serve)
 
 
@@ -43,8 +47,10 @@ def run_serve(args: argparse.Namespace) -> int:
                     "or run `prefloop serve --single-user NAME` for local use"
                 )
     elif args.host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"warning: --single-user on {args.host}: anyone who can reach this address is an admin",
-              file=sys.stderr)
+        print(
+            f"warning: --single-user on {args.host}: anyone who can reach this address is an admin",
+            file=sys.stderr,
+        )
 
     from labeling.app.server import serve
     from labeling.app.state import AppConfig, AppState
@@ -55,7 +61,10 @@ def run_serve(args: argparse.Namespace) -> int:
         job_dir=Path(args.job_dir) if args.job_dir else None,
     )
     state = AppState.create(config, engine=engine)
-    print(f"prefloop app on http://{args.host}:{args.port}"
-          + (f" (single user: {args.single_user})" if args.single_user else " (sign-in required)"), flush=True)
+    print(
+        f"prefloop app on http://{args.host}:{args.port}"
+        + (f" (single user: {args.single_user})" if args.single_user else " (sign-in required)"),
+        flush=True,
+    )
     serve(state, host=args.host, port=args.port)
     return 0

@@ -19,7 +19,9 @@ def register(subparsers, common: argparse.ArgumentParser) -> None:
         description="The password is read from a prompt, or from the first line of stdin when stdin is not a terminal.",
     )
     add.add_argument("name", help="user name (what they type to sign in)")
-    add.add_argument("--role", choices=("annotator", "admin"), default="annotator", help="default: annotator")
+    add.add_argument(
+        "--role", choices=("annotator", "admin"), default="annotator", help="default: annotator"
+    )
     add.set_defaults(handler=run_add)
     listing = actions.add_parser("list", parents=[common], help="list users")
     listing.set_defaults(handler=run_list)
@@ -34,7 +36,9 @@ def read_password(stream=None) -> str:
         return first
     line = stream.readline()
     if not line:
-        raise CliError("no password on stdin (pipe one line, e.g. `echo \"$PW\" | prefloop users add NAME`)")
+        raise CliError(
+            'no password on stdin (pipe one line, e.g. `echo "$PW" | prefloop users add NAME`)'
+        )
     return line.rstrip("\r\n")
 
 
