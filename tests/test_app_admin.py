@@ -32,10 +32,10 @@ CLI = [
 
 
 @pytest.fixture
-def state(sqlite_url, tmp_path):
-    engine = engine_for(sqlite_url)
+def state(db_url, tmp_path):
+    engine = engine_for(db_url)
     seed_users(engine, ["bob", "carol"], ["alice"])
-    return AppState.create(AppConfig(db_url=sqlite_url, job_dir=tmp_path / "jobs"), engine=engine)
+    return AppState.create(AppConfig(db_url=db_url, job_dir=tmp_path / "jobs"), engine=engine)
 
 
 def test_sanitizer_keeps_markdown_and_makes_html_inert():

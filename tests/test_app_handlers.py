@@ -34,10 +34,11 @@ from tests.app_support import PASSWORD, seed_pairs, seed_users
 
 
 @pytest.fixture
-def state(sqlite_url, tmp_path):
-    engine = engine_for(sqlite_url)
+def state(db_url, tmp_path):
+    """The app's state on a real store: an SQLite file, and the PostgreSQL server when there is one."""
+    engine = engine_for(db_url)
     seed_users(engine, ["bob", "carol"], ["alice"])
-    return AppState.create(AppConfig(db_url=sqlite_url, job_dir=tmp_path / "jobs"), engine=engine)
+    return AppState.create(AppConfig(db_url=db_url, job_dir=tmp_path / "jobs"), engine=engine)
 
 
 def caller(state, name):
@@ -231,7 +232,7 @@ def test_single_response_ratings(state):
     )
 
 
-def test_identity_comes_from_the_server_side_account(state, sqlite_url, tmp_path):
+def test_identity_comes_from_the_server_side_account(state, tmp_path):
     with pytest.raises(AccessDenied):
         caller_for(state, None)
     with pytest.raises(AccessDenied):
@@ -244,7 +245,7 @@ def test_identity_comes_from_the_server_side_account(state, sqlite_url, tmp_path
     with pytest.raises(AccessDenied):
         caller_for(state, "carol")
     local = AppState.create(
-        AppConfig(db_url=sqlite_url, single_user="me", job_dir=tmp_path), engine=state.engine
+        AppConfig(db_url=state.config.db_url, single_user="me", job_dir=tmp_path), engine=state.engine
     )
     assert caller_for(local, None).name == "me" and caller_for(local, "bob").name == "me"
     assert caller_for(local, None).is_admin
