@@ -114,14 +114,16 @@ def test_other_adapters_train(adapter, store, model_dir, tmp_path):
     out = Path(result.output_path)
     if adapter == "dora":
         assert any("lora_magnitude_vector" in name for name in adapter_tensors(out))
-    elif adapter == "lm_head":
+        return
+    # No adapter to switch off: the reference log-probs come from one pass before training.
+    assert any("reference log-probs precomputed" in note for note in result.notes)
+    if adapter == "lm_head":
         assert (out / "lm_head.safetensors").is_file()
     else:  # a full fine-tune is a model of its own: the policy's base is the saved model
         assert (out / "config.json").is_file()
         with session_scope(store) as session:
             policy = session.exec(select(PolicyVersion).where(PolicyVersion.name == result.policy_name)).one()
             assert policy.base_model == str(out) and policy.adapter_path is None
-        assert any("reference log-probs precomputed" in note for note in result.notes)
 
 
 def test_quantized_4bit_lora_trains_on_cpu(store, model_dir, tmp_path):
@@ -260,3 +262,11 @@ def test_sft_from_a_parquet_file_like_the_seed(store, model_dir, tmp_path):
     assert run.snapshot_ids == {"comparison_ids": [], "response_ids": []} and len(run.snapshot_hash) == 64
     with pytest.raises(TrainingError, match="dpo needs columns prompt/chosen/rejected or chosen/rejected"):
         train(store, "dpo", model_dir, tmp_path, run={"data": str(path)})
+
+
+@pytest.mark.parametrize("method", ["dpo", "reward"])
+def test_group_by_length_as_in_the_seed(method, store, model_dir, tmp_path):
+    """transformers' length-grouped sampler needs lengths TRL's pairwise rows do not carry."""
+    result = train(store, method, model_dir, tmp_path, trainer={"max_steps": 2,
+                                                                "train_sampling_strategy": "group_by_length"})
+    assert result.status == "done"

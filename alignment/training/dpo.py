@@ -15,6 +15,7 @@ losses, vision models) go through TRL's own path.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -91,14 +92,25 @@ class DPOTrainer(GuardedTraining, TRLDPOTrainer):
         super().__init__(model, args=args, **kwargs)
         if self._packed:
             packing.add_packed_heads(packing.unwrap_peft(self.accelerator.unwrap_model(self.model)))
+            if self.ref_model is not None:
+                self._pack_reference_model()
             # TRL reads the reference log-probs from the batch; this trainer puts them there.
             self.precompute_ref_logps = True
+
+    def _pack_reference_model(self) -> None:
+        """A separate reference model must read the packed rows the same way as the policy."""
+        reference = packing.unwrap_peft(self.accelerator.unwrap_model(self.ref_model))
+        if not packing.use_packed_attention(reference):
+            raise ValueError(f"the reference model ({type(reference).__name__}) cannot use packed attention: "
+                             "set prefix_sharing=False")
+        packing.add_packed_heads(reference)
 
     # -- data -------------------------------------------------------------------------------
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
         if "length" not in dataset.column_names:
-            # group_by_length sorts on this: the packed row's length, i.e. the compute of the pair
+            # what group_by_length sorts on (TRL's DPO rows have no input_ids to measure): the
+            # packed row's length, i.e. the compute of the pair
             dataset = dataset.map(
                 lambda e: {"length": len(e["prompt_ids"]) + len(e["chosen_ids"]) + len(e["rejected_ids"])},
                 desc=f"Measuring {dataset_name} pairs",
@@ -132,20 +144,19 @@ class DPOTrainer(GuardedTraining, TRLDPOTrainer):
         return dataset.add_column("ref_chosen_logps", chosen).add_column("ref_rejected_logps", rejected)
 
     def _reference_pass(self, packed: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        from trl.trainer.utils import use_adapter
-
         from trl.models.utils import disable_gradient_checkpointing
+        from trl.trainer.utils import use_adapter
 
         model = self.ref_model if self.ref_model is not None else self.model
         unwrapped = self.accelerator.unwrap_model(self.model)
         if self.ref_model is None and hasattr(unwrapped, "peft_config"):
+            # the reference is the base: the new adapter off (or TRL's frozen "ref" copy of a loaded one)
             adapter = use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
         else:
-            import contextlib
-
             adapter = contextlib.nullcontext()
-        if self.ref_model is not None:
-            packing.add_packed_heads(packing.unwrap_peft(self.accelerator.unwrap_model(self.ref_model)))
+        if self.ref_model is not None and not getattr(packing.unwrap_peft(self.ref_model), "_prefloop_packed_heads",
+                                                      False):
+            self._pack_reference_model()  # precompute runs inside TRL's __init__, before ours finishes
         with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs), \
                 adapter:
             out = self._packed_forward(model, packed, outputs=())

@@ -418,11 +418,13 @@ def _train(method, run_id, spec, adapter, settings, dataset, output_dir, notes, 
         if not kept:
             notes.add(f"none of {adapter.target_modules} in {type(model).__name__}: adapting {sorted(present)}")
         adapter.target_modules = kept or None
-    if adapter.method == "full" and method.name in ("dpo", "kto") and not trainer_settings.get(
+    if adapter.method in ("full", "lm_head") and method.name in ("dpo", "kto") and not trainer_settings.get(
         "precompute_ref_log_probs"
     ):
+        # No adapter to switch off for the reference: rather than a second model in memory,
+        # one no-grad pass over the data before training.
         trainer_settings["precompute_ref_log_probs"] = True
-        notes.add("full fine-tuning: reference log-probs precomputed once, no second model copy in memory")
+        notes.add(f"{adapter.method} training: reference log-probs precomputed once, no second model copy in memory")
     model = apply_adapter(model, adapter)
 
     # The trainer.

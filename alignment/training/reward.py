@@ -89,7 +89,16 @@ class RewardTrainer(GuardedTraining, TRLRewardTrainer):
                 f"none of the {before} {dataset_name} pairs fits the reward model: every one is longer than "
                 f"max_length={args.max_length} tokens (use a model with a longer context, or shorter data)"
             )
+        if "length" not in dataset.column_names:
+            # what group_by_length sorts on (TRL's reward rows have no input_ids to measure)
+            dataset = dataset.map(lambda e: {"length": len(e["chosen_ids"]) + len(e["rejected_ids"])},
+                                  desc=f"Measuring {dataset_name} pairs")
         return dataset
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        if "length" not in self._signature_columns:
+            self._signature_columns = [*self._signature_columns, "length"]
 
     def packed_rewards(self, model, packed: dict) -> torch.Tensor:
         """Rewards of the n chosen then the n rejected sequences of a packed batch."""
