@@ -208,6 +208,7 @@ def test_single_response_mode_with_keyboard(app, page):
     sign_in(page, app["url"], "gina")
     page.get_by_role("tab", name="Rate single responses").click()
     page.wait_for_function("document.querySelector('#pf1-key textarea, #pf1-key input')?.value")
+    page.screenshot(path=str(REPO / "test-output" / "single.png"), full_page=True)
     page.fill("#pf1-comment textarea", "clear and short")
     page.click("#pf1-response")
     page.keyboard.press("u")

@@ -29,7 +29,7 @@ from labeling.app.ui import (
 )
 
 SAVED_KEYS_KEPT = 64
-THUMBS = (("up", "👍 Good", "u"), ("down", "👎 Bad", "d"))
+THUMBS = (("up", "Good", "u"), ("down", "Bad", "d"))  # no emoji: not every system has the font
 
 
 @dataclass
@@ -79,7 +79,7 @@ def _deal(tray: Tray, caller: Caller, session) -> None:
 def _screen(
     state, tray: Tray, caller: Caller, session, status: str = "", *, clear_inputs: bool = False
 ) -> CardScreen:
-    progress = progress_markdown(tray.progress.current(caller.id, session))
+    progress = progress_markdown(tray.progress.current(caller.id, session), ratings=True)
     if tray.card is None:
         detail = (
             "You skipped the rest in this sitting: press the button below to see them again."

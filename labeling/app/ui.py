@@ -27,11 +27,16 @@ def status_html(text: str, tone: Tone = Tone.info, *, failed: bool = False) -> s
     return f'<div class="pf-status pf-{tone.value}{marker}" role="status">{html.escape(text)}</div>'
 
 
-def progress_markdown(progress: RaterProgress, *, unit: str = "pairs") -> str:
-    done = progress.votes_today + progress.ratings_today
+def progress_markdown(progress: RaterProgress, *, ratings: bool = False) -> str:
+    """Done today, and what is left: pairs (with the overlap they aim for) or, in the
+    single-response mode, today's ratings."""
+    done = f"**{progress.votes_today + progress.ratings_today}** done today"
+    if ratings:
+        return f"{done} · **{progress.ratings_today}** of them ratings"
+    votes = "vote" if progress.target_overlap == 1 else "votes"
     return (
-        f"**{done}** done today · **{progress.remaining}** {unit} left for you · "
-        f"target overlap **{progress.target_overlap}** vote{'s' if progress.target_overlap != 1 else ''} per pair"
+        f"{done} · **{progress.remaining}** pairs left for you · "
+        f"target overlap **{progress.target_overlap}** {votes} per pair"
     )
 
 
