@@ -243,7 +243,7 @@ def training_plot(runs: list[RunCurves], max_metrics: int = 4) -> Figure:
 
 
 def dashboard_figures(state) -> dict[str, Figure]:
-    with state.session() as session:
+    with state.read_session() as session:
         stats = compute_stats(session=session)
         runs = recent_run_curves(session=session)
     return {

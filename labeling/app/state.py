@@ -16,7 +16,7 @@ from pathlib import Path
 
 from sqlalchemy.engine import Engine
 
-from feedback_store.db import engine_for, session_scope
+from feedback_store.db import engine_for, read_scope, session_scope
 from labeling.app.auth import LoginLimiter
 from labeling.app.jobs import JobManager
 
@@ -137,6 +137,10 @@ class AppState:
             return
         with self._write_lock, session_scope(self.engine) as session:
             yield session
+
+    def read_session(self):
+        """A read-only unit of work: never takes the write lock, so dashboards don't stall votes."""
+        return read_scope(self.engine)
 
     def rater_lock(self, rater_id: int) -> threading.Lock:
         """One rater's events run one at a time in this process: two clicks sent at once then
