@@ -83,8 +83,10 @@ def read_scope(engine: Engine) -> Iterator[Session]:
     with Session(engine.execution_options(**{READ_ONLY_OPTION: True}), expire_on_commit=False) as session:
         try:
             yield session
-        finally:
+            session.commit()  # ends the read; unlike rollback, keeps loaded objects usable
+        except BaseException:
             session.rollback()
+            raise
 
 
 def alembic_config(db_url: str):
