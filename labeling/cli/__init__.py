@@ -9,34 +9,31 @@ from __future__ import annotations
 import argparse
 import sys
 
-from labeling.cli import store_commands
+from labeling.cli import (
+    demo_command,
+    export_command,
+    generate_command,
+    judge_command,
+    serve_command,
+    stats_command,
+    store_commands,
+    train_command,
+    users_command,
+)
 from labeling.cli.common import CliError, common_parser
 
-COMMAND_MODULES = [store_commands]
-OPTIONAL_COMMANDS = (
-    "stats_command",
-    "export_command",
-    "users_command",
-    "generate_command",
-    "judge_command",
-    "train_command",
-    "serve_command",
-    "demo_command",
-)
-
-
-def _optional_modules() -> list:
-    # Modules added by later parts of the project register themselves here when present.
-    import importlib
-
-    modules = []
-    for name in OPTIONAL_COMMANDS:
-        try:
-            modules.append(importlib.import_module(f"labeling.cli.{name}"))
-        except ModuleNotFoundError as error:
-            if error.name != f"labeling.cli.{name}":
-                raise
-    return modules
+# In the order `prefloop --help` lists them.
+COMMAND_MODULES = [
+    store_commands,
+    stats_command,
+    export_command,
+    users_command,
+    generate_command,
+    judge_command,
+    train_command,
+    serve_command,
+    demo_command,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     common = common_parser()
-    for module in COMMAND_MODULES + _optional_modules():
+    for module in COMMAND_MODULES:
         module.register(subparsers, common)
     return parser
 
