@@ -352,6 +352,27 @@ def _updates(desk: Desk, screen: PairScreen) -> tuple:
     )
 
 
+def screen_frame(prefix: str):
+    """What both feedback modes show: a top bar (progress, status, Retry), the hidden box with
+    the idempotency key of the item on screen, and the screen itself. Element ids start with
+    `prefix` (the CSS and the keyboard script address them)."""
+    with gr.Row(elem_classes="pf-topbar", equal_height=True):
+        progress = gr.Markdown("", elem_id=f"{prefix}-progress")
+        status = gr.HTML("", elem_id=f"{prefix}-status", js_on_load=None)
+        retry_button = gr.Button(
+            "Retry save",
+            variant="stop",
+            elem_id=f"{prefix}-retry",
+            elem_classes="pf-when-failed",
+            size="sm",
+            scale=0,
+            min_width=120,
+        )
+    key_box = gr.Textbox(visible="hidden", elem_id=f"{prefix}-key")
+    screen_html = gr.HTML("", elem_id=f"{prefix}-screen", js_on_load=None)
+    return progress, status, retry_button, key_box, screen_html
+
+
 def build_annotate_tab(state) -> dict:
     """Lay out the pairwise page inside the current Blocks and wire its events.
 
@@ -361,20 +382,7 @@ def build_annotate_tab(state) -> dict:
     """
     desk = gr.State(None)
     with gr.Column(elem_id="pf-annotate"):
-        with gr.Row(elem_classes="pf-topbar", equal_height=True):
-            progress = gr.Markdown("", elem_id="pf-progress")
-            status = gr.HTML("", elem_id="pf-status", js_on_load=None)
-            retry_button = gr.Button(
-                "Retry save",
-                variant="stop",
-                elem_id="pf-retry",
-                elem_classes="pf-when-failed",
-                size="sm",
-                scale=0,
-                min_width=120,
-            )
-        key_box = gr.Textbox(visible="hidden", elem_id="pf-key")
-        screen_html = gr.HTML("", elem_id="pf-screen", js_on_load=None)
+        progress, status, retry_button, key_box, screen_html = screen_frame("pf")
         again_button = gr.Button(
             "Check for pairs again", elem_id="pf-again", size="sm", elem_classes="pf-when-empty"
         )

@@ -15,6 +15,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from feedback_store.models import Response
 from feedback_store.queue import next_response_for
 from feedback_store.votes import VoteError, record_rating
+from labeling.app.annotate import screen_frame
 from labeling.app.auth import AccessDenied, Caller, caller_for
 from labeling.app.ui import (
     ProgressMemo,
@@ -202,20 +203,7 @@ def build_single_tab(state) -> dict:
     """Laid out like the pairwise page, with the same CSS-driven visibility (see annotate.py)."""
     tray = gr.State(None)
     with gr.Column(elem_id="pf-single"):
-        with gr.Row(elem_classes="pf-topbar", equal_height=True):
-            progress = gr.Markdown("", elem_id="pf1-progress")
-            status = gr.HTML("", elem_id="pf1-status", js_on_load=None)
-            retry_button = gr.Button(
-                "Retry save",
-                variant="stop",
-                elem_id="pf1-retry",
-                elem_classes="pf-when-failed",
-                size="sm",
-                scale=0,
-                min_width=120,
-            )
-        key_box = gr.Textbox(visible="hidden", elem_id="pf1-key")
-        screen_html = gr.HTML("", elem_id="pf1-screen", js_on_load=None)
+        progress, status, retry_button, key_box, screen_html = screen_frame("pf1")
         again_button = gr.Button(
             "Show skipped responses again",
             size="sm",
