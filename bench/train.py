@@ -1,12 +1,14 @@
 """DPO and reward-model training of the embedded default model with LoRA: prefloop's path
 against a plain TRL script configured like the seed, on the same 256 preference pairs.
 
-    python bench/train.py                 # 2 steps of batch 4, each side twice: ~5 minutes on 2 idle cores
-    python bench/train.py --steps 5 --batch 8 --repeats 1 --threads 1
+    python bench/train.py                 # ~4 minutes on 2 idle cores
+    python bench/train.py --steps 6 --batch 8 --threads 1
 
-Each run in its own process so that its peak RSS is its own: TRL DPO, prefloop DPO, TRL
-reward model, prefloop reward model, each twice in ABBA order (the best run of each side
-counts for speed, the largest peak for memory). Same model (SmolLM2-135M-Instruct, float32), same
+Speed: the TRL trainer and prefloop's trainer (built by prefloop's own entry point) live in
+one process and take their optimizer steps in alternation, so both see the same machine (on
+a shared machine the speed available drifts by several times within minutes; consecutive
+whole runs would compare the load, not the code). Memory: one full run of each side in its
+own process, so that its peak RSS is its own. Same model (SmolLM2-135M-Instruct, float32), same
 rows, same LoRA (the seed's r=64 / alpha=16 / dropout 0.1 on q/k/v/o/gate), same batch size,
 steps, learning rate, max_grad_norm, weight decay and gradient checkpointing (on, as in the
 seed). The baseline is TRL's defaults plus the seed's settings, except group_by_length: TRL's
@@ -15,9 +17,9 @@ refuses them and the baseline samples at random. prefloop's run goes through its
 point (`run_training`, the cpu path of the seed-qlora preset with --quantize none) on the
 same rows given as a file.
 
-Throughput is tokens/s with the same token count for both: TRL's own `num_tokens` counter
-(the real, unpadded tokens of prompt+chosen and prompt+rejected), over the trainer's
-`train_runtime`. Peak memory is the process's peak RSS (model load included).
+Throughput is tokens/s with the same tokens for both (the same random batches): the real,
+unpadded tokens of prompt+chosen and prompt+rejected (TRL's `num_tokens`), over the time of
+the steps. Peak memory is the process's peak RSS (model load included).
 
 Achieved FLOP/s counts the work of the standard two-sequence formulation per token:
 DPO 6*N_base + 6*N_lora (policy forward 2N, backward through frozen weights 2N, reference
@@ -101,7 +103,7 @@ def cpu_clock():
     return CpuClock()
 
 
-def trl_worker(method: str, data: str, steps: int, batch: int, out: str) -> dict:
+def build_trl(method: str, data: str, steps: int, batch: int, out: str, callbacks=()):
     """The plain TRL script: the seed's settings, TRL's defaults for everything else."""
     import torch
     from datasets import Dataset
@@ -123,31 +125,23 @@ def trl_worker(method: str, data: str, steps: int, batch: int, out: str) -> dict
                 target_modules=SEED_LORA["target_modules"])
     if method == "dpo":
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-        trainer = DPOTrainer(model=model, args=DPOConfig(**seed_args), train_dataset=dataset,
-                             processing_class=tokenizer, peft_config=LoraConfig(task_type="CAUSAL_LM", **lora),
-                             callbacks=[clock := cpu_clock()])
-    else:
-        model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32, num_labels=1)
-        model.config.pad_token_id = tokenizer.pad_token_id
-        trainer = RewardTrainer(model=model, args=RewardConfig(**seed_args), train_dataset=dataset,
-                                processing_class=tokenizer,
-                                peft_config=LoraConfig(task_type="SEQ_CLS", modules_to_save=["score"], **lora),
-                                callbacks=[clock := cpu_clock()])
-    result = trainer.train()
-    last = [entry for entry in trainer.state.log_history if "num_tokens" in entry][-1]
-    return {"tokens": float(last["num_tokens"]), "seconds": result.metrics["train_runtime"],
-            "cpu_seconds": clock.seconds, "loss": result.metrics["train_loss"], "params": _param_counts(trainer.model)}
+        return DPOTrainer(model=model, args=DPOConfig(**seed_args), train_dataset=dataset, processing_class=tokenizer,
+                          peft_config=LoraConfig(task_type="CAUSAL_LM", **lora), callbacks=list(callbacks))
+    model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32, num_labels=1)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return RewardTrainer(model=model, args=RewardConfig(**seed_args), train_dataset=dataset, processing_class=tokenizer,
+                         peft_config=LoraConfig(task_type="SEQ_CLS", modules_to_save=["score"], **lora),
+                         callbacks=list(callbacks))
 
 
-def prefloop_worker(method: str, data: str, steps: int, batch: int, out: str) -> dict:
-    """prefloop's entry point, as `prefloop train METHOD --preset seed-qlora --quantize none --data FILE`."""
-    from alignment.training.job import TrainRequest, run_training
-    from alignment.training.runs import run_metrics
+def prefloop_request(method: str, data: str, steps: int, batch: int, out: str):
+    """prefloop's entry point, as `prefloop train METHOD --preset seed-qlora --quantize none --data FILE`
+    with the seed's LoRA and the baseline's batch, steps and (random) sampling."""
+    from alignment.training.job import TrainRequest
     from feedback_store.db import engine_for, upgrade
 
-    url = f"sqlite:///{Path(out) / 'bench.db'}"
+    url = f"sqlite:///{Path(out) / f'bench-{method}.db'}"
     upgrade(url)
-    engine = engine_for(url)
     overrides = {
         "model": {"quantize": "none"},
         "adapter": dict(SEED_LORA),
@@ -155,16 +149,82 @@ def prefloop_worker(method: str, data: str, steps: int, batch: int, out: str) ->
                     "logging_steps": 1, "lr_scheduler_type": "constant",
                     # the baseline cannot group by length (see above): the same random batches for both
                     "train_sampling_strategy": "random"},
-        "run": {"data": data, "output_dir": str(Path(out) / "run")},
+        "run": {"data": data, "output_dir": str(Path(out) / f"run-{method}")},
     }
     if method == "reward":
         overrides["reward"] = {"eval_fraction": 0.0}  # the baseline holds nothing out either
-    clock = cpu_clock()
-    result = run_training(TrainRequest(method, model="default", preset="seed-qlora", overrides=[overrides]),
-                          engine=engine, progress=False, callbacks=[clock])
+    return TrainRequest(method, model="default", preset="seed-qlora", overrides=[overrides]), engine_for(url)
+
+
+def trl_worker(method: str, data: str, steps: int, batch: int, out: str) -> dict:
+    trainer = build_trl(method, data, steps, batch, out, callbacks=[clock := cpu_clock()])
+    result = trainer.train()
+    last = [entry for entry in trainer.state.log_history if "num_tokens" in entry][-1]
+    return {"tokens": float(last["num_tokens"]), "seconds": result.metrics["train_runtime"],
+            "cpu_seconds": clock.seconds, "loss": result.metrics["train_loss"], "params": _param_counts(trainer.model)}
+
+
+def prefloop_worker(method: str, data: str, steps: int, batch: int, out: str) -> dict:
+    from alignment.training.job import run_training
+    from alignment.training.runs import run_metrics
+
+    request, engine = prefloop_request(method, data, steps, batch, out)
+    result = run_training(request, engine=engine, progress=False, callbacks=[clock := cpu_clock()])
     tokens = max(m.value for m in run_metrics(engine, result.run_id) if m.name == "num_tokens")
     return {"tokens": tokens, "seconds": result.metrics["train_runtime"], "cpu_seconds": clock.seconds,
             "loss": result.metrics["train_loss"], "notes": result.notes}
+
+
+def stepper(trainer, steps: int):
+    """One optimizer step at a time, as Trainer's loop takes it (checkpointing, clipping, optimizer)."""
+    import torch
+
+    args, model = trainer.args, trainer.model
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs)
+    trainer.create_optimizer_and_scheduler(num_training_steps=steps)
+    trainer.current_gradient_accumulation_steps = args.gradient_accumulation_steps  # set by Trainer's loop
+    batches = iter(trainer.get_train_dataloader())
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    model.train()
+
+    def step() -> tuple[int, float, float]:
+        inputs = next(batches)
+        tokens = int(inputs["attention_mask"].sum())  # TRL's num_tokens: real tokens of both sequences
+        start = time.perf_counter()
+        loss = trainer.training_step(model, inputs)
+        torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)
+        trainer.optimizer.step()
+        trainer.lr_scheduler.step()
+        model.zero_grad(set_to_none=True)
+        return tokens, time.perf_counter() - start, float(loss)
+
+    return step
+
+
+def interleaved_worker(method: str, data: str, steps: int, batch: int, out: str) -> dict:
+    """Both trainers in one process, their steps alternating (which goes first alternates too), so that
+    both see the same machine: on a shared machine the speed available drifts by several times
+    within minutes, and consecutive whole runs would compare load, not code."""
+    from alignment.training.job import run_training
+
+    trl = build_trl(method, data, steps, batch, out)
+    request, engine = prefloop_request(method, data, steps, batch, out)
+    ours = run_training(request, engine=engine, progress=False, build_only=True).trainer
+    step = {"trl": stepper(trl, steps), "prefloop": stepper(ours, steps)}
+    totals = {name: {"tokens": 0, "seconds": 0.0, "losses": []} for name in step}
+    ratios = []
+    for i in range(steps):
+        order = ("trl", "prefloop") if i % 2 == 0 else ("prefloop", "trl")
+        times = {}
+        for name in order:
+            tokens, seconds, loss = step[name]()
+            totals[name]["tokens"] += tokens
+            totals[name]["seconds"] += seconds
+            totals[name]["losses"].append(loss)
+            times[name] = seconds
+        ratios.append(times["trl"] / times["prefloop"])
+    return {"totals": totals, "step_ratios": ratios, "params": _param_counts(trl.model)}
 
 
 def _param_counts(model) -> dict:
@@ -184,7 +244,7 @@ def _param_counts(model) -> dict:
 
 
 def worker_main(args) -> None:
-    run = trl_worker if args.worker == "trl" else prefloop_worker
+    run = {"trl": trl_worker, "prefloop": prefloop_worker, "interleaved": interleaved_worker}[args.worker]
     with tempfile.TemporaryDirectory() as out:
         result = run(args.method, args.data, args.steps, args.batch, out)
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -205,9 +265,7 @@ def measure(worker: str, method: str, data: str, steps: int, batch: int, threads
     line = next((ln for ln in process.stdout.splitlines() if ln.startswith("WORKER ")), None)
     if process.returncode != 0 or line is None:
         sys.exit(f"{worker} {method} run failed:\n{process.stderr[-3000:]}")
-    result = json.loads(line[len("WORKER "):])
-    result["tokens_per_s"] = result["tokens"] / result["seconds"]
-    return result
+    return json.loads(line[len("WORKER "):])
 
 
 def flops_per_token(method: str, params: dict) -> float:
@@ -218,14 +276,12 @@ def flops_per_token(method: str, params: dict) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=2, help="runs of each side, in ABBA order; the best counts")
+    parser.add_argument("--steps", type=int, default=6, help="alternating steps of each side for the speed")
+    parser.add_argument("--memory-steps", type=int, default=2, help="steps of the separate full runs for memory")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--pairs", type=int, default=256)
-    parser.add_argument("--threads", type=int, default=os.cpu_count(),
-                        help="torch threads in both runs (default: all cores; 1 on a shared, oversubscribed machine "
-                             "keeps OpenMP barriers from stalling on descheduled threads)")
-    parser.add_argument("--worker", choices=("trl", "prefloop"), help=argparse.SUPPRESS)
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all cores)")
+    parser.add_argument("--worker", choices=("trl", "prefloop", "interleaved"), help=argparse.SUPPRESS)
     parser.add_argument("--method", choices=("dpo", "reward"), help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -237,54 +293,43 @@ def main() -> None:
     from alignment.models import default_model_dir
 
     default_model_dir()  # convert the GGUF once, outside the timed runs
+    speed, memory = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         data = str(Path(tmp) / "pairs.parquet")
         Dataset.from_list(make_pairs(args.pairs)).to_parquet(data)
         peak = matmul_peak(threads=args.threads)
-        print(f"{args.pairs} pairs, {args.steps} steps of batch {args.batch}, {args.threads} thread(s); fp32 "
-              f"matmul peak {peak / 1e9:.1f} GFLOP/s; load average {os.getloadavg()[0]:.1f}", flush=True)
-        results = {}
+        print(f"{args.pairs} pairs, batch {args.batch}, {args.threads} thread(s); fp32 matmul peak "
+              f"{peak / 1e9:.1f} GFLOP/s; load average {os.getloadavg()[0]:.1f}", flush=True)
         for method in ("dpo", "reward"):
-            # ABBA order, best of each: load from other jobs drifts over minutes on a shared machine,
-            # and the best run of each side is the one least disturbed by it.
-            order = ["trl", "prefloop", "prefloop", "trl"] if args.repeats > 1 else ["trl", "prefloop"]
-            order = (order * args.repeats)[: 2 * args.repeats]
-            for worker in order:
-                r = measure(worker, method, data, args.steps, args.batch, args.threads)
-                print(f"  {method:6} {worker:8} {r['tokens']:7.0f} tokens in {r['seconds']:6.1f} s = "
-                      f"{r['tokens_per_s']:6.1f} tokens/s ({r['cpu_seconds']:6.1f} CPU-s), peak RSS "
-                      f"{r['peak_rss_mb']:6.0f} MB, loss {r['loss']:.4f}", flush=True)
-                best = results.get((method, worker))
-                if best is None:
-                    results[method, worker] = r
-                else:  # the fastest run's times; the largest peak of all runs (the cautious memory figure)
-                    keep = r if r["tokens_per_s"] > best["tokens_per_s"] else best
-                    keep = {**keep, "peak_rss_mb": max(r["peak_rss_mb"], best["peak_rss_mb"]),
-                            "cpu_seconds": min(r["cpu_seconds"], best["cpu_seconds"]), "params": best.get("params")}
-                    results[method, worker] = keep
-        peak_after = matmul_peak(threads=args.threads)
-    peak = max(peak, peak_after)
+            r = speed[method] = measure("interleaved", method, data, args.steps, args.batch, args.threads)
+            for name, total in r["totals"].items():
+                total["tokens_per_s"] = total["tokens"] / total["seconds"]
+                print(f"  {method:6} {name:8} {total['tokens']:6d} tokens in {total['seconds']:6.1f} s = "
+                      f"{total['tokens_per_s']:6.1f} tokens/s; losses {' '.join(f'{x:.4f}' for x in total['losses'])}",
+                      flush=True)
+            print(f"  {method:6} step time ratios TRL/prefloop: {' '.join(f'{x:.2f}' for x in r['step_ratios'])}",
+                  flush=True)
+            for worker in ("trl", "prefloop"):
+                m = memory[method, worker] = measure(worker, method, data, args.memory_steps, args.batch, args.threads)
+                print(f"  {method:6} {worker:8} full run of {args.memory_steps} steps: peak RSS "
+                      f"{m['peak_rss_mb']:6.0f} MB, {m['tokens'] / m['seconds']:6.1f} tokens/s "
+                      f"({m['cpu_seconds']:.1f} CPU-s)", flush=True)
+        peak = max(peak, matmul_peak(threads=args.threads))
 
     print(f"\n{'':8}{'tokens/s TRL':>14}{'prefloop':>10}{'ratio':>8}{'peak MB TRL':>13}{'prefloop':>10}{'ratio':>8}"
           f"{'MFU TRL':>9}{'prefloop':>10}")
     summary = {}
     for method in ("dpo", "reward"):
-        trl, ours = results[method, "trl"], results[method, "prefloop"]
-        per_token = flops_per_token(method, trl["params"])
+        trl, ours = speed[method]["totals"]["trl"], speed[method]["totals"]["prefloop"]
+        per_token = flops_per_token(method, speed[method]["params"])
         mfu = {name: r["tokens_per_s"] * per_token / peak for name, r in (("trl", trl), ("prefloop", ours))}
         ratio = ours["tokens_per_s"] / trl["tokens_per_s"]
-        mem_ratio = ours["peak_rss_mb"] / trl["peak_rss_mb"]
-        summary[method] = (ratio, mem_ratio, mfu["prefloop"])
+        mem = memory[method, "prefloop"]["peak_rss_mb"], memory[method, "trl"]["peak_rss_mb"]
+        summary[method] = (ratio, mem[0] / mem[1], mfu["prefloop"])
         print(f"{method:8}{trl['tokens_per_s']:14.1f}{ours['tokens_per_s']:10.1f}{ratio:7.2f}x"
-              f"{trl['peak_rss_mb']:13.0f}{ours['peak_rss_mb']:10.0f}{mem_ratio:7.2f}x"
-              f"{mfu['trl']:9.1%}{mfu['prefloop']:10.1%}")
-    for method in ("dpo", "reward"):
-        trl, ours = results[method, "trl"], results[method, "prefloop"]
-        print(f"{method}: CPU-seconds per token {trl['cpu_seconds'] / trl['tokens']:.3f} (TRL) vs "
-              f"{ours['cpu_seconds'] / ours['tokens']:.3f} (prefloop): "
-              f"{trl['cpu_seconds'] / ours['cpu_seconds']:.2f}x less CPU time")
-    print(f"(FLOPs per token: dpo {flops_per_token('dpo', results['dpo', 'trl']['params']) / 1e9:.2f} G, "
-          f"reward {flops_per_token('reward', results['reward', 'trl']['params']) / 1e9:.2f} G; "
+              f"{mem[1]:13.0f}{mem[0]:10.0f}{mem[0] / mem[1]:7.2f}x{mfu['trl']:9.1%}{mfu['prefloop']:10.1%}")
+    print(f"(FLOPs per token: dpo {flops_per_token('dpo', speed['dpo']['params']) / 1e9:.2f} G, "
+          f"reward {flops_per_token('reward', speed['reward']['params']) / 1e9:.2f} G; "
           f"matmul peak {peak / 1e9:.1f} GFLOP/s)")
     dpo, reward = summary["dpo"], summary["reward"]
     print(f"RESULT train ratio={dpo[0]:.2f} reward_ratio={reward[0]:.2f} dpo_mem_ratio={dpo[1]:.2f} "

@@ -70,7 +70,7 @@ class TrainRequest:
     """What `prefloop train METHOD` asks for; `overrides` are the CLI's layers, last wins."""
 
     method: str
-    model: str = "default"
+    model: str | None = None  # over the settings' model.model, itself "default" unless set
     preset: str = presets.AUTO_PRESET
     config_file: str | None = None
     overrides: list[dict] = field(default_factory=list)
@@ -85,6 +85,7 @@ class RunResult:
     policy_name: str | None = None
     notes: list[str] = field(default_factory=list)
     main: bool = True  # False on the other ranks of a multi-process launch
+    trainer: Any = None  # only with build_only=True: the trainer, ready to train
 
 
 def get_method(name: str) -> MethodSpec:
@@ -101,6 +102,8 @@ def resolve_settings(request: TrainRequest) -> dict:
     if request.config_file:
         layers.append(presets.load_yaml(request.config_file))
     layers += [dict(layer, _source="command line") for layer in request.overrides]
+    if request.model:
+        layers.append({"model": {"model": request.model}, "_source": "command line"})
     return presets.settings_for(presets.merge(*layers), request.method)
 
 
@@ -155,9 +158,13 @@ def load_data(method: MethodSpec, selection, data_path: str | None, engine: Engi
 # --------------------------------------------------------------------------- the run
 
 
-def run_training(request: TrainRequest, *, engine: Engine, progress: bool = True, callbacks=()) -> RunResult:
+def run_training(request: TrainRequest, *, engine: Engine, progress: bool = True, callbacks=(),
+                 build_only: bool = False) -> RunResult:
     """Train as `request` says and record it in the store. Raises TrainingError (one line) when the
-    run cannot start or fails; the run row, if one was created, says why."""
+    run cannot start or fails; the run row, if one was created, says why.
+
+    build_only: stop once the trainer is built (the run row stays `running`) and return it in
+    `RunResult.trainer`: for benchmarks and notebooks that drive the steps themselves."""
     from alignment.models import ModelSpec
     from alignment.models.adapters import AdapterConfig
     from feedback_store.export import Selection, snapshot
@@ -169,7 +176,7 @@ def run_training(request: TrainRequest, *, engine: Engine, progress: bool = True
     if options.resume:
         return _resume(request, method, settings, options, engine=engine, progress=progress, callbacks=callbacks)
     check_trainer_keys(method, settings["trainer"], sources)
-    spec = presets.build(ModelSpec, {"model": request.model, **settings["model"]}, "model", sources)
+    spec = presets.build(ModelSpec, settings["model"], "model", sources)
     adapter = presets.build(AdapterConfig, settings["adapter"], "adapter", sources)
     selection = presets.build(Selection, settings["selection"], "selection", sources)
 
@@ -190,7 +197,7 @@ def run_training(request: TrainRequest, *, engine: Engine, progress: bool = True
     ids, digest = snapshot(dataset)
     record = {
         "method": method.name,
-        "model": request.model,
+        "model": spec.model,
         "preset": request.preset,
         "config_file": request.config_file,
         "data": source,
@@ -198,7 +205,7 @@ def run_training(request: TrainRequest, *, engine: Engine, progress: bool = True
     }
     seed = int(settings["trainer"].get("seed", 42))
     run_id = runs.start_run(engine, kind=method.name, config=record, snapshot_ids=ids, snapshot_hash=digest,
-                            seed=seed, base_model=request.model)
+                            seed=seed, base_model=spec.model)
     output_dir = Path(options.output_dir or Path(options.runs_dir) / f"{method.name}-{run_id}").resolve()
     record["settings"]["run"]["output_dir"] = str(output_dir)
     runs.update_config(engine, run_id, record)
@@ -224,7 +231,7 @@ def run_training(request: TrainRequest, *, engine: Engine, progress: bool = True
         return dataset
 
     return _execute(method, run_id, spec, adapter, settings, options, output_dir, prepare,
-                    engine=engine, progress=progress, callbacks=callbacks, checkpoint=None)
+                    engine=engine, progress=progress, callbacks=callbacks, checkpoint=None, build_only=build_only)
 
 
 def _process_state():
@@ -273,9 +280,15 @@ def _saved_data(output_dir: Path):
     return Dataset.from_parquet(str(output_dir / DATA_FILE))
 
 
-def _resume(request, method, settings, options, *, engine, progress, callbacks) -> RunResult:
-    from transformers.trainer_utils import get_last_checkpoint
+def last_complete_checkpoint(output_dir: Path) -> str | None:
+    """The newest checkpoint the Trainer finished writing. A process killed while saving leaves
+    a `checkpoint-N` without `trainer_state.json`, which the Trainer writes last."""
+    done = [path for path in output_dir.glob("checkpoint-*") if (path / "trainer_state.json").is_file()]
+    steps = {int(path.name.split("-")[-1]): path for path in done if path.name.split("-")[-1].isdigit()}
+    return str(steps[max(steps)]) if steps else None
 
+
+def _resume(request, method, settings, options, *, engine, progress, callbacks) -> RunResult:
     from alignment.models import ModelSpec
     from alignment.models.adapters import AdapterConfig
 
@@ -308,7 +321,7 @@ def _resume(request, method, settings, options, *, engine, progress, callbacks) 
             raise TrainingError(f"run {run.id}: {data_file} does not match the run's snapshot hash")
         return dataset
 
-    checkpoint = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+    checkpoint = last_complete_checkpoint(output_dir) if output_dir.is_dir() else None
     main = _process_state().is_main_process
     if main:
         runs.reopen_run(engine, run.id)
@@ -320,7 +333,7 @@ def _resume(request, method, settings, options, *, engine, progress, callbacks) 
 
 
 def _execute(method, run_id, spec, adapter, settings, options, output_dir, prepare, *, engine, progress, callbacks,
-             checkpoint, main: bool = True) -> RunResult:
+             checkpoint, main: bool = True, build_only: bool = False) -> RunResult:
     """Everything after the run row exists: any failure marks it (on the main process), then
     propagates as TrainingError."""
     import torch
@@ -335,9 +348,14 @@ def _execute(method, run_id, spec, adapter, settings, options, output_dir, prepa
 
     try:
         dataset = prepare()
-        metrics, output_path, kind = _train(method, run_id, spec, adapter, settings, dataset, output_dir, notes,
-                                            engine=engine, progress=progress, callbacks=callbacks,
-                                            checkpoint=checkpoint, main=main)
+        trainer, config, eval_set, tokenizer, trainer_settings = _build_trainer(
+            method, run_id, spec, adapter, settings, dataset, output_dir, notes, engine=engine, progress=progress,
+            callbacks=callbacks, main=main)
+        if build_only:
+            return RunResult(run_id, RunStatus.running.value, {}, None, None, notes.items, main, trainer)
+        metrics, output_path, kind = _train(method, run_id, spec, adapter, trainer, config, eval_set, tokenizer,
+                                            trainer_settings, output_dir, engine=engine, checkpoint=checkpoint,
+                                            main=main)
         policy_name = None
         if method.registers_policy:
             policy_name = options.policy_name or f"{method.name}-{run_id}"
@@ -378,14 +396,14 @@ def _execute(method, run_id, spec, adapter, settings, options, output_dir, prepa
         raise
 
 
-def _train(method, run_id, spec, adapter, settings, dataset, output_dir, notes, *, engine, progress, callbacks,
-           checkpoint, main: bool = True):
+def _build_trainer(method, run_id, spec, adapter, settings, dataset, output_dir, notes, *, engine, progress,
+                   callbacks, main: bool = True):
+    """Model, adapter, machine settings and TRL trainer for one run."""
     import torch
-
-    from alignment.models import apply_adapter, context_length, is_quantized, load_model, save_adapter
-    from alignment.models.adapters import find_targets
-
     from transformers import set_seed
+
+    from alignment.models import apply_adapter, context_length, is_quantized, load_model
+    from alignment.models.adapters import find_targets
 
     trainer_settings = dict(settings["trainer"])
     # The run's seed before anything random: a new reward head, LoRA's A matrices.
@@ -457,6 +475,19 @@ def _train(method, run_id, spec, adapter, settings, dataset, output_dir, notes, 
     )
     if is_quantized(model) and not (config.bf16 or config.fp16):
         restore_trainable_dtype(trainer.model)
+    unwrapped = trainer.accelerator.unwrap_model(trainer.model)
+    if "ref" in getattr(unwrapped, "peft_config", {}):
+        # TRL copies an adapter it is handed into a frozen "ref" adapter to serve as the reference.
+        # This adapter is new (B = 0): the base with adapters off is exactly the reference, and
+        # costs neither the copy's memory nor its LoRA matmuls in every reference pass.
+        unwrapped.delete_adapter("ref")
+    return trainer, config, eval_set, tokenizer, trainer_settings
+
+
+def _train(method, run_id, spec, adapter, trainer, config, eval_set, tokenizer, trainer_settings, output_dir, *,
+           engine, checkpoint, main: bool = True):
+    from alignment.models import save_adapter
+
     result = trainer.train(resume_from_checkpoint=checkpoint)
 
     metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}

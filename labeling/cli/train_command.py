@@ -67,8 +67,9 @@ def _fraction(value: str) -> float:
 
 def _common_flags() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument("--model", default="default",
-                        help="base model: 'default' (embedded SmolLM2-135M-Instruct), a Hugging Face id or a path")
+    parser.add_argument("--model", default=None,
+                        help="base model: 'default' (embedded SmolLM2-135M-Instruct, unless the config says "
+                             "otherwise), a Hugging Face id or a path")
     parser.add_argument("--preset", default="auto",
                         help="configs/presets/NAME.yaml or a YAML path (default: seed-qlora on CUDA, cpu-lora on CPU)")
     parser.add_argument("--config", default=None, metavar="FILE", help="a YAML file over the preset")
