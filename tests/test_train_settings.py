@@ -14,7 +14,7 @@ def test_cpu_settings():
         {"optim": "paged_adamw_32bit", "padding_free": True, "per_device_train_batch_size": 1},
         method="dpo", cuda=False, flash_attention=False,
     )
-    assert settings["optim"] == "adamw_torch" and settings["use_cpu"] is True
+    assert settings["optim"] == "adamw_torch_fused" and settings["use_cpu"] is True
     assert settings["bf16"] is False and settings["fp16"] is False  # TRL would turn bf16 on
     assert settings["padding_free"] is False
     assert settings["per_device_train_batch_size"] == 1  # only KTO needs two

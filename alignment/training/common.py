@@ -4,7 +4,8 @@ settings that make TRL behave on the machine at hand, and dataset helpers.
 The traps handled here, so that a user never meets them:
 - bf16 by default: TRL turns bf16 on unless fp16 is set; on a CPU without bf16 kernels that is
   an error or a slow emulation, so both are off on CPU unless asked for explicitly.
-- paged optimizers (`paged_adamw_32bit`, the seed's) need CUDA: adamw_torch on CPU, logged.
+- paged optimizers (`paged_adamw_32bit`, the seed's) page through CUDA: torch's AdamW (fused) on
+  CPU, logged.
 - `padding_free` is only exact with FlashAttention kernels: off otherwise, logged.
 - QLoRA: TRL casts trainable adapter weights to bf16 for a quantized model; on CPU in float32
   that breaks the matmuls, so they are cast back (`restore_trainable_dtype`).
@@ -26,15 +27,11 @@ from transformers import TrainerCallback
 
 log = logging.getLogger("prefloop.train")
 
-PAGED_OPTIMIZERS = {
-    "paged_adamw_32bit": "adamw_torch",
-    "paged_adamw_8bit": "adamw_torch",
-    "paged_adamw": "adamw_torch",
-    "paged_lion_32bit": "adamw_torch",
-    "paged_lion_8bit": "adamw_torch",
-    "paged_ademamix_32bit": "adamw_torch",
-    "paged_ademamix_8bit": "adamw_torch",
-}
+# Paging moves optimizer states through CUDA unified memory: without CUDA, torch's own AdamW
+# (its fused kernel, one pass over all LoRA tensors instead of a loop of small ops).
+CPU_OPTIMIZER = "adamw_torch_fused"
+PAGED_OPTIMIZERS = ("paged_adamw_32bit", "paged_adamw_8bit", "paged_adamw", "paged_lion_32bit", "paged_lion_8bit",
+                    "paged_ademamix_32bit", "paged_ademamix_8bit")
 
 
 class TrainingError(ValueError):
@@ -102,8 +99,8 @@ def device_settings(settings: dict, *, method: str, cuda: bool, flash_attention:
         settings["use_cpu"] = True
         optim = str(settings.get("optim", "adamw_torch"))
         if optim in PAGED_OPTIMIZERS:
-            settings["optim"] = PAGED_OPTIMIZERS[optim]
-            notes.append(f"optimizer {optim} pages memory through CUDA: using {settings['optim']} on CPU")
+            settings["optim"] = CPU_OPTIMIZER
+            notes.append(f"optimizer {optim} pages memory through CUDA: using {CPU_OPTIMIZER} on CPU")
         settings.setdefault("dataloader_pin_memory", False)
     else:
         if settings.get("bf16") is None and settings.get("fp16") is None:
