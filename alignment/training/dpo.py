@@ -184,7 +184,7 @@ class DPOTrainer(GuardedTraining, TRLDPOTrainer):
         )
 
     def _sum_per_sequence(self, log_probs: torch.Tensor, packed: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        n = len(packed["segments"])
+        n = packed["segments"]["gather"].size(0)
         sums = log_probs.new_zeros(2 * n).index_add(0, packed["seq"].to(log_probs.device), log_probs)
         return sums[:n], sums[n:]
 

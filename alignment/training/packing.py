@@ -13,10 +13,11 @@ prompt and themselves, never the chosen ones. Every hidden state is exactly the 
 two-row layout computes (same tokens, positions and visible context), while the prompt costs
 one pass instead of two and no FLOP is spent on padding.
 
-The per-segment attention is an `AttentionInterface` function ("prefloop_sdpa") that runs
-SDPA on each segment when the forward carries `prefloop_segments`, and is plain SDPA (mask
-included) for every other call, so generation and TRL's own paths are unchanged. Gradient
-checkpointing recomputes layers with the same keyword arguments, so it stays exact.
+The per-pair attention is an `AttentionInterface` function ("prefloop_sdpa") that runs one
+SDPA call over all the pairs' segments side by side when the forward carries
+`prefloop_segments`, and is plain SDPA (mask included) for every other call, so generation and
+TRL's own paths are unchanged. Gradient checkpointing recomputes layers with the same keyword
+arguments, so it stays exact.
 
 Only the hidden states that matter go through a head: for DPO the positions that predict a
 completion token (TRL's chunked log-prob kernel on those rows only; on CPU TRL itself runs
@@ -85,28 +86,46 @@ def pair_key(prompt: Sequence[int], chosen: Sequence[int], rejected: Sequence[in
 def pack_pairs(
     prompts: Sequence[Sequence[int]], chosens: Sequence[Sequence[int]], rejecteds: Sequence[Sequence[int]]
 ) -> tuple[dict, PairLayout]:
-    """The whole batch as one row, with one attention segment (and mask) per pair."""
+    """The whole batch as one row, and the per-pair attention layout (see `segment_attention`)."""
     ids: list[int] = []
     positions: list[int] = []
-    segments = []
-    starts = []
+    starts, widths, masks = [], [], []
     for p, c, r in zip(prompts, chosens, rejecteds):
         lp, lc, lr = len(p), len(c), len(r)
-        start = len(ids)
-        starts.append(start)
+        starts.append(len(ids))
         ids += list(p) + list(c) + list(r)
         positions += list(range(lp + lc)) + list(range(lp, lp + lr))
         width = lp + lc + lr
         allowed = torch.ones(width, width, dtype=torch.bool).tril()
         allowed[lp + lc :, lp : lp + lc] = False  # rejected tokens never see the chosen ones
-        segments.append((start, start + width, allowed.view(1, 1, width, width)))
+        widths.append(width)
+        masks.append(allowed)
     batch = {
         "input_ids": torch.tensor([ids], dtype=torch.long),
         "position_ids": torch.tensor([positions], dtype=torch.long),
-        "segments": segments,
+        "segments": segment_attention(starts, widths, masks),
     }
     layout = PairLayout([len(p) for p in prompts], [len(c) for c in chosens], [len(r) for r in rejecteds], starts)
     return batch, layout
+
+
+def segment_attention(starts: list[int], widths: list[int], masks: list[torch.Tensor]) -> dict:
+    """How to run every pair's attention in ONE SDPA call: each segment's queries/keys gathered
+    into a [segments, longest] block (`gather`, padding points at the segment's first token),
+    each segment's mask in its block (a padding query sees that first token only, no real
+    query sees padding), and where the real outputs sit in the flattened block (`keep`, in row
+    order)."""
+    n, longest = len(widths), max(widths)
+    gather = torch.zeros(n, longest, dtype=torch.long)
+    allowed = torch.zeros(n, 1, longest, longest, dtype=torch.bool)
+    allowed[:, :, :, 0] = True
+    keep = []
+    for i, (start, width, mask) in enumerate(zip(starts, widths, masks)):
+        gather[i] = start
+        gather[i, :width] = torch.arange(start, start + width)
+        allowed[i, 0, :width, :width] = mask
+        keep.append(torch.arange(i * longest, i * longest + width))
+    return {"gather": gather, "allowed": allowed, "keep": torch.cat(keep)}
 
 
 def completion_token_index(layout: PairLayout, packed_ids: torch.Tensor):
@@ -164,14 +183,15 @@ def _packed_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling
     if prefloop_segments is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
-    outputs = []
-    for start, end, allowed in prefloop_segments:
-        out, _ = sdpa_attention_forward(
-            module, query[:, :, start:end], key[:, :, start:end], value[:, :, start:end], allowed,
-            dropout=dropout, scaling=scaling, is_causal=False,
-        )
-        outputs.append(out)
-    return torch.cat(outputs, dim=1), None
+    gather, keep = prefloop_segments["gather"], prefloop_segments["keep"]
+
+    def blocks(x):  # [1, heads, row, dim] -> [segments, heads, longest, dim]
+        return x[0][:, gather].transpose(0, 1)
+
+    out, _ = sdpa_attention_forward(module, blocks(query), blocks(key), blocks(value), prefloop_segments["allowed"],
+                                    dropout=dropout, scaling=scaling, is_causal=False)
+    # [segments, longest, heads, dim] -> the real positions, in row order: [1, row, heads, dim]
+    return out.reshape(-1, *out.shape[2:]).index_select(0, keep).unsqueeze(0), None
 
 
 def use_packed_attention(model) -> bool:
@@ -254,7 +274,7 @@ def packed_model_kwargs(packed: dict, device) -> dict:
         "input_ids": packed["input_ids"].to(device),
         "position_ids": packed["position_ids"].to(device),
         "attention_mask": torch.ones(1, 1, 1, 1, dtype=torch.bool, device=device),
-        "prefloop_segments": [(s, e, m.to(device)) for s, e, m in packed["segments"]],
+        "prefloop_segments": {k: v.to(device) for k, v in packed["segments"].items()},
     }
 
 
