@@ -1,7 +1,7 @@
 """DPO and reward-model training of the embedded default model with LoRA: prefloop's path
 against a plain TRL script configured like the seed, on the same 256 preference pairs.
 
-    python bench/train.py                 # ~4 minutes on 2 idle cores
+    python bench/train.py                 # about 4 minutes on 2 quiet cores
     python bench/train.py --steps 6 --batch 8 --threads 1
 
 Speed: the TRL trainer and prefloop's trainer (built by prefloop's own entry point) live in
