@@ -270,3 +270,15 @@ def test_group_by_length_as_in_the_seed(method, store, model_dir, tmp_path):
     result = train(store, method, model_dir, tmp_path, trainer={"max_steps": 2,
                                                                 "train_sampling_strategy": "group_by_length"})
     assert result.status == "done"
+
+
+@pytest.mark.postgres
+def test_run_lifecycle_on_postgresql(postgres_url, model_dir, tmp_path):
+    """The run row, metric curves and lineage go through the store's plain functions: PostgreSQL too."""
+    engine = preference_store(postgres_url, n_prompts=8)
+    result = train(engine, "dpo", model_dir, tmp_path, trainer={"max_steps": 2})
+    run = get_run(engine, result.run_id)
+    assert run.status == RunStatus.done and [m.step for m in run_metrics(engine, run.id) if m.name == "loss"] == [1, 2]
+    with session_scope(engine) as session:
+        policy = session.exec(select(PolicyVersion).where(PolicyVersion.training_run_id == run.id)).one()
+        assert policy.adapter_path == result.output_path
