@@ -27,6 +27,9 @@ forward 2N; LoRA weights also get weight gradients), reward 4*N_base + 6*N_lora;
 the matmul parameters of the model (decoder layers, plus the LM head for DPO), attention
 scores left out (short sequences). The same count is credited to both paths, over each one's
 time, and divided by this machine's measured fp32 matmul peak (best of a few 2048^3 matmuls).
+It is model-FLOPs utilization: prefloop executes fewer FLOPs than it is credited with (each
+prompt once, no padding, the LM head on completion tokens only), so its hardware utilization
+is lower than its figure; TRL executes more (padding, and on CPU the LM head on every position).
 """
 
 from __future__ import annotations
