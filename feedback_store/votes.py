@@ -10,12 +10,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import NamedTuple
 
 from sqlalchemy import bindparam, delete, func, update
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlmodel import Session, select
 
+from feedback_store import driver_sql
 from feedback_store.models import (
     Assignment,
     Choice,
@@ -48,13 +50,14 @@ class VoteInput:
         return (self.choice, self.strength, self.rationale) == (vote.choice, vote.strength, vote.rationale)
 
 
-# The hot path of the app, built once (statements are immutable) and run on the session's
-# connection: ORM loads and statement construction cost far more than this SQL does.
+# The hot path of the app: built once (statements are immutable), compiled once per dialect
+# and run on the driver cursor of the session's connection (see driver_sql), because ORM
+# loads and SQLAlchemy's per-execution work cost far more than this SQL does.
 _FACTS = select(
     Comparison.response_a_id,
     Comparison.response_b_id,
     Rater.name,
-    Rater.kind,
+    (Rater.kind == RaterKind.human).label("is_human"),
     Rater.active,
     # The vote this key already produced, as it stands or since revised.
     func.coalesce(
@@ -82,13 +85,24 @@ def _insert_unless_voted(dialect: str):
     return dialect_insert(Vote.__table__).on_conflict_do_nothing().returning(Vote.__table__.c.id)
 
 
-def _validate(facts, comparison_id: int, rater_id: int, vote: VoteInput, *, session: Session) -> None:
+class _Facts(NamedTuple):
+    """What a vote is checked against, in _FACTS's column order."""
+
+    response_a_id: int
+    response_b_id: int
+    rater_name: str
+    is_human: bool
+    active: bool
+    key_owner: int | None  # the vote the idempotency key already produced
+
+
+def _validate(facts: _Facts | None, comparison_id: int, rater_id: int, vote: VoteInput, *, session: Session) -> None:
     if facts is None:
         if session.get(Comparison, comparison_id) is None:
             raise VoteError(f"comparison {comparison_id} does not exist")
         raise VoteError(f"rater {rater_id} does not exist")
     if not facts.active:
-        raise VoteError(f"rater {facts.name!r} is deactivated")
+        raise VoteError(f"rater {facts.rater_name!r} is deactivated")
     if vote.strength is not None and vote.strength not in STRENGTHS:
         raise VoteError(f"strength must be one of {sorted(STRENGTHS)} (got {vote.strength!r})")
     if vote.strength is not None and vote.choice not in (Choice.a, Choice.b):
@@ -125,7 +139,8 @@ def record_vote(
     ids = {"cid": comparison_id, "rid": rater_id}
 
     connection = session.connection()
-    facts = connection.execute(_FACTS, {**ids, "key": idempotency_key}).first()
+    row = driver_sql.execute(connection, _FACTS, {**ids, "key": idempotency_key}).fetchone()
+    facts = _Facts(*row) if row is not None else None
     if facts is not None and facts.key_owner is not None:
         return _replay(idempotency_key, comparison_id, rater_id, session=session)
     _validate(facts, comparison_id, rater_id, given, session=session)
@@ -133,12 +148,12 @@ def record_vote(
     now = utcnow()
     values = dict(comparison_id=comparison_id, rater_id=rater_id, idempotency_key=idempotency_key,
                   revision=1, created_at=now, updated_at=now, **given.__dict__)
-    vote_id = connection.execute(_insert_unless_voted(connection.dialect.name), values).scalar()
-    if vote_id is not None:  # the usual case: a first vote
-        if facts.kind == RaterKind.human:
-            connection.execute(_COUNT_HUMAN_VOTE, ids)
-        connection.execute(_RELEASE_ASSIGNMENT, ids)
-        return Vote(id=vote_id, **values)
+    inserted = driver_sql.execute(connection, _insert_unless_voted(connection.dialect.name), values).fetchone()
+    if inserted is not None:  # the usual case: a first vote
+        if facts.is_human:
+            driver_sql.execute(connection, _COUNT_HUMAN_VOTE, ids)
+        driver_sql.execute(connection, _RELEASE_ASSIGNMENT, ids)
+        return Vote(id=inserted[0], **values)
 
     # The rater voted on this pair before (or a concurrent twin just did): lock that vote.
     existing = _existing_vote(comparison_id, rater_id, session=session)
