@@ -288,6 +288,10 @@ def test_admin_sees_dashboard_and_runs_a_job(app, page, tmp_path):
     page.get_by_role("tab", name="Admin").click()
     page.fill("#pf-admin-args textarea, #pf-admin-args input", "--no-such-option")
     page.click("#pf-admin-start")
+    page.wait_for_function("document.body.innerText.includes('unrecognized arguments: --no-such-option')",
+                           timeout=30_000)
+    page.fill("#pf-admin-args textarea, #pf-admin-args input", "--backend openai")  # no --base-url
+    page.click("#pf-admin-start")
     page.wait_for_function("document.body.innerText.includes('failed (exit 2)')", timeout=60_000)
     assert "prefloop" in page.inner_text("body")
     page.get_by_role("tab", name="Dashboard").click()

@@ -170,8 +170,8 @@ def build_admin_tab(state) -> dict:
         with gr.Row():
             command = gr.Dropdown(list(JOB_COMMANDS), value="generate", label="Command", scale=1)
             arguments = gr.Textbox(
-                label="Arguments (as on the command line; see `prefloop <command> --help`)",
-                placeholder="e.g. --help",
+                label="Arguments (as on the command line; --help shows the usage)",
+                placeholder="e.g. dpo --max-steps 50, or --help",
                 scale=4,
                 elem_id="pf-admin-args",
             )

@@ -16,6 +16,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from labeling.cli import check_arguments
+
 JOB_COMMANDS = ("generate", "judge", "train")
 _CLI = "import sys; from labeling.cli import main; sys.exit(main(sys.argv[1:]))"
 _PERCENT = re.compile(r"(\d{1,3})%\|")  # tqdm's "42%|####  |"
@@ -82,6 +84,10 @@ class JobManager:
             args = shlex.split(arguments or "")
         except ValueError as error:
             raise ValueError(f"arguments: {error}") from None
+        # Refused here, where the admin is looking, rather than in a failed job's log.
+        parsed = check_arguments([command, *args])
+        if getattr(parsed, "db", None):
+            raise ValueError("--db: a job runs on this server's database")
         self.log_dir.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "PREFLOOP_DB": self.db_url, "PYTHONUNBUFFERED": "1"}
         with self._lock:

@@ -36,15 +36,34 @@ COMMAND_MODULES = [
 ]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="prefloop", description="Human feedback collection and RLHF, one loop."
-    )
+def build_parser(parser_class: type[argparse.ArgumentParser] = argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The whole CLI; subcommand parsers are made of `parser_class` too (argparse's default)."""
+    parser = parser_class(prog="prefloop", description="Human feedback collection and RLHF, one loop.")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     common = common_parser()
     for module in COMMAND_MODULES:
         module.register(subparsers, common)
     return parser
+
+
+class ArgumentsError(ValueError):
+    """Command-line arguments argparse refuses, as a one-line message instead of an exit."""
+
+
+class _CheckingParser(argparse.ArgumentParser):
+    def error(self, message: str):
+        raise ArgumentsError(f"{self.prog}: {message}")
+
+    def exit(self, status: int = 0, message: str | None = None):
+        raise ArgumentsError((message or "").strip() or f"{self.prog}: nothing to run")
+
+    def print_help(self, file=None) -> None:
+        raise ArgumentsError(" ".join(self.format_usage().split()))
+
+
+def check_arguments(argv: list[str]) -> argparse.Namespace:
+    """Parse `prefloop ARGV` without exiting or printing: ArgumentsError says what is wrong."""
+    return build_parser(_CheckingParser).parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
