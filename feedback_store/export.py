@@ -9,6 +9,7 @@ the model's chat template itself.
   `margin` inside its log-sigmoid when the column exists)
 - KTO    (KTOTrainer):    prompt / completion / label (bool)
 - SFT    (SFTTrainer):    prompt / completion (the loss covers the completion only)
+- prompts (PPO rollouts): prompt / prompt_id / source, every stored prompt (no votes involved)
 
 How several votes on one comparison become one row is `Selection`: votes are filtered by
 rater kind, then the (optionally rater-weighted) plurality among a / b / tie / both_bad
@@ -51,7 +52,7 @@ from feedback_store.models import (
 # Category codes of the aggregation arrays.
 A, B, TIE, BOTH_BAD = 0, 1, 2, 3
 _CHOICE_CODE = {Choice.a: A, Choice.b: B, Choice.tie: TIE, Choice.both_bad: BOTH_BAD}
-FORMATS = ("dpo", "kto", "reward", "sft")
+FORMATS = ("dpo", "kto", "reward", "sft", "prompts")
 SUFFIXES = (".jsonl", ".parquet")
 
 
@@ -305,6 +306,7 @@ def _features(kind: str):
                    **provenance},
         "kto": {"prompt": chat, "completion": chat, "label": Value("bool"), **single, **provenance},
         "sft": {"prompt": chat, "completion": chat, **single, **provenance},
+        "prompts": {"prompt": chat, "prompt_id": Value("int64"), "source": Value("string")},
     }[kind]
     return Features(spec)
 
@@ -515,7 +517,19 @@ def _edit_rows(*, session: Session, selection: Selection) -> list[dict]:
     ]
 
 
-EXPORTERS = {"dpo": export_dpo, "kto": export_kto, "reward": export_reward, "sft": export_sft}
+def export_prompts(*, session: Session, selection: Selection = Selection()):
+    """Every stored prompt in id order, for PPO's rollouts (the policy writes the completions and a
+    reward model scores them, so `selection` has nothing to select)."""
+    rows = _core_rows(session, select(Prompt.id, Prompt.messages, Prompt.source).order_by(Prompt.id))
+    return _dataset("prompts", [
+        {"prompt": [{"role": m["role"], "content": m["content"]} for m in messages], "prompt_id": pid,
+         "source": source}
+        for pid, messages, source in rows
+    ])
+
+
+EXPORTERS = {"dpo": export_dpo, "kto": export_kto, "reward": export_reward, "sft": export_sft,
+             "prompts": export_prompts}
 
 
 def export(kind: str, *, session: Session, selection: Selection = Selection()):
@@ -567,8 +581,8 @@ def snapshot(dataset) -> tuple[dict[str, list[int]], str]:
     """What a training run used: the ids behind its rows and the sha256 of the rows' canonical JSON.
 
     The ids are the comparisons, and for rows with no comparison (KTO ratings, SFT edits)
-    the responses. The hash covers every column of every row in order, so any change in
-    data, selection or order changes it.
+    the responses; rows of prompts alone (PPO) add `prompt_ids`. The hash covers every column
+    of every row in order, so any change in data, selection or order changes it.
     """
     rows = dataset.to_list()  # honours select/shuffle/split index mappings
     comparison_ids = {row["comparison_id"] for row in rows if row.get("comparison_id") is not None}
@@ -576,4 +590,10 @@ def snapshot(dataset) -> tuple[dict[str, list[int]], str]:
         row["response_id"] for row in rows if row.get("comparison_id") is None and row.get("response_id") is not None
     }
     ids = {"comparison_ids": sorted(comparison_ids), "response_ids": sorted(response_ids)}
+    prompt_ids = {
+        row["prompt_id"] for row in rows
+        if row.get("prompt_id") is not None and row.get("comparison_id") is None and row.get("response_id") is None
+    }
+    if prompt_ids:
+        ids["prompt_ids"] = sorted(prompt_ids)
     return ids, sha256_text(canonical_json(rows))

@@ -84,6 +84,8 @@ class MethodSpec:
     split: Callable[[Any, Any, int], tuple[Any, Any]] | None = None
     # (trainer, eval dataset) -> final metrics
     evaluate: Callable[[Any, Any], dict] | None = None
+    # (trainer settings, engine) -> settings, checked before the run row exists (PPO: --reward-run)
+    resolve: Callable[[dict, Any], dict] | None = None
 
 
 def device_settings(settings: dict, *, method: str, cuda: bool, flash_attention: bool = False) -> tuple[dict, list[str]]:

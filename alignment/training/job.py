@@ -40,7 +40,7 @@ from feedback_store.models import RunStatus
 
 log = logging.getLogger("prefloop.train")
 
-METHOD_NAMES = ("sft", "reward", "dpo", "kto")
+METHOD_NAMES = ("sft", "reward", "dpo", "kto", "ppo")
 DATA_FILE = "data.parquet"
 MANIFEST = "prefloop_run.json"
 
@@ -176,6 +176,8 @@ def run_training(request: TrainRequest, *, engine: Engine, progress: bool = True
     if options.resume:
         return _resume(request, method, settings, options, engine=engine, progress=progress, callbacks=callbacks)
     check_trainer_keys(method, settings["trainer"], sources)
+    if method.resolve is not None:
+        settings["trainer"] = method.resolve(settings["trainer"], engine)
     spec = presets.build(ModelSpec, settings["model"], "model", sources)
     adapter = presets.build(AdapterConfig, settings["adapter"], "adapter", sources)
     selection = presets.build(Selection, settings["selection"], "selection", sources)
@@ -302,6 +304,8 @@ def _resume(request, method, settings, options, *, engine, progress, callbacks) 
     layers += [dict(layer, _source="command line") for layer in request.overrides]
     merged = presets.settings_for(presets.merge(*layers), method.name)
     merged["run"]["resume"] = False
+    if method.resolve is not None:
+        merged["trainer"] = method.resolve(merged["trainer"], engine)
     sources = merged["_sources"]
     output_dir = Path(saved.get("run", {}).get("output_dir") or options.output_dir or "")
     spec = presets.build(ModelSpec, {"model": run.config.get("model", "default"), **merged["model"]}, "model", sources)

@@ -86,7 +86,8 @@ def load_yaml(path: str | Path) -> dict:
 
 def merge(*layers: dict) -> dict:
     """Later layers win, key by key within each section; None values in a layer are kept
-    (`target_modules: null` means "detect")."""
+    (`target_modules: null` means "detect"). A later layer's `trainer.KEY` also beats an earlier
+    layer's `METHOD.KEY` (a --learning-rate flag over a preset's `reward: learning_rate`)."""
     merged: dict[str, Any] = {}
     sources: dict[str, str] = {}
     for layer in layers:
@@ -96,6 +97,11 @@ def merge(*layers: dict) -> dict:
                 continue
             target = merged.setdefault(section, {})
             for key, value in (values or {}).items():
+                if section == "trainer":
+                    for method in METHOD_SECTIONS:
+                        if key in merged.get(method, {}) and key not in (layer.get(method) or {}):
+                            del merged[method][key]
+                            sources.pop(f"{method}.{key}", None)
                 target[key] = value
                 sources[f"{section}.{key}"] = source
     merged["_sources"] = sources

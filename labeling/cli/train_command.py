@@ -1,9 +1,10 @@
-"""`prefloop train {sft,reward,dpo,kto}`: train from exactly the preferences in the store.
+"""`prefloop train {sft,reward,dpo,kto,ppo}`: train from exactly the preferences in the store.
 
     prefloop train dpo --max-steps 50
     prefloop train reward --model default --eval-fraction 0.2
     prefloop train dpo --preset seed-qlora --loss-type ipo --beta 0.5 --raters human --min-agreement 0.75
     prefloop train sft --data my_sft.parquet
+    prefloop train ppo --reward-run 4 --max-steps 100   # RLHF on the stored prompts, scored by run 4's model
     prefloop train dpo --resume                  # the latest unfinished dpo run, from its last checkpoint
     accelerate launch --config_file configs/accelerate/ddp.yaml -m labeling.cli train dpo
 
@@ -17,7 +18,7 @@ import argparse
 
 from labeling.cli.common import CliError, open_store
 
-METHODS = ("sft", "reward", "dpo", "kto")
+METHODS = ("sft", "reward", "dpo", "kto", "ppo")
 DPO_LOSSES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
               "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
 
@@ -47,6 +48,16 @@ FLAG_SETTINGS = {
     "desirable_weight": ("METHOD", "desirable_weight"),
     "undesirable_weight": ("METHOD", "undesirable_weight"),
     "eval_fraction": ("METHOD", "eval_fraction"),
+    "reward_run": ("METHOD", "reward_run"),
+    "reward_model": ("METHOD", "reward_model"),
+    "reward_function": ("METHOD", "reward_function"),
+    "kl_coef": ("METHOD", "kl_coef"),
+    "kl_target": ("METHOD", "kl_target"),
+    "rollout_batch_size": ("METHOD", "rollout_batch_size"),
+    "mini_batch_size": ("METHOD", "mini_batch_size"),
+    "ppo_epochs": ("METHOD", "ppo_epochs"),
+    "max_new_tokens": ("METHOD", "max_new_tokens"),
+    "temperature": ("METHOD", "temperature"),
 }
 
 
@@ -119,11 +130,31 @@ def _method_flags(method: str, parser: argparse.ArgumentParser) -> None:
     if method == "reward":
         parser.add_argument("--eval-fraction", type=_fraction, default=None,
                             help="share of pairs held out for the accuracy report (default 0.1)")
+    if method == "ppo":
+        reward = parser.add_argument_group("reward (one of)")
+        reward.add_argument("--reward-run", type=int, default=None, metavar="RUN_ID",
+                            help="a finished `prefloop train reward` run: its model scores the completions")
+        reward.add_argument("--reward-model", default=None, metavar="PATH",
+                            help="a saved reward model directory (a reward run's output)")
+        reward.add_argument("--reward-function", default=None, metavar="MODULE:FUNCTION",
+                            help="a rule-based reward, f(completions, prompts) -> list of floats")
+        ppo = parser.add_argument_group(
+            "PPO", "--max-steps counts PPO steps (one rollout batch each), --batch-size is the micro-batch of the "
+            "gradient passes; more settings with --set ppo.KEY=VALUE (cliprange, cliprange_value, vf_coef, gamma, "
+            "lam, missing_eos_penalty, ...)")
+        ppo.add_argument("--kl-coef", type=float, default=None, help="per-token KL penalty to the reference (0.05)")
+        ppo.add_argument("--kl-target", type=float, default=None,
+                         help="adapt the KL coefficient towards this KL per completion (default: fixed)")
+        ppo.add_argument("--rollout-batch-size", type=int, default=None, help="completions per PPO step (16)")
+        ppo.add_argument("--mini-batch-size", type=int, default=None, help="completions per optimizer step (8)")
+        ppo.add_argument("--ppo-epochs", type=int, default=None, help="passes over each rollout batch (4)")
+        ppo.add_argument("--max-new-tokens", type=int, default=None, help="most tokens per completion (64)")
+        ppo.add_argument("--temperature", type=float, default=None, help="rollout sampling temperature (0.7)")
 
 
 def register(subparsers, common: argparse.ArgumentParser) -> None:
     parser = subparsers.add_parser(
-        "train", help="train SFT / reward model / DPO / KTO from the stored preferences",
+        "train", help="train SFT / reward model / DPO / KTO / PPO from the stored preferences",
         description=__doc__.splitlines()[0],
     )
     methods = parser.add_subparsers(dest="method", required=True, metavar="METHOD")
@@ -131,7 +162,8 @@ def register(subparsers, common: argparse.ArgumentParser) -> None:
     helps = {"sft": "supervised fine-tuning on winners and edits (or --data)",
              "reward": "a reward model (sequence-classification head), held-out pairwise accuracy",
              "dpo": "direct preference optimization on the policy (adapter off = reference)",
-             "kto": "KTO on thumbs-up/down ratings and on pairs"}
+             "kto": "KTO on thumbs-up/down ratings and on pairs",
+             "ppo": "PPO (RLHF): the policy samples on stored prompts, a reward run's model scores it"}
     for method in METHODS:
         sub = methods.add_parser(method, parents=[common, shared], help=helps[method],
                                  description=f"prefloop train {method}: {helps[method]}")
@@ -177,8 +209,8 @@ def run_train(args: argparse.Namespace) -> int:
     for note in result.notes:
         print(f"note: {note}")
     shown = {k: v for k, v in result.metrics.items()
-             if k in ("train_loss", "final_loss", "final_rewards/accuracies", "eval_accuracy", "global_step",
-                      "train_runtime")}
+             if k in ("train_loss", "final_loss", "final_rewards/accuracies", "eval_accuracy", "final_reward",
+                      "final_kl", "global_step", "train_runtime")}
     print(f"run {result.run_id} {result.status}: " + ", ".join(f"{k}={_fmt(v)}" for k, v in shown.items()))
     print(f"output: {result.output_path}")
     if result.policy_name:
