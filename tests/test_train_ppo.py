@@ -392,3 +392,23 @@ def test_ppo_settings_from_presets_and_flags():
     flagged = resolve_settings(TrainRequest("ppo", preset="cpu-lora", overrides=[{"trainer": {"learning_rate": 1e-3}}]))
     assert flagged["trainer"]["learning_rate"] == 1e-3
     assert flagged["_sources"]["trainer.learning_rate"] == "command line"
+
+
+def test_qlora_preset_and_a_prompt_file(store, model_dir, tmp_path):
+    """The seed's recipe (4-bit base, gradient checkpointing, paged AdamW -> torch's on CPU) runs PPO;
+    `--data` takes a file of plain-text prompts instead of the store's."""
+    from datasets import Dataset
+
+    path = tmp_path / "prompts.parquet"
+    Dataset.from_dict({"prompt": ["what is the capital", "explain the model", "write a short poem", "yes or no"]}
+                      ).to_parquet(path)
+    result = run_training(TrainRequest("ppo", model=model_dir, preset="seed-qlora", overrides=[{
+        "trainer": {**FAST, "optim": "paged_adamw_32bit", "reward_function": "tests.test_train_ppo:text_length"},
+        "run": {"runs_dir": str(tmp_path / "runs"), "data": str(path)}}]), engine=store, progress=False)
+    run = get_run(store, result.run_id)
+    assert run.status == RunStatus.done and run.config["settings"]["model"]["quantize"] == "4bit"
+    assert run.config["trainer"]["gradient_checkpointing"] is True and run.config["data"] == f"file:{path}"
+    assert run.snapshot_ids == {"comparison_ids": [], "response_ids": []}
+    lora_b = [t for name, t in load_file(str(Path(result.output_path) / "adapter_model.safetensors")).items()
+              if "lora_B" in name]
+    assert lora_b and all(t.dtype == torch.float32 and t.abs().sum() > 0 for t in lora_b)

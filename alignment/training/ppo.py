@@ -190,7 +190,7 @@ class PPOTrainer(Trainer):
         self.prompts, self.prompt_ids, self.skipped_prompts = self._encode_prompts(train_dataset)
         self.reward_fn = reward_fn or ppo_reward.load_reward(
             reward_model=args.reward_model, reward_function=args.reward_function,
-            device="cuda" if device.type == "cuda" else "cpu", batch_size=args.generation_batch_size,
+            device=str(device) if device.type == "cuda" else "cpu", batch_size=args.generation_batch_size,
         )
         import inspect
 
