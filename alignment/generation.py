@@ -99,7 +99,8 @@ def check_context(
             )
 
 
-def _stop_ids(model, tokenizer) -> set[int]:
+def stop_token_ids(model, tokenizer) -> set[int]:
+    """The ids that end a completion: the generation config's end tokens and the tokenizer's."""
     ids: set[int] = set()
     configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     for value in (configured, tokenizer.eos_token_id):
@@ -130,7 +131,7 @@ def generate_local(
     jobs = sorted(
         itertools.product(range(len(texts)), range(sampling.samples)), key=lambda job: (lengths[job[0]], job)
     )
-    stop = _stop_ids(model, tokenizer)
+    stop = stop_token_ids(model, tokenizer)
     results: list[list[Completion | None]] = [[None] * sampling.samples for _ in texts]
     device = next(model.parameters()).device
     sample = sampling.temperature > 0

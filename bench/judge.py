@@ -76,43 +76,53 @@ def main() -> None:
     parser.add_argument("--local-requests", type=int, default=16, help="judgements in the batched local measurement (up to 16 per batch)")
     parser.add_argument("--local-new-tokens", type=int, default=32, help="generate mode: new tokens per judgement")
     parser.add_argument("--skip-local", action="store_true")
+    parser.add_argument("--skip-http", action="store_true", help="run only the local judge part")
     args = parser.parse_args()
 
     import openai  # noqa: F401 - imported before the clock starts, as in a long-running CLI
 
     load_before = f"{os.getloadavg()[0]:.1f}"
+    clean_ratio = faults_ratio = client_ms = speedup = generate_speedup = float("nan")
 
     with tempfile.TemporaryDirectory() as tmp:
         url = f"sqlite:///{tmp}/bench.db"
         upgrade(url)
         engine = engine_for(url)
         add_pairs(engine, [(f"answer {i} GOOD", f"answer {i} plain") for i in range(args.comparisons)])
-        # A short warm-up (connections, first-call costs) under another judge name.
-        http_phase(engine, "warmup", args, [], limit=2 * args.concurrency)
-        clean = http_phase(engine, "bench-clean", args, [])
-        faults = http_phase(engine, "bench-faults", args, ["--rate-429", "0.1", "--retry-after", "0.2"])
-        load_after = os.getloadavg()[0]
-
-        print(f"HTTP judge: {2 * args.comparisons} judgements (1 judgement = 1 request), concurrency "
-              f"{args.concurrency}, server latency {args.latency * 1000:.0f} ms, ideal {clean['ideal']:.0f}/s")
-        print(f"load average before/after: {load_before} / {load_after:.1f} on {os.cpu_count()} CPUs "
-              "(other work on the machine takes CPU from both client and server)")
-        print(f"{'':18}{'judgements/s':>13}{'of ideal':>9}{'attempts':>9}{'failed':>7}{'wall s':>7}"
-              f"{'client CPU ms/judgement':>25}{'server CPU ms':>14}")
-        for label, result in (("clean", clean), ("10% 429 (0.2 s)", faults)):
-            s = result["summary"]
-            print(f"{label:18}{result['rate']:13.1f}{result['ratio']:9.1%}{s.attempts:9d}{s.failed:7d}{s.elapsed_s:7.2f}"
-                  f"{result['client_ms']:25.2f}{result['server_ms']:14.2f}")
-        sys.stdout.flush()
-        speedup = generate_speedup = float("nan")
+        if not args.skip_http:
+            clean, faults = http_part(engine, args, load_before)
+            clean_ratio, faults_ratio, client_ms = clean["ratio"], faults["ratio"], clean["client_ms"]
         if not args.skip_local:
+            local_load = os.getloadavg()[0]
             local = local_phase(engine, args)
-            print_local(local, args)
+            print_local(local, args, f"{local_load:.1f} / {os.getloadavg()[0]:.1f}")
             speedup = local["choice"][1] / local["choice"][0]
             generate_speedup = local["generate"][1] / local["generate"][0]
-    print(f"RESULT judge ratio={clean['ratio']:.3f} faults_ratio={faults['ratio']:.3f} "
+    print(f"RESULT judge ratio={clean_ratio:.3f} faults_ratio={faults_ratio:.3f} "
           f"local_batched_speedup={speedup:.2f} local_generate_speedup={generate_speedup:.2f} "
-          f"client_cpu_ms={clean['client_ms']:.2f} load={load_before}")
+          f"client_cpu_ms={client_ms:.2f} load={load_before}")
+
+
+def http_part(engine, args, load_before: str) -> tuple[dict, dict]:
+    """Warm-up, then the clean and the 429 runs; prints their table."""
+    # A short warm-up (connections, first-call costs) under another judge name.
+    http_phase(engine, "warmup", args, [], limit=2 * args.concurrency)
+    clean = http_phase(engine, "bench-clean", args, [])
+    faults = http_phase(engine, "bench-faults", args, ["--rate-429", "0.1", "--retry-after", "0.2"])
+    load_after = os.getloadavg()[0]
+
+    print(f"HTTP judge: {2 * args.comparisons} judgements (1 judgement = 1 request), concurrency "
+          f"{args.concurrency}, server latency {args.latency * 1000:.0f} ms, ideal {clean['ideal']:.0f}/s")
+    print(f"load average before/after: {load_before} / {load_after:.1f} on {os.cpu_count()} CPUs "
+          "(other work on the machine takes CPU from both client and server)")
+    print(f"{'':18}{'judgements/s':>13}{'of ideal':>9}{'attempts':>9}{'failed':>7}{'wall s':>7}"
+          f"{'client CPU ms/judgement':>25}{'server CPU ms':>14}")
+    for label, result in (("clean", clean), ("10% 429 (0.2 s)", faults)):
+        s = result["summary"]
+        print(f"{label:18}{result['rate']:13.1f}{result['ratio']:9.1%}{s.attempts:9d}{s.failed:7d}{s.elapsed_s:7.2f}"
+              f"{result['client_ms']:25.2f}{result['server_ms']:14.2f}")
+    sys.stdout.flush()
+    return clean, faults
 
 
 def load_local_model():
@@ -150,6 +160,7 @@ def local_phase(engine, args) -> dict:
         for batch in (1, 16):
             config = LocalJudgeConfig(mode=mode, batch_size=batch, **extra)
             backend = LocalJudge(model, tokenizer, config, model_id=f"bench-{mode}-{batch}")
+            warm_up(backend, template)
             run = JudgeRunConfig(template=template, limit=sizes[batch], concurrency=2 * batch, progress=False)
             summary = run_judge(engine, backend, run)
             rates[batch] = summary.requests / summary.elapsed_s
@@ -158,9 +169,19 @@ def local_phase(engine, args) -> dict:
     return results
 
 
-def print_local(local: dict, args) -> None:
+def warm_up(backend, template: str) -> None:
+    """One judgement outside the clock: the judge computes its shared prompt prefix once in its
+    life, which a run of a few judgements would otherwise bill to them."""
+    from labeling.judge.templates import get_template
+
+    backend.run_batch([get_template(template).render([{"role": "user", "content": "warm-up"}], "yes", "no")])
+    backend.batches.clear()
+
+
+def print_local(local: dict, args, load: str) -> None:
     print(f"\nLocal judge: {local['label']}, {args.local_requests} judgements batched "
-          f"({max(1, args.local_requests // 8) * 2} one at a time), torch threads {local['threads']}")
+          f"({max(1, args.local_requests // 8) * 2} one at a time), torch threads {local['threads']}, "
+          f"load average before/after {load} on {os.cpu_count()} CPUs")
     print(f"{'judgements/s':34}{'1 at a time':>12}{'batched':>10}{'speedup':>9}{'largest batch':>15}")
     for mode, what in (("choice", "choice (1 forward pass, verdict)"),
                        ("generate", f"generate ({args.local_new_tokens} tokens, explain)")):

@@ -1,16 +1,18 @@
-"""The in-process judge on a tiny random model: batched through the runner, same answers as
-one at a time, and a generating judge's unreadable text never becomes a label."""
+"""The in-process judge on a tiny random model: batched through the runner; with its shared
+prompt prefix cached, the same answers as a plain pass one prompt at a time; and a generating
+judge's unreadable text never becomes a label."""
 
 from __future__ import annotations
 
 import pytest
 
+from alignment.generation import SamplingConfig, generate_local
 from feedback_store.db import engine_for
 from labeling.judge import JudgeRunConfig, run_judge
 from labeling.judge.local_backend import LocalJudge, LocalJudgeConfig
 from labeling.judge.templates import get_template
 from tests.judge_helpers import add_pairs, calls, votes_by_comparison
-from tests.tiny_judge_model import tiny_model
+from tests.tiny_judge_model import tiny_model, tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -23,25 +25,79 @@ def sqlite_engine(sqlite_url):
     return engine_for(sqlite_url)
 
 
-def _conversations(n):
+def _conversations(n, criteria=None):
     template = get_template("pairwise-verdict-v1")
     return [
-        template.render([{"role": "user", "content": f"question {i}" + " and more" * i}], f"answer {i}", "other " * (i + 1))
+        template.render(
+            [{"role": "user", "content": f"question {i}" + " and more" * i}], f"answer {i}", "other " * (i + 1), criteria
+        )
         for i in range(n)
     ]
 
 
+def _verdicts(judge, batches):
+    """(text, verdict logprob, prompt tokens) of every prompt, judged in the given batches."""
+    return [(r.text, r.logprobs[1].logprob, r.prompt_tokens) for batch in batches for r in judge.run_batch(batch)]
+
+
+def _assert_same_verdicts(got, expected):
+    assert [g[0] for g in got] == [e[0] for e in expected]
+    assert [g[2] for g in got] == [e[2] for e in expected]
+    assert [g[1] for g in got] == pytest.approx([e[1] for e in expected], abs=1e-4)
+
+
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])  # rotary and absolute positions
-def test_a_batch_gives_the_same_verdicts_as_one_at_a_time(kind):
+def test_cached_prefix_and_batching_give_the_verdicts_of_a_plain_pass_one_at_a_time(kind):
     model, tokenizer = tiny_model(kind=kind)
-    judge = LocalJudge(model, tokenizer, LocalJudgeConfig(batch_size=8))
-    conversations = _conversations(6)  # different lengths: the batch is left-padded
-    batched = judge.run_batch(conversations)
-    alone = [judge.run_batch([c])[0] for c in conversations]
-    assert [r.text for r in batched] == [r.text for r in alone]
-    for x, y in zip(batched, alone):
-        assert x.logprobs[1].logprob == pytest.approx(y.logprobs[1].logprob, abs=1e-4)
-        assert x.prompt_tokens == y.prompt_tokens
+    # Different lengths (the batch is padded) and two criteria texts (two shared prefixes).
+    conversations = _conversations(6) + _conversations(3, criteria="Prefer the shorter answer.")
+    plain = LocalJudge(model, tokenizer, LocalJudgeConfig(batch_size=1, prefix_cache=False))
+    expected = _verdicts(plain, [[c] for c in conversations])
+    assert plain.cached_prompt_tokens == 0
+    for batch_size in (16, 1):
+        cached = LocalJudge(model, tokenizer, LocalJudgeConfig(batch_size=batch_size))
+        batches = [conversations[i : i + batch_size] for i in range(0, len(conversations), batch_size)]
+        _assert_same_verdicts(_verdicts(cached, batches), expected)
+        # The shared system prompt came from the cache for every prompt.
+        assert cached.cached_prompt_tokens > 0.5 * sum(e[2] for e in expected)
+        # A second pass on the same cache: it was copied into the batches, not changed by them.
+        _assert_same_verdicts(_verdicts(cached, batches), expected)
+    uncached_batch = LocalJudge(model, tokenizer, LocalJudgeConfig(batch_size=16, prefix_cache=False))
+    _assert_same_verdicts(_verdicts(uncached_batch, [conversations]), expected)
+
+
+def test_a_prefix_whose_last_token_merges_with_the_prompt_is_not_cached():
+    model, _ = tiny_model()
+    tokenizer = tiny_tokenizer()
+    # "[" ends the prefix and the judge prompt begins with "[The Start": tokenized whole, the
+    # two make one "[[" token, so the prefix's tokens are not the start of the prompt's.
+    tokenizer.chat_template = (
+        "{% for m in messages %}{{ m['role'] }}[{{ m['content'] }}]\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant[{% endif %}"
+    )
+    conversations = _conversations(3)
+    plain = LocalJudge(model, tokenizer, LocalJudgeConfig(prefix_cache=False))
+    judge = LocalJudge(model, tokenizer, LocalJudgeConfig())
+    _assert_same_verdicts(_verdicts(judge, [conversations]), _verdicts(plain, [conversations]))
+    assert judge.cached_prompt_tokens == 0
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_generate_mode_on_a_cached_prefix_matches_plain_generation(kind):
+    model, tokenizer = tiny_model(kind=kind)
+    conversations = _conversations(5)
+    sampling = SamplingConfig(max_new_tokens=10, temperature=0.0, batch_size=1)
+    expected = [c for [c] in generate_local(model, tokenizer, conversations, sampling)]
+    for batch_size in (8, 1):
+        config = LocalJudgeConfig(mode="generate", batch_size=batch_size, max_new_tokens=10)
+        judge = LocalJudge(model, tokenizer, config)
+        replies = [r for i in range(0, 5, batch_size) for r in judge.run_batch(conversations[i : i + batch_size])]
+        assert judge.cached_prompt_tokens > 0
+        assert [r.text for r in replies] == [c.text for c in expected]
+        assert any(r.text for r in replies)  # some text to compare (the tiny GPT-2 mostly emits special tokens)
+        assert [r.completion_tokens for r in replies] == [c.completion_tokens for c in expected]
+        assert [r.prompt_tokens for r in replies] == [c.prompt_tokens for c in expected]
+        assert all(r.truncated == (r.completion_tokens >= 10) for r in replies)
 
 
 def test_choice_mode_through_the_runner_batches_and_records_confidence(sqlite_engine, model_and_tokenizer):
