@@ -209,6 +209,28 @@ def test_rollout_masks_after_the_end_token_and_starts_at_ratio_one(sharp_model_d
     assert torch.allclose(values * mask[:4], batch.values[:4], atol=1e-5)
 
 
+def test_sampler_and_ppo_log_probs_agree_under_left_padding(sharp_model_dir, tmp_path):
+    """PPO's forward (left-padded prompts, explicit positions) scores exactly the distribution
+    `generate` sampled from: the rollouts are on-policy."""
+    trainer = _trainer(sharp_model_dir, tmp_path, good_share, temperature=0.7)
+    tokenizer = trainer.tokenizer
+    trainer.model.generation_config.suppress_tokens = None  # sample from the plain softmax
+    texts = ["<|user|> the a is are was to of </s> <|assistant|>", "<|user|> the </s> <|assistant|>"]
+    batch = tokenizer.pad({"input_ids": tokenizer(texts, add_special_tokens=False)["input_ids"]},
+                          padding_side="left", return_tensors="pt")
+    trainer.model.eval()
+    torch.manual_seed(0)
+    out = trainer.model.generate(**batch, do_sample=True, temperature=0.7, top_k=0, top_p=1.0, max_new_tokens=5,
+                                 pad_token_id=tokenizer.pad_token_id, output_scores=True, return_dict_in_generate=True)
+    width = batch["input_ids"].size(1)
+    responses = out.sequences[:, width:]
+    sampled = torch.stack([s.log_softmax(-1) for s in out.scores], 1).gather(-1, responses.unsqueeze(-1)).squeeze(-1)
+    mask = torch.cat([batch["attention_mask"], torch.ones_like(responses)], 1)
+    with torch.no_grad():
+        logits, _ = trainer._forward(out.sequences, mask, width, values=False)
+    assert torch.allclose(ppo_math.token_logprobs(logits, responses), sampled, atol=1e-4)
+
+
 def test_policy_learns_what_the_reward_asks_for(sharp_model_dir, tmp_path):
     trainer = _trainer(sharp_model_dir, tmp_path, good_share, max_steps=12, learning_rate=1e-2)
     trainer.train()
@@ -222,7 +244,7 @@ def test_policy_learns_what_the_reward_asks_for(sharp_model_dir, tmp_path):
     assert kls[0] == pytest.approx(0.0, abs=1e-5) and kls[-1] > 0.5  # starts at the reference, moves away
 
 
-def test_adapter_methods_without_a_reference_are_refused(sharp_model_dir, tmp_path):
+def test_what_ppo_cannot_train_is_refused(sharp_model_dir, tmp_path):
     from datasets import Dataset
 
     from alignment.models import ModelSpec, load_model
@@ -235,6 +257,8 @@ def test_adapter_methods_without_a_reference_are_refused(sharp_model_dir, tmp_pa
                    reward_fn=good_share)
     with pytest.raises(ValueError, match="mini_batch_size=9"):
         PPOConfig(output_dir=str(tmp_path), rollout_batch_size=8, mini_batch_size=9)
+    with pytest.raises(TrainingError, match="no prompt fits: every one is longer than .* = 2 tokens"):
+        _trainer(sharp_model_dir, tmp_path, good_share, max_length=10, max_new_tokens=8)
 
 
 # --------------------------------------------------------------------------- end to end through the store

@@ -33,7 +33,9 @@ metric curves, progress bar), the NaN guard and interrupts behave as for the oth
 
 from __future__ import annotations
 
+import inspect
 import json
+import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -47,6 +49,8 @@ from transformers.trainer_utils import TrainOutput, speed_metrics
 
 from alignment.training import ppo_math, ppo_reward
 from alignment.training.common import MethodSpec, NonFiniteLoss, TrainingError
+
+log = logging.getLogger("prefloop.train")
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 PPO_STATE_FILE = "ppo_state.json"
@@ -146,6 +150,10 @@ def prompt_indices(n_prompts: int, batch: int, step: int, seed: int) -> list[int
     return out
 
 
+def _chunks(n: int, size: int) -> list[slice]:
+    return [slice(start, min(start + size, n)) for start in range(0, n, size)]
+
+
 def _disable_dropout(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, nn.Dropout):
@@ -192,8 +200,6 @@ class PPOTrainer(Trainer):
             reward_model=args.reward_model, reward_function=args.reward_function,
             device=str(device) if device.type == "cuda" else "cpu", batch_size=args.generation_batch_size,
         )
-        import inspect
-
         forward = inspect.signature(self.accelerator.unwrap_model(self.model).get_base_model().forward).parameters
         self._forward_keys = {k for k in ("position_ids", "logits_to_keep") if k in forward}
 
@@ -246,14 +252,11 @@ class PPOTrainer(Trainer):
             estimates = self.value_head(hidden.float()).squeeze(-1)
         return logits, estimates
 
-    def _chunks(self, n: int, size: int):
-        return [slice(start, min(start + size, n)) for start in range(0, n, size)]
-
     @torch.no_grad()
     def _generate(self, prompt_ids: list[list[int]], step: int) -> list[list[int]]:
         responses = []
         pad = self.tokenizer.pad_token_id
-        for k, part in enumerate(self._chunks(len(prompt_ids), self.args.generation_batch_size)):
+        for k, part in enumerate(_chunks(len(prompt_ids), self.args.generation_batch_size)):
             batch = self.tokenizer.pad({"input_ids": prompt_ids[part]}, padding_side="left", return_tensors="pt")
             batch = batch.to(self.args.device)
             torch.manual_seed(self.args.seed * 7919 + step * 131 + k)  # a resumed run samples the same
@@ -284,7 +287,7 @@ class PPOTrainer(Trainer):
         attention_mask = torch.cat([prompts["attention_mask"], mask.long()], 1)
 
         logprobs, ref_logprobs, values = [], [], []
-        for part in self._chunks(len(picked), args.generation_batch_size):
+        for part in _chunks(len(picked), args.generation_batch_size):
             logits, value = self._forward(input_ids[part], attention_mask[part], prompt_width, values=True)
             logprobs.append(ppo_math.token_logprobs(logits, responses[part]))
             values.append(value)
@@ -406,6 +409,7 @@ class PPOTrainer(Trainer):
         for attr in ("model", "optimizer", "lr_scheduler"):
             setattr(self.callback_handler, attr, getattr(self, attr))
         if self.skipped_prompts:
+            log.warning("%d prompts are longer than max_length - max_new_tokens: left out", self.skipped_prompts)
             self.log({"skipped_prompts": float(self.skipped_prompts)})
 
         start, first_step = time.time(), self.state.global_step
