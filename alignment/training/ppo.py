@@ -9,7 +9,9 @@ One PPO step:
    (its own tokenizer and chat template: it may be another model than the policy) or by a
    reward function (`module:function`, for rule-based rewards and tests);
 3. per-token rewards: every token pays `kl_coef * (log pi - log ref)`, the score is added at the
-   completion's last token; the coefficient is fixed, or adapted towards `kl_target`;
+   completion's last token; the coefficient is fixed, or adapted towards `kl_target`. The logged
+   `kl` is this log-ratio summed over a completion (a sample estimate: a batch mean can dip
+   below 0);
 4. GAE advantages (`gamma`, `lam`) from a value head's estimates, whitened over the batch;
 5. `ppo_epochs` passes over the rollout in minibatches of `mini_batch_size` (micro-batches of
    `per_device_train_batch_size` accumulated): clipped policy loss + `vf_coef` * clipped value
@@ -29,6 +31,12 @@ away from 1 and spend its clip range on noise.
 The trainer is a `transformers.Trainer` whose `train()` runs this loop, so that checkpoints
 (adapter, value head, KL coefficient, optimizer, scheduler), `--resume`, callbacks (the run's
 metric curves, progress bar), the NaN guard and interrupts behave as for the other methods.
+Curves per PPO step: reward, reward_std, kl, kl_coef, non_score_reward, response_length,
+ended_fraction, value_mean, return_mean, loss, policy_loss, value_loss, clip_fraction,
+value_clip_fraction, entropy, approx_kl (policy vs its rollout self), grad_norm, learning_rate.
+
+Limits: one process (no accelerate/torchrun launch yet); LoRA/DoRA adapters only (full or
+lm_head training would need a reference copy); the policy starts from the base model.
 """
 
 from __future__ import annotations
