@@ -292,6 +292,25 @@ def ppo(engine, model_path, tmp_path, *, callbacks=(), **trainer):
                         progress=False, callbacks=callbacks)
 
 
+def test_prompts_export_and_snapshot(db_url):
+    """PPO's data: every stored prompt in id order (SQLite and PostgreSQL)."""
+    from feedback_store.catalog import add_prompt
+
+    engine = preference_store(db_url, n_prompts=3, ratings=False)
+    with session_scope(engine) as session:
+        extra, _ = add_prompt([{"role": "system", "content": "be brief"}, {"role": "user", "content": "why"}],
+                              session=session, source="import")
+        extra_id = extra.id
+    with read_scope(engine) as session:
+        dataset = export("prompts", session=session)
+        stored = {p.id: p.messages for p in session.exec(select(Prompt))}
+    assert dataset["prompt_id"] == sorted(stored) and dataset["prompt_id"][-1] == extra_id
+    assert dataset[-1]["prompt"] == [{"role": "system", "content": "be brief"}, {"role": "user", "content": "why"}]
+    assert dataset[-1]["source"] == "import"
+    ids, digest = snapshot(dataset)
+    assert ids == {"comparison_ids": [], "response_ids": [], "prompt_ids": sorted(stored)} and len(digest) == 64
+
+
 def test_cli_trains_ppo_on_a_reward_run(sqlite_url, store, reward_run, model_dir, tmp_path, capsys):
     out = tmp_path / "ppo"
     code = main(["train", "ppo", "--db", sqlite_url, "--model", model_dir, "--reward-run", str(reward_run),
