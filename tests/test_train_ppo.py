@@ -455,3 +455,23 @@ def test_qlora_preset_and_a_prompt_file(store, model_dir, tmp_path):
     lora_b = [t for name, t in load_file(str(Path(result.output_path) / "adapter_model.safetensors")).items()
               if "lora_B" in name]
     assert lora_b and all(t.dtype == torch.float32 and t.abs().sum() > 0 for t in lora_b)
+
+
+def test_reward_model_of_another_architecture(store, model_dir, tmp_path):
+    """A small encoder scorer (no chat template, its own tokenizer) rates the Llama policy's decoded
+    completions; given by path with --reward-model."""
+    from tests.tiny_models import build, tiny_tokenizer
+
+    path = tmp_path / "bert"
+    build("bert").save_pretrained(path)
+    tokenizer = tiny_tokenizer()
+    tokenizer.chat_template = None
+    tokenizer.save_pretrained(path)
+    scorer_run = run_training(TrainRequest("reward", model=str(path), overrides=[{
+        "trainer": {"max_steps": 2, "optim": "adamw_torch"}, "run": {"runs_dir": str(tmp_path / "runs")}}]),
+        engine=store, progress=False)
+    result = ppo(store, model_dir, tmp_path, reward_model=scorer_run.output_path)
+    run = get_run(store, result.run_id)
+    assert run.status == RunStatus.done and run.config["trainer"]["reward_model"] == scorer_run.output_path
+    rewards = [m.value for m in run_metrics(store, result.run_id) if m.name == "reward"]
+    assert len(rewards) == 2 and all(np.isfinite(rewards)) and any(r != 0 for r in rewards)
