@@ -21,8 +21,8 @@ from feedback_store.db import read_scope, session_scope
 from feedback_store.export import export, snapshot
 from feedback_store.models import PolicyVersion, Prompt, RunStatus, TrainingRun
 from labeling.cli import main
-from tests.train_helpers import preference_store, tiny_model
 from tests.tiny_models import save_tiny_causal_lm
+from tests.train_helpers import preference_store, tiny_model
 
 # --------------------------------------------------------------------------- rewards for the tests
 
@@ -166,7 +166,8 @@ def _trainer(model_path, tmp_path, reward_fn, **settings):
     torch.manual_seed(0)
     model, tokenizer = load_model(ModelSpec(model_path))
     model = apply_adapter(model, AdapterConfig(method="lora", r=8, alpha=16, dropout=0.1))
-    words = "the a is are was to of and in that it for on with as at".split()
+    words = ["the", "a", "is", "are", "was", "to", "of", "and", "in", "that", "it", "for", "on", "with", "as",
+             "at"]
     dataset = Dataset.from_dict({"prompt": [[{"role": "user", "content": w}] for w in words]})
     config = PPOConfig(**{
         "output_dir": str(tmp_path / "out"), "use_cpu": True, "report_to": "none", "disable_tqdm": True,

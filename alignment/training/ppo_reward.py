@@ -19,6 +19,7 @@ from pathlib import Path
 from alignment.training.common import TrainingError
 
 RewardFn = Callable[[list[str], list], Sequence[float]]
+MANIFEST = "prefloop_run.json"  # what a reward run writes beside its model (job.MANIFEST)
 
 
 def reward_run_path(engine, run_id: int) -> str:
@@ -35,7 +36,7 @@ def reward_run_path(engine, run_id: int) -> str:
     if run.status != RunStatus.done:
         raise TrainingError(f"{where}: reward run {run_id} is {run.status.value}, not done "
                             f"(pick a finished run or wait for this one)")
-    if not run.output_path or not (Path(run.output_path) / "prefloop_run.json").is_file():
+    if not run.output_path or not (Path(run.output_path) / MANIFEST).is_file():
         raise TrainingError(f"{where}: the reward model of run {run_id} is gone ({run.output_path})")
     return run.output_path
 
@@ -50,10 +51,9 @@ def resolve(settings: dict, engine) -> dict:
         if settings.get("reward_model") not in (None, path):
             raise TrainingError("give --reward-run or --reward-model, not both")
         settings["reward_model"] = path
-    elif settings.get("reward_model") is not None:
-        if not (Path(settings["reward_model"]) / "prefloop_run.json").is_file():
-            raise TrainingError(f"--reward-model {settings['reward_model']}: not a prefloop reward model "
-                                f"(no prefloop_run.json; train one with prefloop train reward)")
+    elif settings.get("reward_model") is not None and not (Path(settings["reward_model"]) / MANIFEST).is_file():
+        raise TrainingError(f"--reward-model {settings['reward_model']}: not a prefloop reward model "
+                            f"(no {MANIFEST}; train one with prefloop train reward)")
     if not sources:
         raise TrainingError("PPO needs a reward: --reward-run RUN_ID (a finished reward run), --reward-model PATH "
                             "or --reward-function MODULE:FUNCTION")
