@@ -173,5 +173,7 @@ class _BufferLayer(DynamicLayer):
 
 
 def _cache_argument(model) -> str:
-    """transformers 5.x names the forward argument `cache`; earlier releases `past_key_values`."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    """Recent transformers name the forward argument `cache`; earlier ones `past_key_values`.
+    (A peft wrapper passes either on: ask the model it wraps.)"""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
