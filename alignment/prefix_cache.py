@@ -2,7 +2,7 @@
 and instructions): the shared prefix goes through the model once, and each batch runs only the
 rest of its prompts (their suffixes) on a copy of the prefix's keys and values.
 
-    prefix = PrefixKV.compute(model, prefix_ids)        # once; PrefixKV.EMPTY = no shared prefix
+    prefix = PrefixKV.compute(model, prefix_ids)        # once; EMPTY_PREFIX: none shared
     logits = last_logits(model, prefix, suffixes)        # (batch, vocab): the next token of each
     tokens = greedy(model, prefix, suffixes, 32, stop)   # new token ids of each row
 
@@ -53,22 +53,28 @@ def last_logits(model, prefix: PrefixKV, suffixes: Sequence[Sequence[int]], max_
     Processing a prompt costs the same per token in a batch of 1 or 16 on a CPU, so padding
     is pure waste: rows are sorted by length and cut into sub-batches whose padding stays
     under `max_padding` of their tokens."""
-    order = sorted(range(len(suffixes)), key=lambda i: len(suffixes[i]))
-    groups: list[list[int]] = []
-    for i in order:
-        group = groups[-1] if groups else None
-        if group is not None:
-            width, tokens = len(suffixes[i]), sum(len(suffixes[j]) for j in group) + len(suffixes[i])
-            if (len(group) + 1) * width - tokens <= max_padding * (len(group) + 1) * width:
-                group.append(i)
-                continue
-        groups.append([i])
+    if not suffixes:
+        raise ValueError("no prompts to run")
     logits: list[torch.Tensor | None] = [None] * len(suffixes)
     with torch.inference_mode():
-        for group in groups:
+        for group in _length_groups([len(s) for s in suffixes], max_padding):
             for i, row in zip(group, _Batch(model, prefix, [suffixes[i] for i in group]).prefill().float()):
                 logits[i] = row
         return torch.stack(logits)  # type: ignore[arg-type]
+
+
+def _length_groups(lengths: Sequence[int], max_padding: float) -> list[list[int]]:
+    """Indices sorted by length, cut where a group's padding would pass `max_padding` of it."""
+    groups: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lengths.__getitem__):
+        if groups:
+            group = groups[-1]
+            padded = (len(group) + 1) * lengths[i]  # the new row is the longest
+            if padded - sum(lengths[j] for j in group) - lengths[i] <= max_padding * padded:
+                group.append(i)
+                continue
+        groups.append([i])
+    return groups
 
 
 def greedy(

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from alignment.prefix_cache import EMPTY_PREFIX, PrefixKV, greedy, last_logits
+from alignment.prefix_cache import EMPTY_PREFIX, PrefixKV, _length_groups, greedy, last_logits
 from tests.tiny_judge_model import tiny_model
 
 PREFIX = [5, 17, 42, 8, 99, 23, 61]
@@ -57,3 +57,11 @@ def test_greedy_on_a_cached_prefix_continues_like_generate(model):
 def test_an_empty_suffix_is_refused(model):
     with pytest.raises(ValueError, match="at least one token"):
         last_logits(model, PrefixKV.compute(model, PREFIX), [[1, 2], []])
+    with pytest.raises(ValueError, match="no prompts"):
+        last_logits(model, PrefixKV.compute(model, PREFIX), [])
+
+
+def test_prompts_of_very_different_lengths_run_in_separate_sub_batches():
+    # Sorted by length; 90 and 100 together (10% padding), not with 3 and 4.
+    assert _length_groups([3, 100, 4, 90], max_padding=0.25) == [[0, 2], [3, 1]]
+    assert _length_groups([3, 100, 4, 90], max_padding=1.0) == [[0, 2, 3, 1]]
