@@ -19,8 +19,9 @@ lm_head); only the batch size differs. Each side runs twice, in the order 1, 16,
 keeps its better rate: the machine is shared, and a burst of other work would otherwise land
 on one side only. A "choice" judgement is all prompt processing, which on a CPU is
 compute-bound whatever the batch; generating is one token per pass, where batching pays.
-`--local-dtype bfloat16` runs the model in bfloat16 (fast on CPUs with AMX) instead of the
-default float32.
+`--local-dtype` defaults to what `prefloop judge --backend local` uses ("auto": bfloat16 on
+CPUs that compute it natively, such as those with AMX, else float32); `--local-dtype float32`
+measures the float32 model.
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ def main() -> None:
     parser.add_argument("--latency", type=float, default=0.2)
     parser.add_argument("--local-requests", type=int, default=32, help="judgements per batched local measurement (16 per batch)")
     parser.add_argument("--local-dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                        help="local model weights (auto: float32 on CPU, as `ModelSpec()`)")
+                        help="local model weights (auto: as `prefloop judge --backend local` picks them)")
     parser.add_argument("--local-new-tokens", type=int, default=32, help="generate mode: new tokens per judgement")
     parser.add_argument("--skip-local", action="store_true")
     parser.add_argument("--skip-http", action="store_true", help="run only the local judge part")
@@ -143,10 +144,11 @@ def load_local_model(dtype: str = "auto"):
     try:
         from alignment.models.default_model import gguf_path
         from alignment.models.loading import load_model
-        from alignment.models.spec import ModelSpec
+        from alignment.models.spec import ModelSpec, inference_dtype
 
         label = f"embedded default model ({gguf_path().stem})"
-        model, tokenizer = load_model(ModelSpec(dtype=dtype))
+        # "auto" as `prefloop judge --backend local` resolves it.
+        model, tokenizer = load_model(ModelSpec(dtype=inference_dtype(ModelSpec(dtype=dtype))))
         return model, tokenizer, label
     except ModelError as error:
         from tests.tiny_judge_model import tiny_model

@@ -4,6 +4,8 @@ judge's unreadable text never becomes a label."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from alignment.generation import SamplingConfig, generate_local
@@ -133,3 +135,31 @@ def test_bad_local_configs_are_refused():
         LocalJudgeConfig(mode="sample")
     with pytest.raises(ValueError, match="batch_size"):
         LocalJudgeConfig(batch_size=0)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_local_judge_from_the_command_line_in_either_dtype(sqlite_url, tmp_path, capsys, model_and_tokenizer, dtype):
+    from labeling.cli import main
+
+    model, tokenizer = model_and_tokenizer
+    model.save_pretrained(tmp_path / "judge-model")
+    tokenizer.save_pretrained(tmp_path / "judge-model")
+    engine = engine_for(sqlite_url)
+    ids = add_pairs(engine, [(f"answer {i}", f"other answer {i}") for i in range(3)])
+    argv = ["judge", "--db", sqlite_url, "--backend", "local", "--model", str(tmp_path / "judge-model"),
+            "--dtype", dtype, "--batch-size", "4", "--no-progress", "--json"]
+    assert main(argv) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["requests"] == 6 and summary["decided"] + summary["failed"] == 3
+    votes = votes_by_comparison(engine)
+    assert set(votes) <= set(ids) and len(votes) == summary["decided"] and len(calls(engine)) == 6
+    judge = LocalJudge.load(LocalJudgeConfig(model=str(tmp_path / "judge-model"), dtype=dtype))
+    assert str(judge.model.dtype) == f"torch.{dtype}"
+
+
+def test_auto_dtype_is_bfloat16_only_where_the_cpu_computes_it_natively():
+    from alignment.models.spec import ModelSpec, cpu_has_native_bf16, inference_dtype
+
+    assert inference_dtype(ModelSpec(device="cpu")) == ("bfloat16" if cpu_has_native_bf16() else "float32")
+    assert inference_dtype(ModelSpec(device="cpu", dtype="float32")) == "float32"
+    assert inference_dtype(ModelSpec(device="cpu", dtype="float16")) == "float16"

@@ -100,6 +100,26 @@ def resolve_dtype(spec: ModelSpec) -> torch.dtype:
     return _cuda_half(device) if device.type == "cuda" else torch.float32
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 matmuls natively (AMX or AVX512-BF16, via oneDNN)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def inference_dtype(spec: ModelSpec) -> str:
+    """The weights dtype for a model that only runs inference (a local judge): the spec's own,
+    else bfloat16 wherever the hardware computes it natively, where it is about twice as fast
+    as float32 (training keeps float32 on CPU: its optimizer wants the precision)."""
+    if spec.dtype != "auto":
+        return spec.dtype
+    device = resolve_device(spec)
+    if device.type == "cuda":
+        return "auto"
+    return "bfloat16" if cpu_has_native_bf16() else "float32"
+
+
 def resolve_compute_dtype(spec: ModelSpec) -> torch.dtype:
     if spec.compute_dtype != "auto":
         return DTYPES[spec.compute_dtype]

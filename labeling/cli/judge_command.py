@@ -50,6 +50,8 @@ def register(subparsers, common: argparse.ArgumentParser) -> None:
     p.add_argument("--local-mode", choices=("choice", "generate"), default="choice",
                    help="local: score [[A]]/[[B]]/[[C]] in one pass, or generate and parse")
     p.add_argument("--max-new-tokens", type=int, default=64, help="local generate mode: tokens per reply")
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                   help="local: weights dtype (auto: bfloat16 where the hardware computes it natively, else float32)")
     p.add_argument("--limit", type=int, default=None, help="judge at most this many comparisons")
     p.add_argument("--price-prompt", type=float, default=None, help="price per 1M prompt tokens (for the cost ledger)")
     p.add_argument("--price-completion", type=float, default=None, help="price per 1M completion tokens")
@@ -123,6 +125,7 @@ def _backend(args: argparse.Namespace):
                 mode=args.local_mode,
                 batch_size=args.batch_size,
                 max_new_tokens=args.max_new_tokens,
+                dtype=args.dtype,
             )
             return LocalJudge.load(config)  # a ModelError is a ValueError: one line, below
         from labeling.judge.openai_backend import API_KEY_ENVS, OpenAIJudge, OpenAIJudgeConfig

@@ -42,6 +42,11 @@ class LocalJudgeConfig:
     prefix_cache: bool = field(
         default=True, metadata={"help": "compute the template's shared system prompt once and reuse its keys/values"}
     )
+    dtype: str = field(
+        default="auto",
+        metadata={"help": "weights dtype: float32, bfloat16, float16; auto = bfloat16 where the hardware "
+                          "computes it natively (CUDA, CPUs with AMX/AVX512-BF16), else float32"},
+    )
 
     def __post_init__(self) -> None:
         if self.mode not in ("choice", "generate"):
@@ -74,11 +79,13 @@ class LocalJudge:
 
     @classmethod
     def load(cls, config: LocalJudgeConfig = LocalJudgeConfig(), **spec_options) -> "LocalJudge":
-        from alignment.models.loading import load_model, resolve_model_path
-        from alignment.models.spec import ModelSpec
+        from dataclasses import replace
 
-        spec = ModelSpec(model=config.model, **spec_options)
-        model, tokenizer = load_model(spec)
+        from alignment.models.loading import load_model, resolve_model_path
+        from alignment.models.spec import ModelSpec, inference_dtype
+
+        spec = ModelSpec(model=config.model, **{"dtype": config.dtype, **spec_options})
+        model, tokenizer = load_model(replace(spec, dtype=inference_dtype(spec)))
         name = Path(resolve_model_path(config.model)[0]).name if spec.is_default else config.model
         return cls(model, tokenizer, config, model_id=f"local:{name}")
 
