@@ -110,7 +110,7 @@ def main() -> None:
             speedup = local["choice"][1] / local["choice"][0]
             generate_speedup = local["generate"][1] / local["generate"][0]
     print(f"RESULT judge ratio={clean_ratio:.3f} faults_ratio={faults_ratio:.3f} "
-          f"local_batched_speedup={speedup:.2f} local_generate_speedup={generate_speedup:.2f} "
+          f"local_choice_speedup={speedup:.2f} local_generate_speedup={generate_speedup:.2f} "
           f"client_cpu_ms={client_ms:.2f} load={load_before}"
           + (f" local_dtype={local['dtype']}" if not args.skip_local else ""))
 
