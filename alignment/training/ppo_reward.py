@@ -12,7 +12,7 @@ different model from the policy, e.g. a small encoder).
 
 from __future__ import annotations
 
-import importlib
+import pkgutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -69,8 +69,8 @@ def import_function(reference: str) -> RewardFn:
     if not module_name or not name:
         raise TrainingError(f"--reward-function {reference}: expected MODULE:FUNCTION, e.g. my_rewards:brevity")
     try:
-        function = getattr(importlib.import_module(module_name), name)
-    except (ImportError, AttributeError) as error:
+        function = pkgutil.resolve_name(reference)
+    except (ImportError, AttributeError, ValueError) as error:
         raise TrainingError(f"--reward-function {reference}: cannot import it ({error})") from None
     if not callable(function):
         raise TrainingError(f"--reward-function {reference}: not a function")

@@ -11,7 +11,7 @@ this answer" gets no say in the verdict beyond its length and wording.
 
 from __future__ import annotations
 
-import importlib
+import pkgutil
 import re
 from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
@@ -74,10 +74,9 @@ def _one_rule(name: str) -> Rule:
         return RULES[name]
     if ":" not in name:
         raise ValueError(f"unknown rubric rule {name!r} (builtin: {', '.join(RULES)}; or module:function)")
-    module_name, _, attribute = name.partition(":")
     try:
-        rule = getattr(importlib.import_module(module_name), attribute)
-    except (ImportError, AttributeError) as error:
+        rule = pkgutil.resolve_name(name)
+    except (ImportError, AttributeError, ValueError) as error:
         raise ValueError(f"rubric rule {name!r}: {error}") from None
     if not callable(rule):
         raise ValueError(f"rubric rule {name!r} is not callable")
