@@ -228,12 +228,20 @@ def test_http_api_cannot_act_as_someone_else_or_as_an_admin(app, tmp_path):
 
     bob = AppClient(app["url"])
     assert bob.login("bob").status_code == 200
-    eve = AppClient(app["url"], session_hash=bob.session_hash)  # even with bob's session hash
-    assert eve.login("eve").status_code == 200
     event, outputs = bob.call("open_pairs")
     bobs_key = outputs[2]
     before = len(votes_of(app, "bob"))
-    event, outputs = eve.call("vote_left", bobs_key, None, "", "")
+    # Bob's session hash is his: signed in as eve, it neither takes events nor shows his stream.
+    eve_on_bobs = AppClient(app["url"], session_hash=bob.session_hash)
+    assert eve_on_bobs.login("eve").status_code == 200
+    event, payload = eve_on_bobs.call("vote_left", bobs_key, None, "", "")
+    assert event == "http_error" and payload.startswith("403")
+    for path in ("/gradio_api/queue/data", f"/gradio_api/heartbeat/{bob.session_hash}"):
+        assert eve_on_bobs.http.get(path, params={"session_hash": bob.session_hash}).status_code == 403
+    eve_on_bobs.close()
+    eve = AppClient(app["url"])
+    assert eve.login("eve").status_code == 200
+    event, outputs = eve.call("vote_left", bobs_key, None, "", "")  # bob's key, from her session
     assert event == "complete" and "nothing was saved" in outputs[4]
     assert len(votes_of(app, "bob")) == before and votes_of(app, "eve") == []
     # Her own pair, her own vote: recorded under her name whatever she sends.

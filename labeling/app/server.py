@@ -23,6 +23,7 @@ from labeling.app.auth import (
     make_auth,
 )
 from labeling.app.dashboard import build_dashboard_tab
+from labeling.app.session_guard import SessionGuardMiddleware, SessionOwners, gradio_user_lookup
 from labeling.app.single import build_single_tab
 from labeling.app.state import AppConfig, AppState
 
@@ -123,6 +124,8 @@ def make_asgi_app(state: AppState) -> FastAPI:
         theme=theme(),
         head=f"<script>{KEYS_JS}</script>",
     )
+    # Each Gradio session hash belongs to the user who first used it (see session_guard).
+    app.add_middleware(SessionGuardMiddleware, current_user=gradio_user_lookup(app), owners=SessionOwners())
     app.state.prefloop = state
     return app
 
