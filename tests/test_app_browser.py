@@ -237,7 +237,13 @@ def test_http_api_cannot_act_as_someone_else_or_as_an_admin(app, tmp_path):
     event, payload = eve_on_bobs.call("vote_left", bobs_key, None, "", "")
     assert event == "http_error" and payload.startswith("403")
     for path in ("/gradio_api/queue/data", f"/gradio_api/heartbeat/{bob.session_hash}"):
-        assert eve_on_bobs.http.get(path, params={"session_hash": bob.session_hash}).status_code == 403
+        # (a short timeout: a stream let through would never end)
+        assert eve_on_bobs.http.get(path, params={"session_hash": bob.session_hash}, timeout=10).status_code == 403
+    # An odd cookie beside her login (one a strict cookie parser gives up on) changes nothing.
+    odd = 'a b=1; foo="bar; ' + "; ".join(f"{k}={v}" for k, v in eve_on_bobs.http.cookies.items())
+    refused = eve_on_bobs.http.get("/gradio_api/queue/data", params={"session_hash": bob.session_hash},
+                                   headers={"Cookie": odd}, timeout=10)
+    assert refused.status_code == 403
     eve_on_bobs.close()
     eve = AppClient(app["url"])
     assert eve.login("eve").status_code == 200

@@ -16,8 +16,9 @@ import json
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
-from http.cookies import SimpleCookie
 from urllib.parse import parse_qs
+
+from starlette.requests import cookie_parser
 
 # Path segments followed by a session hash: /gradio_api/heartbeat/{hash}, /gradio_api/stream/{hash}/...
 _HASH_SEGMENTS = ("heartbeat", "stream")
@@ -129,13 +130,13 @@ def gradio_user_lookup(outer_app) -> Callable[[dict], str | None]:
         app = gradio_app()
         if app is None or not app.tokens:
             return None
-        cookie = SimpleCookie()
+        # Starlette's parser, as behind Gradio's `request.cookies`: both must see the same user
+        # (a stricter parser that gave up on one odd cookie would let the request through unchecked).
+        cookies: dict[str, str] = {}
         for name, value in scope.get("headers", ()):
             if name == b"cookie":
-                cookie.load(value.decode("latin-1"))
-        for name in (f"access-token-{app.cookie_id}", f"access-token-unsecure-{app.cookie_id}"):
-            if name in cookie:
-                return app.tokens.get(cookie[name].value)
-        return None
+                cookies.update(cookie_parser(value.decode("latin-1")))
+        token = cookies.get(f"access-token-{app.cookie_id}") or cookies.get(f"access-token-unsecure-{app.cookie_id}")
+        return app.tokens.get(token)
 
     return current_user
