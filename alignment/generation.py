@@ -12,7 +12,8 @@ batches of `batch_size` sequences (length bucketing: little padding), pads on th
 row's continuation starts at the same column), and seeds torch before each batch so a run is
 reproducible under `seed`.
 
-`run_generation` resolves policy names (stored policy versions; "default"/"base" = the embedded
+`run_generation` reads the job's split of the prompts (train by default: eval prompts are held
+out for `prefloop eval`), resolves policy names (stored policy versions; "default"/"base" = the embedded
 model; otherwise a model id or path), skips prompts every policy has already answered, checks
 every pending prompt against the model's context before generating anything, and stores each
 prompt's responses and comparisons in one transaction. Comparisons: one policy with samples>=2
@@ -181,7 +182,11 @@ class GenerationJob:
     """One `prefloop generate` run."""
 
     policies: tuple[str, ...] = field(default=("default",), metadata={"help": "policy names to sample"})
-    prompts: int | None = field(default=None, metadata={"help": "the first N prompts of the store; None = all"})
+    prompts: int | None = field(default=None, metadata={"help": "the first N prompts of the split; None = all"})
+    split: str | None = field(
+        default="train",
+        metadata={"help": "which prompts: train (pairs for labelling), eval (held out for `prefloop eval`), None = all"},
+    )
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     backend: Backend = field(default="local", metadata={"help": "local (in-process) or openai (a server)"})
     model: str | None = field(
@@ -374,7 +379,7 @@ def run_generation(engine, job: GenerationJob, *, show_progress: bool = True) ->
     if not job.policies:
         raise ModelError("no policy to sample: pass --policy NAME")
     with session_scope(engine) as session:
-        selected = list_prompts(session=session, limit=job.prompts)
+        selected = list_prompts(session=session, limit=job.prompts, split=job.split)
         policies = _resolve_policies(job, session=session)
         selected_ids = {p.id for p in selected}
         pending = {

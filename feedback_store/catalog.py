@@ -8,6 +8,7 @@ from sqlmodel import Session, col, select
 
 from feedback_store.hashing import sha256_json, sha256_text
 from feedback_store.models import Comparison, PolicyVersion, Prompt, Response
+from feedback_store.splits import check_split, default_split
 
 IMPORTED_POLICY = "imported"
 
@@ -34,14 +35,19 @@ def add_prompt(
     session: Session,
     source: str | None = None,
     tags: Sequence[str] = (),
+    split: str | None = None,
 ) -> tuple[Prompt, bool]:
-    """Store a prompt unless the same conversation is already stored. Returns (prompt, created)."""
+    """Store a prompt unless the same conversation is already stored. Returns (prompt, created).
+
+    `split` is train or eval; None: the content hash decides (feedback_store.splits). A stored
+    prompt keeps its split (move it with `set_prompt_split`)."""
     messages = normalize_messages(messages)
     content_hash = sha256_json(messages)
     existing = session.exec(select(Prompt).where(Prompt.content_hash == content_hash)).first()
     if existing:
         return existing, False
-    prompt = Prompt(messages=messages, content_hash=content_hash, source=source, tags=list(tags))
+    split = check_split(split) if split is not None else default_split(content_hash)
+    prompt = Prompt(messages=messages, content_hash=content_hash, source=source, tags=list(tags), split=split)
     session.add(prompt)
     session.flush()
     return prompt, True
@@ -151,10 +157,15 @@ def add_comparison(
     return comparison, True
 
 
-def prompts_without_responses(policy_id: int, *, session: Session, limit: int | None = None) -> list[Prompt]:
-    """Prompts this policy has not answered yet: what a resumed `generate` still has to do."""
+def prompts_without_responses(
+    policy_id: int, *, session: Session, limit: int | None = None, split: str | None = None
+) -> list[Prompt]:
+    """Prompts (of one split, if given) this policy has not answered yet: what a resumed
+    `generate` still has to do."""
     answered = select(Response.prompt_id).where(Response.policy_id == policy_id)
     query = select(Prompt).where(col(Prompt.id).not_in(answered)).order_by(Prompt.id)
+    if split is not None:
+        query = query.where(Prompt.split == check_split(split))
     if limit is not None:
         query = query.limit(limit)
     return list(session.exec(query))
@@ -168,8 +179,11 @@ def list_responses(prompt_id: int, *, session: Session, policy_id: int | None = 
     return list(session.exec(query.order_by(Response.id)))
 
 
-def list_prompts(*, session: Session, limit: int | None = None) -> list[Prompt]:
+def list_prompts(*, session: Session, limit: int | None = None, split: str | None = None) -> list[Prompt]:
+    """Prompts in id order: all of them, or those of one split (train / eval)."""
     query = select(Prompt).order_by(Prompt.id)
+    if split is not None:
+        query = query.where(Prompt.split == check_split(split))
     if limit is not None:
         query = query.limit(limit)
     return list(session.exec(query))

@@ -18,7 +18,8 @@ share of the weight. Rows below `min_votes` or `min_agreement` are dropped.
 
 Provenance columns ride along in every row (TRL's trainers drop columns they do not use):
 comparison_id (or response_id for ratings and edits), n_votes, agreement, rater_kinds and
-the policies involved. Rows come in a fixed order (by comparison id, then response id),
+the policies involved. Only `train` prompts are exported: `eval` prompts are held out for
+`prefloop eval` (feedback_store.splits), whatever the selection. Rows come in a fixed order (by comparison id, then response id),
 so the same database gives the same dataset, and `snapshot` hashes it for a training run.
 """
 
@@ -48,6 +49,7 @@ from feedback_store.models import (
     Response,
     Vote,
 )
+from feedback_store.splits import TRAIN
 
 # Category codes of the aggregation arrays.
 A, B, TIE, BOTH_BAD = 0, 1, 2, 3
@@ -178,7 +180,9 @@ def aggregate_votes(*, session: Session, selection: Selection = Selection()) -> 
         select(Vote.comparison_id, type_coerce(Vote.choice, String), Vote.strength,
                type_coerce(Rater.kind, String), Rater.weight)
         .join(Rater, Rater.id == Vote.rater_id)
-        .where(col(Rater.kind).in_(list(kinds)))
+        .join(Comparison, Comparison.id == Vote.comparison_id)
+        .join(Prompt, Prompt.id == Comparison.prompt_id)
+        .where(col(Rater.kind).in_(list(kinds)), Prompt.split == TRAIN)
         .order_by(Vote.comparison_id, Vote.id),  # a fixed summation order: identical floats every run
     )
     if not rows:
@@ -425,7 +429,9 @@ def _rating_rows(*, session: Session, selection: Selection) -> list[dict]:
         session,
         select(Rating.response_id, Rating.thumbs_up, type_coerce(Rater.kind, String), Rater.weight)
         .join(Rater, Rater.id == Rating.rater_id)
-        .where(col(Rater.kind).in_(list(kinds)))
+        .join(Response, Response.id == Rating.response_id)
+        .join(Prompt, Prompt.id == Response.prompt_id)
+        .where(col(Rater.kind).in_(list(kinds)), Prompt.split == TRAIN)
         .order_by(Rating.response_id, Rating.id),
     )
     if not ratings:
@@ -504,7 +510,8 @@ def _edit_rows(*, session: Session, selection: Selection) -> list[dict]:
         select(Response.id, Response.prompt_id, Response.text, PolicyVersion.name, author.kind)
         .join(PolicyVersion, PolicyVersion.id == Response.policy_id)
         .outerjoin(author, author.id == Response.author_rater_id)
-        .where(col(Response.edited_from_id).is_not(None))
+        .join(Prompt, Prompt.id == Response.prompt_id)
+        .where(col(Response.edited_from_id).is_not(None), Prompt.split == TRAIN)
         .order_by(Response.id)
     ).all()
     # An edit with no recorded author is a human's (the app is the only editor).
@@ -518,9 +525,11 @@ def _edit_rows(*, session: Session, selection: Selection) -> list[dict]:
 
 
 def export_prompts(*, session: Session, selection: Selection = Selection()):
-    """Every stored prompt in id order, for PPO's rollouts (the policy writes the completions and a
+    """Every train prompt in id order, for PPO's rollouts (the policy writes the completions and a
     reward model scores them, so `selection` has nothing to select)."""
-    rows = _core_rows(session, select(Prompt.id, Prompt.messages, Prompt.source).order_by(Prompt.id))
+    rows = _core_rows(
+        session, select(Prompt.id, Prompt.messages, Prompt.source).where(Prompt.split == TRAIN).order_by(Prompt.id)
+    )
     return _dataset("prompts", [
         {"prompt": [{"role": m["role"], "content": m["content"]} for m in messages], "prompt_id": pid,
          "source": source}

@@ -2,7 +2,9 @@
 
 A row carries a prompt as `prompt` (a string, or a chat list as in TRL's conversational
 format) or as `messages` (a chat list); `prompt` wins when both are present. Optional
-`tags` (a list of strings; in CSV a JSON list or comma-separated). A row that also carries
+`tags` (a list of strings; in CSV a JSON list or comma-separated) and `split` (`train` or
+`eval`; without one, the prompt's content hash puts 10 % into eval, see feedback_store.splits;
+a prompt already stored keeps its split). A row that also carries
 `chosen`/`rejected` (TRL's preference format) becomes two responses of the `imported`
 policy, a comparison and a vote by the `import` rater for the chosen one:
 
@@ -45,6 +47,7 @@ from feedback_store.catalog import IMPORTED_POLICY, get_or_create_policy
 from feedback_store.hashing import sha256_json, sha256_text
 from feedback_store.models import Choice, Comparison, Prompt, Response, Vote, utcnow
 from feedback_store.raters import get_or_create_import_rater
+from feedback_store.splits import SPLITS, default_split
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 CSV_SUFFIXES = (".csv",)
@@ -73,6 +76,8 @@ class ImportReport:
     votes_created: int
     skipped_duplicates: int  # rows that added nothing: all they carry was already stored
     conflicts: int = 0  # preference rows whose pair already has a different imported vote
+    split_conflicts: int = 0  # rows naming a split other than their (already stored) prompt's
+    eval_prompts: int = 0  # new prompts that went to the eval split
 
     def summary(self) -> str:
         text = (
@@ -82,6 +87,11 @@ class ImportReport:
         )
         if self.conflicts:
             text += f"; {self.conflicts} rows contradict an earlier imported vote (kept the earlier one)"
+        if self.prompts_created:
+            text += f"; {self.eval_prompts} of the new prompts are eval prompts (held out from training)"
+        if self.split_conflicts:
+            text += (f"; {self.split_conflicts} rows name a split other than their stored prompt's (kept the "
+                     "stored one: move prompts with `prefloop prompts split`)")
         return text
 
 
@@ -98,6 +108,7 @@ class _Row:
     messages: list[dict]
     tags: list[str]
     pair: _Pair | None
+    split: str | None = None  # None: the content hash decides
 
 
 # --------------------------------------------------------------------------- reading
@@ -267,6 +278,14 @@ def _tags(value: Any) -> list[str]:
     return [_check_text(tag, "tags") for tag in value]
 
 
+def _split(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or value not in SPLITS:
+        raise _RowError(f"field 'split' must be 'train' or 'eval' (got {value!r})")
+    return value
+
+
 def _strength(record: dict, clear_margin: float) -> int | None:
     explicit = record.get("strength")
     if explicit is not None:
@@ -334,12 +353,13 @@ def _parse(record: Any, where: str, clear_margin: float) -> _Row:
         else:
             prompt = [{"role": "user", "content": _string(raw_prompt, prompt_field)}]
     tags = _tags(record.get("tags"))
+    split = _split(record.get("split"))
 
     chosen, rejected = record.get("chosen"), record.get("rejected")
     if chosen is None and rejected is None:
         if prompt is None:
             raise _RowError("missing field 'prompt' (a string or chat list) or 'messages' (a chat list)")
-        return _Row(where, prompt, tags, None)
+        return _Row(where, prompt, tags, None, split)
     if chosen is None or rejected is None:
         present, absent = ("chosen", "rejected") if rejected is None else ("rejected", "chosen")
         raise _RowError(f"missing field {absent!r} (a row with {present!r} needs both)")
@@ -355,7 +375,7 @@ def _parse(record: Any, where: str, clear_margin: float) -> _Row:
         chosen_text, rejected_text = _string(chosen, "chosen"), _string(rejected, "rejected")
     if chosen_text == rejected_text:
         raise _RowError("fields 'chosen' and 'rejected' hold the same text")
-    return _Row(where, prompt, tags, _Pair(chosen_text, rejected_text, _strength(record, clear_margin)))
+    return _Row(where, prompt, tags, _Pair(chosen_text, rejected_text, _strength(record, clear_margin)), split)
 
 
 def parse_file(path: str | Path, *, clear_margin: float = 1.0) -> list[_Row]:
@@ -422,13 +442,21 @@ def import_prompts(
 
     # Prompts: one bulk lookup by content hash, one bulk insert of the new ones.
     hashes = [sha256_json(row.messages) for row in rows]
-    prompt_ids = dict(_existing(session, (Prompt.content_hash, Prompt.id), Prompt.content_hash, set(hashes)))
+    stored = _existing(session, (Prompt.content_hash, Prompt.id, Prompt.split), Prompt.content_hash, set(hashes))
+    prompt_ids = {content_hash: prompt_id for content_hash, prompt_id, _ in stored}
+    splits = {content_hash: split for content_hash, _, split in stored}
     new_prompts: dict[str, dict] = {}
+    split_conflicts = 0
     for row, content_hash in zip(rows, hashes):
         if content_hash not in prompt_ids and content_hash not in new_prompts:
+            split = row.split or default_split(content_hash)
+            splits[content_hash] = split
             new_prompts[content_hash] = dict(
-                messages=row.messages, content_hash=content_hash, source=source, tags=row.tags, created_at=now
+                messages=row.messages, content_hash=content_hash, source=source, tags=row.tags, split=split,
+                created_at=now,
             )
+        elif row.split is not None and row.split != splits[content_hash]:
+            split_conflicts += 1  # the first word stands, as for votes: a split moves only on purpose
     prompt_ids.update(_insert(session, Prompt, list(new_prompts.values()), Prompt.content_hash, Prompt.id))
 
     pairs = [(row, prompt_ids[h]) for row, h in zip(rows, hashes) if row.pair is not None]
@@ -454,6 +482,8 @@ def import_prompts(
         votes_created=counts["votes"],
         skipped_duplicates=row_added.count(False),
         conflicts=counts["conflicts"],
+        split_conflicts=split_conflicts,
+        eval_prompts=sum(prompt["split"] == "eval" for prompt in new_prompts.values()),
     )
 
 

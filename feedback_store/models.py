@@ -11,7 +11,7 @@ from datetime import datetime, timezone
 from enum import Enum
 from typing import Any, Optional
 
-from sqlalchemy import JSON, Column, Index, Text, UniqueConstraint, text
+from sqlalchemy import JSON, CheckConstraint, Column, Index, String, Text, UniqueConstraint, text
 from sqlmodel import Field, SQLModel
 
 
@@ -72,6 +72,16 @@ class Prompt(SQLModel, table=True):
     content_hash: str = Field(index=True, unique=True)  # sha256 of canonical messages JSON
     source: Optional[str] = None
     tags: list = _json(default=[])
+    # train: exports and labelling pairs draw from it; eval: held out for `prefloop eval`.
+    # The server default only serves rows written before the column existed (migration 0003);
+    # the store always writes the split itself (feedback_store.splits.default_split).
+    split: str = Field(
+        default="train",
+        sa_column=Column(
+            String, CheckConstraint("split IN ('train', 'eval')", name="ck_prompt_split"),
+            nullable=False, server_default="train",
+        ),
+    )
     created_at: datetime = Field(default_factory=utcnow)
 
 
@@ -257,6 +267,40 @@ class JudgeCall(SQLModel, table=True):
     created_at: datetime = Field(default_factory=utcnow)
 
 
+class Evaluation(SQLModel, table=True):
+    """One `prefloop eval`: a policy judged against another on eval prompts, both orders each.
+
+    Its own table rather than a JSON field of TrainingRun: a policy is evaluated many times
+    (against its parent, the base, a rival), concurrent evaluations insert rows instead of
+    rewriting one document, and a policy with no training run can be evaluated too. The row
+    points at the policy's training run, which is where the lineage view looks it up."""
+
+    id: Optional[int] = Field(default=None, primary_key=True)
+    policy_id: int = Field(foreign_key="policyversion.id", index=True)
+    against_id: int = Field(foreign_key="policyversion.id")
+    training_run_id: Optional[int] = Field(default=None, foreign_key="trainingrun.id", index=True)
+    judge_rater_id: int = Field(foreign_key="rater.id")
+    judge_run_id: Optional[int] = Field(default=None, foreign_key="judgerun.id")
+    n: int  # prompts with a decided judgement
+    wins: int
+    ties: int
+    losses: int
+    undecided: int = 0  # prompts whose judgement failed
+    win_rate: float  # ties count half
+    ci_low: float
+    ci_high: float
+    mean_length_policy: float  # characters, over the judged responses
+    mean_length_against: float
+    judge_requests: int = 0
+    judge_prompt_tokens: int = 0
+    judge_completion_tokens: int = 0
+    judge_cost: Optional[float] = None
+    prompt_ids: list = _json(default=[])
+    comparison_ids: list = _json(default=[])
+    config: dict = _json(default={})
+    created_at: datetime = Field(default_factory=utcnow)
+
+
 class AppSetting(SQLModel, table=True):
     """Admin-set values shared by every server process (guidelines, target overlap, ...)."""
 
@@ -270,6 +314,7 @@ __all__ = [
     "Assignment",
     "Choice",
     "Comparison",
+    "Evaluation",
     "JudgeCall",
     "JudgeRun",
     "PolicyVersion",

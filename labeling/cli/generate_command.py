@@ -48,7 +48,10 @@ def register(subparsers, common: argparse.ArgumentParser) -> None:
              "(default: 'default'; with --backend openai: the --model name)",
     )
     parser.add_argument("--prompts", type=_prompt_count, default=None, metavar="N|all",
-                        help="the first N prompts of the store (default: all)")
+                        help="the first N prompts of the split (default: all)")
+    parser.add_argument("--split", choices=("train", "eval", "all"), default="train",
+                        help="which prompts: train (default; eval prompts are held out for `prefloop eval`), "
+                             "eval or all")
     parser.add_argument("--samples", type=int, default=None, metavar="K",
                         help="responses per prompt and policy (default: 2 for one policy, 1 for several)")
     parser.add_argument("--max-new-tokens", type=int, default=256, help="most tokens per response (default: 256)")
@@ -89,7 +92,8 @@ def run_generate(args: argparse.Namespace) -> int:
             seed=args.seed, batch_size=args.batch_size,
         )
         job = GenerationJob(
-            policies=policies, prompts=args.prompts, sampling=sampling, backend=args.backend,
+            policies=policies, prompts=args.prompts, split=None if args.split == "all" else args.split,
+            sampling=sampling, backend=args.backend,
             model=args.model, base_url=args.base_url, quantize=args.quantize,
         )
         with session_scope(engine) as session:
