@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import random
 import statistics
@@ -42,20 +41,10 @@ from feedback_store.models import Vote  # noqa: E402
 from feedback_store.queue import next_comparison_for  # noqa: E402
 from feedback_store.raters import get_rater  # noqa: E402
 from feedback_store.votes import record_vote  # noqa: E402
-from tests.app_support import (  # noqa: E402
-    PASSWORD,
-    completion,
-    endpoint_table,
-    migrated_sqlite,
-    page_event_body,
-    seed_pairs,
-    seed_users,
-    start_serve,
-)
+from tests.app_support import migrated_sqlite, seed_pairs, seed_users, start_serve  # noqa: E402
+from tests.page_client import KEY, SIDES, STATUS, PageSession  # noqa: E402
 
 GOAL_P95_MS = 150.0
-SIDES = ("left", "right", "tie", "both_bad")
-KEY, STATUS = 2, 4  # positions in a vote event's outputs (labeling.app.annotate: outputs)
 
 
 @dataclass
@@ -75,53 +64,6 @@ def cpu_seconds(pid: int) -> float:
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
-
-
-class PageSession:
-    """One browser tab's traffic: events join the queue and complete on the session's stream.
-
-    aiohttp rather than httpx: the simulated annotators share the 2 cores with the server
-    under test, and aiohttp costs them about a third of the CPU per request."""
-
-    def __init__(self, client: aiohttp.ClientSession, session_hash: str) -> None:
-        self.client = client
-        self.session_hash = session_hash
-        self.endpoints: dict = {}
-
-    async def start(self, name: str) -> bool:
-        async with self.client.post(
-            "/login", data={"username": name, "password": PASSWORD}
-        ) as login:
-            signed_in = login.status == 200
-        async with self.client.get("/config") as config:
-            self.endpoints = endpoint_table(await config.json()) if config.status == 200 else {}
-        return signed_in and bool(self.endpoints)
-
-    async def _join(self, body: dict):
-        async with self.client.post("/gradio_api/queue/join", json=body) as response:
-            return response.status, await response.text()
-
-    async def events(self, api_name: str, *data, copies: int = 1) -> list[tuple[str, object]]:
-        """Send the same event `copies` times at once (2 = a double click); their results, in order."""
-        body = page_event_body(self.endpoints[api_name], data, self.session_hash)
-        joined = await asyncio.gather(*(self._join(body) for _ in range(copies)))
-        if any(status != 200 for status, _ in joined):
-            return [("http_error", f"{status} {text[:200]}") for status, text in joined]
-        ids = [json.loads(text)["event_id"] for _, text in joined]
-        results: dict = {}
-        async with self.client.get(
-            "/gradio_api/queue/data", params={"session_hash": self.session_hash}
-        ) as stream:
-            async for raw in stream.content:
-                line = raw.decode().strip()
-                if not line.startswith("data: "):
-                    continue
-                message = json.loads(line[6:])
-                if message.get("msg") == "process_completed" and message.get("event_id") in ids:
-                    results[message["event_id"]] = completion(message)
-                if len(results) == len(ids) or message.get("msg") == "close_stream":
-                    break
-        return [results.get(event_id, ("none", None)) for event_id in ids]
 
 
 async def annotate(
