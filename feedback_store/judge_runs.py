@@ -72,13 +72,23 @@ def start_judge_run(
     return run
 
 
-def comparisons_to_judge(rater_id: int, *, session: Session, limit: int | None = None) -> list[int]:
-    """Ids of comparisons this rater has not voted on, oldest first."""
+def comparisons_to_judge(
+    rater_id: int, *, session: Session, limit: int | None = None, among: Sequence[int] | None = None
+) -> list[int]:
+    """Ids of comparisons this rater has not voted on, oldest first; only those `among`, if given
+    (an evaluation judges its own pairs and nothing else)."""
     voted = exists().where(Vote.comparison_id == Comparison.id, Vote.rater_id == rater_id)
-    query = select(Comparison.id).where(~voted).order_by(Comparison.id)
-    if limit is not None:
-        query = query.limit(limit)
-    return list(session.exec(query))
+    if among is None:
+        query = select(Comparison.id).where(~voted).order_by(Comparison.id)
+        if limit is not None:
+            query = query.limit(limit)
+        return list(session.exec(query))
+    wanted = sorted(set(among))
+    found: list[int] = []
+    for start in range(0, len(wanted), 900):  # bound parameters per IN (...), under every limit
+        chunk = wanted[start : start + 900]
+        found += session.exec(select(Comparison.id).where(~voted, col(Comparison.id).in_(chunk)))
+    return sorted(found)[:limit] if limit is not None else sorted(found)
 
 
 def load_pairs(comparison_ids: Sequence[int], *, session: Session) -> list[PairTexts]:

@@ -30,6 +30,7 @@ from feedback_store.agreement import (
     krippendorff_alpha_from_counts,
     percent_agreement_from_confusion,
 )
+from feedback_store.evaluations import EvaluationSummary, list_evaluations
 from feedback_store.leaderboard import Leaderboard, LeaderboardConfig, bradley_terry_leaderboard
 from feedback_store.models import (
     Comparison,
@@ -274,6 +275,7 @@ class Stats:
     throughput: list[Throughput]
     leaderboard: Leaderboard
     judge_vs_human: JudgeVsHuman
+    evaluations: list[EvaluationSummary] = field(default_factory=list)  # `prefloop eval` results, oldest first
 
     def to_dict(self) -> dict:
         """A JSON-ready dict: `leaderboard` is the list of ratings; the matrices sit in `win_rate`."""
@@ -286,6 +288,7 @@ class Stats:
             "leaderboard": board.pop("ratings"),
             "win_rate": board,
             "judge_vs_human": asdict(self.judge_vs_human),
+            "evaluations": [evaluation.to_dict() for evaluation in self.evaluations],
         }
         return _json_safe(result)
 
@@ -524,6 +527,7 @@ def compute_stats(*, session: Session, config: StatsConfig = StatsConfig()) -> S
         throughput=throughput_stats(votes, raters, config),
         leaderboard=leaderboard_stats(votes, raters, policy_names, config),
         judge_vs_human=judge_vs_human_stats(votes, raters),
+        evaluations=list_evaluations(session=session),
     )
 
 

@@ -11,6 +11,7 @@ import sys
 
 from labeling.cli import (
     demo_command,
+    eval_command,
     export_command,
     generate_command,
     judge_command,
@@ -30,6 +31,7 @@ COMMAND_MODULES = [
     users_command,
     generate_command,
     judge_command,
+    eval_command,
     train_command,
     serve_command,
     demo_command,

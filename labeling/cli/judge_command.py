@@ -28,6 +28,20 @@ def register(subparsers, common: argparse.ArgumentParser) -> None:
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
+    add_judge_options(p)
+    p.add_argument("--list-templates", action="store_true", help="list the prompt templates and exit")
+    p.add_argument("--limit", type=int, default=None, help="judge at most this many comparisons")
+    p.add_argument("--route-doubts", action="store_true",
+                   help="judge first, humans on doubt: inconsistent or low-confidence comparisons go to the front of the human queue")
+    p.add_argument("--doubt-confidence", type=float, default=0.75, help="confidence below which a verdict is a doubt")
+    p.add_argument("--doubt-priority", type=int, default=10, help="human-queue priority given to doubts")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true", help="print the run summary as JSON")
+    p.set_defaults(handler=run_judge_command)
+
+
+def add_judge_options(p: argparse.ArgumentParser) -> None:
+    """Which judge and how it is asked: shared by `prefloop judge` and `prefloop eval`."""
     p.add_argument("--backend", choices=("openai", "local", "rubric"), default="openai", help="which judge")
     p.add_argument("--model", default=None, help="openai: model name (required); local: 'default', a model id or a path")
     p.add_argument("--base-url", default=None, help="OpenAI-compatible endpoint, e.g. http://localhost:8000/v1 (default: OpenAI)")
@@ -37,7 +51,6 @@ def register(subparsers, common: argparse.ArgumentParser) -> None:
     p.add_argument("--template", default=None, help="prompt template id (default: pairwise-v1; local choice mode: pairwise-verdict-v1)")
     p.add_argument("--criteria", default=None, help="criteria / short constitution replacing the template's default")
     p.add_argument("--criteria-file", default=None, help="read --criteria from this file")
-    p.add_argument("--list-templates", action="store_true", help="list the prompt templates and exit")
     p.add_argument("--concurrency", type=int, default=None, help="requests in flight (default: openai 16, local 2 x batch size)")
     p.add_argument("--rpm", type=float, default=None, help="at most this many requests per minute")
     p.add_argument("--tpm", type=float, default=None, help="at most this many tokens per minute")
@@ -52,26 +65,36 @@ def register(subparsers, common: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=64, help="local generate mode: tokens per reply")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                    help="local: weights dtype (auto: bfloat16 where the hardware computes it natively, else float32)")
-    p.add_argument("--limit", type=int, default=None, help="judge at most this many comparisons")
     p.add_argument("--price-prompt", type=float, default=None, help="price per 1M prompt tokens (for the cost ledger)")
     p.add_argument("--price-completion", type=float, default=None, help="price per 1M completion tokens")
-    p.add_argument("--route-doubts", action="store_true",
-                   help="judge first, humans on doubt: inconsistent or low-confidence comparisons go to the front of the human queue")
-    p.add_argument("--doubt-confidence", type=float, default=0.75, help="confidence below which a verdict is a doubt")
-    p.add_argument("--doubt-priority", type=int, default=10, help="human-queue priority given to doubts")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--json", action="store_true", help="print the run summary as JSON")
-    p.set_defaults(handler=run_judge_command)
 
 
 def run_judge_command(args: argparse.Namespace) -> int:
-    from labeling.judge.runner import JudgeRunConfig, run_judge
-    from labeling.judge.templates import TEMPLATES, get_template
+    from labeling.judge.runner import run_judge
+    from labeling.judge.templates import TEMPLATES
 
     if args.list_templates:
         for template_id, template in TEMPLATES.items():
             print(f"{template_id:24} {template.description}")
         return 0
+    config = judge_run_config(args, limit=args.limit, route_doubts=args.route_doubts,
+                              doubt_confidence=args.doubt_confidence, doubt_priority=args.doubt_priority,
+                              progress=not args.no_progress)
+    engine = open_store(args)
+    backend = build_backend(args)
+    summary = run_judge(engine, backend, config)
+    if args.json:
+        print(json.dumps(summary.as_dict()))
+    else:
+        print(format_summary(summary))
+    return 130 if summary.status == "aborted" else 0
+
+
+def judge_run_config(args: argparse.Namespace, **extra):
+    """The JudgeRunConfig of the shared judge options (`extra`: the command's own settings)."""
+    from labeling.judge.runner import JudgeRunConfig
+    from labeling.judge.templates import get_template
+
     criteria = args.criteria
     if args.criteria_file:
         try:
@@ -91,27 +114,30 @@ def run_judge_command(args: argparse.Namespace) -> int:
             concurrency=args.concurrency,
             rpm=args.rpm,
             tpm=args.tpm,
-            limit=args.limit,
             price_prompt=args.price_prompt,
             price_completion=args.price_completion,
-            route_doubts=args.route_doubts,
-            doubt_confidence=args.doubt_confidence,
-            doubt_priority=args.doubt_priority,
-            progress=not args.no_progress,
+            **extra,
         )
     except ValueError as error:
         raise CliError(str(error)) from None
-    engine = open_store(args)
-    backend = _backend(args)
-    summary = run_judge(engine, backend, config)
-    if args.json:
-        print(json.dumps(summary.as_dict()))
-    else:
-        print(format_summary(summary))
-    return 130 if summary.status == "aborted" else 0
+    return config
 
 
-def _backend(args: argparse.Namespace):
+def check_backend_options(args: argparse.Namespace) -> None:
+    """What build_backend would refuse, checked without loading or connecting anything."""
+    if args.backend == "openai" and not args.model:
+        raise CliError("--model is required with --backend openai (the model name the endpoint serves)")
+    if args.backend == "rubric":
+        from labeling.judge.rubric import resolve_rule
+
+        try:
+            resolve_rule(args.rubric)
+        except ValueError as error:
+            raise CliError(str(error)) from None
+
+
+def build_backend(args: argparse.Namespace):
+    """The judge backend the shared options name (a local model is loaded here)."""
     try:
         if args.backend == "rubric":
             from labeling.judge.rubric import RubricJudge

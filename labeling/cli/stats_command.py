@@ -103,6 +103,18 @@ def render(stats) -> None:
         f"agreement where both decisive {_fmt(judge.decisive_agreement)}"
     )
 
+    if stats.evaluations:
+        evaluations = Table(title="Evaluations on eval prompts (win rate: ties count half, 95% Wilson CI)")
+        for column in ("policy", "against", "win rate", "95% CI", "n", "W/T/L", "mean length", "judge", "cost"):
+            evaluations.add_column(column, justify="left" if column in ("policy", "against", "judge") else "right")
+        for e in stats.evaluations:
+            evaluations.add_row(
+                e.policy, e.against, f"{e.win_rate:.3f}", f"{e.ci_low:.3f} – {e.ci_high:.3f}", str(e.n),
+                f"{e.wins}/{e.ties}/{e.losses}", f"{e.mean_length['policy']:.0f} vs {e.mean_length['against']:.0f}",
+                e.judge, _fmt(e.judge_cost["cost"], 4),
+            )
+        console.print(evaluations)
+
     raters = Table(title="Raters: throughput and position bias")
     for column in ("rater", "kind", "votes", "votes/h", "median s/vote", "left-pick rate", "n", "p"):
         raters.add_column(column, justify="left" if column in ("rater", "kind") else "right")

@@ -1,4 +1,4 @@
-"""`prefloop db upgrade` and `prefloop prompts import`."""
+"""`prefloop db upgrade`, `prefloop prompts import` and `prefloop prompts split`."""
 
 from __future__ import annotations
 
@@ -30,6 +30,17 @@ def register(subparsers, common: argparse.ArgumentParser) -> None:
     imp.add_argument("--source", default=None, help="label stored with the new prompts (default: the file name)")
     imp.set_defaults(handler=run_prompts_import)
 
+    split = prompts_sub.add_parser(
+        "split",
+        parents=[common],
+        help="move prompts to the train or eval split (eval prompts never reach training exports)",
+        description="Move prompts to a split: `prefloop prompts split eval 3 7 10-20`. Without ids, print how "
+        "many prompts each split holds.",
+    )
+    split.add_argument("to", metavar="train|eval", nargs="?", choices=("train", "eval"), help="the split to move to")
+    split.add_argument("ids", metavar="ID", nargs="*", help="prompt ids or ranges (10-20)")
+    split.set_defaults(handler=run_prompts_split)
+
 
 def run_db_upgrade(args: argparse.Namespace) -> int:
     url = Settings.from_env(args.db).db_url
@@ -51,4 +62,40 @@ def run_prompts_import(args: argparse.Namespace) -> int:
     except ImportFileError as error:
         raise CliError(f"{error} (nothing imported)") from None
     print(f"imported {report.summary()}")
+    return 0
+
+
+def _prompt_ids(values: list[str]) -> list[int]:
+    ids: list[int] = []
+    for value in (v for text in values for v in text.split(",") if v.strip()):
+        first, _, last = value.strip().partition("-")
+        try:
+            low, high = int(first), int(last or first)
+        except ValueError:
+            raise CliError(f"not a prompt id or range: {value!r}") from None
+        if low > high:
+            raise CliError(f"empty range {value!r}")
+        ids.extend(range(low, high + 1))
+    return ids
+
+
+def run_prompts_split(args: argparse.Namespace) -> int:
+    from feedback_store.db import session_scope
+    from feedback_store.splits import set_prompt_split, split_counts
+
+    engine = open_store(args)
+    if args.to is None and args.ids:
+        raise CliError("name the split first: prefloop prompts split train|eval ID...")
+    with session_scope(engine) as session:
+        if args.to is not None:
+            ids = _prompt_ids(args.ids)
+            if not ids:
+                raise CliError("no prompt ids given")
+            try:
+                changed = set_prompt_split(ids, args.to, session=session)
+            except ValueError as error:
+                raise CliError(f"{error} (nothing moved)") from None
+            print(f"moved {changed} prompts to {args.to} ({len(ids) - changed} were there already)")
+        counts = split_counts(session=session)
+    print(f"train {counts['train']}, eval {counts['eval']}")
     return 0

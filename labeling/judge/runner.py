@@ -59,6 +59,9 @@ class JudgeRunConfig:
     rpm: float | None = field(default=None, metadata={"help": "at most this many requests per minute"})
     tpm: float | None = field(default=None, metadata={"help": "at most this many tokens per minute (estimated before, settled after)"})
     limit: int | None = field(default=None, metadata={"help": "judge at most this many comparisons"})
+    comparison_ids: tuple[int, ...] | None = field(
+        default=None, metadata={"help": "judge only these comparisons (an evaluation's pairs); None = every one"}
+    )
     price_prompt: float | None = field(default=None, metadata={"help": "price per 1M prompt tokens"})
     price_completion: float | None = field(default=None, metadata={"help": "price per 1M completion tokens"})
     route_doubts: bool = field(default=False, metadata={"help": "raise the human-queue priority of inconsistent or low-confidence comparisons"})
@@ -157,11 +160,12 @@ async def judge_comparisons(
 def _prepare(engine: Engine, backend: JudgeBackend, config: JudgeRunConfig) -> _Plan:
     template = get_template(config.template)
     version = template.version_id(config.criteria) if backend.uses_template else RULE_TEMPLATE_VERSION
-    settings = {k: v for k, v in asdict(config).items() if k not in ("progress", "page_size", "write_interval_s")}
+    skipped = ("progress", "page_size", "write_interval_s", "comparison_ids")  # the calls name their comparisons
+    settings = {k: v for k, v in asdict(config).items() if k not in skipped}
     settings["concurrency"] = config.concurrency or backend.preferred_concurrency
     with session_scope(engine) as session:
         rater = get_or_create_judge(backend.model_id, version, session=session)
-        pending = comparisons_to_judge(rater.id, session=session, limit=config.limit)
+        pending = comparisons_to_judge(rater.id, session=session, limit=config.limit, among=config.comparison_ids)
         wanted = set(pending)
         reused = {key: call for key, call in reusable_calls(rater.id, session=session).items() if key[0] in wanted}
         run = start_judge_run(rater.id, backend.kind, backend.model_id, version, settings, session=session)
