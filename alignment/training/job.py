@@ -9,8 +9,9 @@ store's export for the method (or a parquet/JSONL file), snapshotted before anyt
 the run row holds the ids and content hash, and the rows themselves are kept next to the
 checkpoints so `--resume` continues on exactly the same data. A finished policy run
 registers a new PolicyVersion (base + adapter, parent, run); a reward run records the path
-of its model. Any failure marks the run failed (or aborted, for a NaN or an interrupt) with
-the reason, and registers nothing.
+of its model. `run.from_policy` starts the run from a stored policy, which is then its
+reference and the new policy's parent (`lineage.py`). Any failure marks the run failed (or
+aborted, for a NaN or an interrupt) with the reason, and registers nothing.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Any
 
 from sqlalchemy.engine import Engine
 
-from alignment.training import presets, runs
+from alignment.training import lineage, presets, runs
 from alignment.training.common import (
     MethodSpec,
     NonFiniteGuard,
@@ -62,6 +63,10 @@ class RunOptions:
     )
     resume: bool = field(
         default=False, metadata={"help": "continue the latest unfinished run of this method from its last checkpoint"}
+    )
+    from_policy: str | None = field(
+        default=None, metadata={"help": "start from this policy version (a name, or latest): also the run's "
+                                        "reference (DPO/KTO log-ratio, PPO KL) and the new policy's parent"}
     )
 
 
@@ -181,6 +186,9 @@ def run_training(request: TrainRequest, *, engine: Engine, progress: bool = True
     spec = presets.build(ModelSpec, settings["model"], "model", sources)
     adapter = presets.build(AdapterConfig, settings["adapter"], "adapter", sources)
     selection = presets.build(Selection, settings["selection"], "selection", sources)
+    start = _start_point(options, spec, method, adapter, engine)
+    if start is not None:
+        settings["run"]["from_policy"] = start.name  # "latest" as it resolved: --resume starts from the same one
 
     state = _process_state()
     spec = _placed(spec)
@@ -190,7 +198,7 @@ def run_training(request: TrainRequest, *, engine: Engine, progress: bool = True
         run_id, output_dir = _from_main()
         return _execute(method, run_id, spec, adapter, settings, options, Path(output_dir),
                         lambda: _saved_data(Path(output_dir)), engine=engine, progress=progress,
-                        callbacks=callbacks, checkpoint=None, main=False)
+                        callbacks=callbacks, checkpoint=None, main=False, start=start)
     try:
         dataset, source = load_data(method, selection, options.data, engine)
     except BaseException as error:
@@ -205,6 +213,8 @@ def run_training(request: TrainRequest, *, engine: Engine, progress: bool = True
         "data": source,
         "settings": {k: v for k, v in settings.items() if not k.startswith("_")},
     }
+    if start is not None:
+        record["from_policy"] = {"name": start.name, "id": start.policy_id}
     seed = int(settings["trainer"].get("seed", 42))
     run_id = runs.start_run(engine, kind=method.name, config=record, snapshot_ids=ids, snapshot_hash=digest,
                             seed=seed, base_model=spec.model)
@@ -233,7 +243,18 @@ def run_training(request: TrainRequest, *, engine: Engine, progress: bool = True
         return dataset
 
     return _execute(method, run_id, spec, adapter, settings, options, output_dir, prepare,
-                    engine=engine, progress=progress, callbacks=callbacks, checkpoint=None, build_only=build_only)
+                    engine=engine, progress=progress, callbacks=callbacks, checkpoint=None, build_only=build_only,
+                    start=start)
+
+
+def _start_point(options: RunOptions, spec, method: MethodSpec, adapter, engine: Engine):
+    """The policy the run starts from (None: the base model), checked before anything is recorded."""
+    from alignment.models import resolve_quantize
+
+    if not options.from_policy:
+        return None
+    return lineage.resolve_start(engine, options.from_policy, model=spec.model, method=method.name,
+                                 adapter_method=adapter.method, quantized=resolve_quantize(spec) != "none")
 
 
 def _process_state():
@@ -314,6 +335,7 @@ def _resume(request, method, settings, options, *, engine, progress, callbacks) 
     data_file = output_dir / DATA_FILE
     if not data_file.is_file():
         raise TrainingError(f"run {run.id}: its data snapshot {data_file} is gone, cannot resume")
+    start = _start_point(run_options, spec, method, adapter, engine)
 
     def prepare():
         from datasets import Dataset
@@ -330,14 +352,15 @@ def _resume(request, method, settings, options, *, engine, progress, callbacks) 
     if main:
         runs.reopen_run(engine, run.id)
     result = _execute(method, run.id, _placed(spec), adapter, merged, run_options, output_dir, prepare,
-                      engine=engine, progress=progress, callbacks=callbacks, checkpoint=checkpoint, main=main)
+                      engine=engine, progress=progress, callbacks=callbacks, checkpoint=checkpoint, main=main,
+                      start=start)
     if checkpoint is None:
         result.notes.insert(0, f"run {run.id} had no checkpoint yet: it restarted from step 0")
     return result
 
 
 def _execute(method, run_id, spec, adapter, settings, options, output_dir, prepare, *, engine, progress, callbacks,
-             checkpoint, main: bool = True, build_only: bool = False) -> RunResult:
+             checkpoint, main: bool = True, build_only: bool = False, start=None) -> RunResult:
     """Everything after the run row exists: any failure marks it (on the main process), then
     propagates as TrainingError."""
     import torch
@@ -354,12 +377,12 @@ def _execute(method, run_id, spec, adapter, settings, options, output_dir, prepa
         dataset = prepare()
         trainer, config, eval_set, tokenizer, trainer_settings = _build_trainer(
             method, run_id, spec, adapter, settings, dataset, output_dir, notes, engine=engine, progress=progress,
-            callbacks=callbacks, main=main)
+            callbacks=callbacks, main=main, start=start)
         if build_only:
             return RunResult(run_id, RunStatus.running.value, {}, None, None, notes.items, main, trainer)
         metrics, output_path, kind = _train(method, run_id, spec, adapter, trainer, config, eval_set, tokenizer,
                                             trainer_settings, output_dir, engine=engine, checkpoint=checkpoint,
-                                            main=main)
+                                            main=main, start=start)
         policy_name = None
         if method.registers_policy:
             policy_name = options.policy_name or f"{method.name}-{run_id}"
@@ -369,10 +392,10 @@ def _execute(method, run_id, spec, adapter, settings, options, output_dir, prepa
                 full_model = kind == "model"
                 runs.register_policy(
                     engine, run_id, name=policy_name,
-                    base_model=output_path if full_model else base_policy,
+                    base_model=output_path if full_model else start.model if start else base_policy,
                     adapter_path=None if full_model else output_path,
-                    parent_name=base_policy,
-                    description=f"{method.name} run {run_id} on {base_policy}",
+                    parent_name=start.name if start else base_policy,
+                    description=f"{method.name} run {run_id} from {start.name if start else base_policy}",
                 )
             final = {**metrics, "notes": "; ".join(notes.items)} if notes.items else metrics
             runs.finish_run(engine, run_id, metrics=final, output_path=output_path)
@@ -401,8 +424,10 @@ def _execute(method, run_id, spec, adapter, settings, options, output_dir, prepa
 
 
 def _build_trainer(method, run_id, spec, adapter, settings, dataset, output_dir, notes, *, engine, progress,
-                   callbacks, main: bool = True):
+                   callbacks, main: bool = True, start=None):
     """Model, adapter, machine settings and TRL trainer for one run."""
+    import dataclasses
+
     import torch
     from transformers import set_seed
 
@@ -412,7 +437,7 @@ def _build_trainer(method, run_id, spec, adapter, settings, dataset, output_dir,
     trainer_settings = dict(settings["trainer"])
     # The run's seed before anything random: a new reward head, LoRA's A matrices.
     set_seed(int(trainer_settings.get("seed", 42)))
-    model, tokenizer = load_model(spec, head=method.head)
+    model, tokenizer = load_model(dataclasses.replace(spec, model=start.model) if start else spec, head=method.head)
     if method.head == "causal_lm" and not (hasattr(model, "can_generate") and model.can_generate()):
         raise TrainingError(f"{spec.model} is not a generative (causal) language model: {method.name} needs one")
 
@@ -447,7 +472,18 @@ def _build_trainer(method, run_id, spec, adapter, settings, dataset, output_dir,
         # one no-grad pass over the data before training.
         trainer_settings["precompute_ref_log_probs"] = True
         notes.add(f"{adapter.method} training: reference log-probs precomputed once, no second model copy in memory")
-    model = apply_adapter(model, adapter)
+    quantized = is_quantized(model)
+    continued = lineage.continues_parent(start, quantized)
+    if start is not None:
+        model = lineage.start_model(model, start, quantized=quantized, gradient_checkpointing=gradient_checkpointing)
+    if continued:
+        config = model.peft_config[model.active_adapter]
+        notes.add(f"from {start.name} on a quantized base: its adapter is trained on (r={config.r}, "
+                  f"alpha={config.lora_alpha}), a frozen copy of it is the reference")
+        if method.name == "ppo":
+            lineage.add_reference_copy(model)  # TRL's DPO/KTO make this copy themselves
+    else:
+        model = apply_adapter(model, adapter)
 
     # The trainer.
     if method.adjust is not None:
@@ -480,17 +516,20 @@ def _build_trainer(method, run_id, spec, adapter, settings, dataset, output_dir,
     if is_quantized(model) and not (config.bf16 or config.fp16):
         restore_trainable_dtype(trainer.model)
     unwrapped = trainer.accelerator.unwrap_model(trainer.model)
-    if "ref" in getattr(unwrapped, "peft_config", {}):
+    if continued:
+        lineage.match_reference_dtype(unwrapped)  # the frozen copy computes as the adapter it copies
+    elif "ref" in getattr(unwrapped, "peft_config", {}):
         # TRL copies an adapter it is handed into a frozen "ref" adapter to serve as the reference.
-        # This adapter is new (B = 0): the base with adapters off is exactly the reference, and
-        # costs neither the copy's memory nor its LoRA matmuls in every reference pass.
+        # This adapter is new (B = 0): the base with adapters off (the parent merged in, for a
+        # run from a policy) is exactly the reference, and costs neither the copy's memory nor
+        # its LoRA matmuls in every reference pass.
         unwrapped.delete_adapter("ref")
     return trainer, config, eval_set, tokenizer, trainer_settings
 
 
 def _train(method, run_id, spec, adapter, trainer, config, eval_set, tokenizer, trainer_settings, output_dir, *,
-           engine, checkpoint, main: bool = True):
-    from alignment.models import save_adapter
+           engine, checkpoint, main: bool = True, start=None):
+    from alignment.models import is_quantized, save_adapter
 
     result = trainer.train(resume_from_checkpoint=checkpoint)
 
@@ -508,9 +547,16 @@ def _train(method, run_id, spec, adapter, trainer, config, eval_set, tokenizer, 
     target = output_dir / ("reward_model" if method.head == "reward" else "adapter")
     kind = adapter.method if adapter.method != "full" else "model"
     if main:
-        kind = save_adapter(trainer.accelerator.unwrap_model(trainer.model), target)
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        if lineage.REFERENCE_ADAPTER in getattr(model, "peft_config", {}):
+            model.delete_adapter(lineage.REFERENCE_ADAPTER)  # the parent's frozen copy is not part of the result
+        kind = save_adapter(model, target)
+        if start is not None and start.adapter_path and kind == "peft" and not is_quantized(model):
+            # trained on the parent merged in: saved as one adapter on the bare weights
+            lineage.combine_lora(start.adapter_path, target)
         tokenizer.save_pretrained(target)
         manifest = {"run_id": run_id, "method": method.name, "base_model": spec.model, "head": method.head,
+                    "from_policy": start.name if start else None,
                     "adapter_kind": kind, "model_spec": _jsonable(asdict(spec)),
                     "max_length": trainer_settings.get("max_length"),
                     "chat_template": tokenizer.chat_template is not None}

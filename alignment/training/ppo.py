@@ -36,7 +36,8 @@ ended_fraction, value_mean, return_mean, loss, policy_loss, value_loss, clip_fra
 value_clip_fraction, entropy, approx_kl (policy vs its rollout self), grad_norm, learning_rate.
 
 Limits: one process (no accelerate/torchrun launch yet); LoRA/DoRA adapters only (full or
-lm_head training would need a reference copy); the policy starts from the base model.
+lm_head training would need a reference copy). A run from a stored policy (`--from-policy`)
+starts from it and is held close to it: see lineage.py.
 """
 
 from __future__ import annotations
@@ -211,6 +212,15 @@ class PPOTrainer(Trainer):
         forward = inspect.signature(self.accelerator.unwrap_model(self.model).get_base_model().forward).parameters
         self._forward_keys = {k for k in ("position_ids", "logits_to_keep") if k in forward}
 
+    def _reference(self):
+        """The reference: the adapter off, or the frozen copy of a policy this run continues
+        (a run from a policy on a quantized base, see lineage.py)."""
+        from trl.trainer.utils import use_adapter
+
+        from alignment.training.lineage import reference_adapter
+
+        return use_adapter(self.model, reference_adapter(self.model))
+
     # -- data --------------------------------------------------------------------------------
     def _encode_prompts(self, dataset) -> tuple[list, list[list[int]], int]:
         from alignment.generation import render_prompt
@@ -299,7 +309,7 @@ class PPOTrainer(Trainer):
             logits, value = self._forward(input_ids[part], attention_mask[part], prompt_width, values=True)
             logprobs.append(ppo_math.token_logprobs(logits, responses[part]))
             values.append(value)
-            with self.model.disable_adapter():
+            with self._reference():
                 ref_logits, _ = self._forward(input_ids[part], attention_mask[part], prompt_width, values=False)
             ref_logprobs.append(ppo_math.token_logprobs(ref_logits, responses[part]))
         logprobs, ref_logprobs, values = torch.cat(logprobs), torch.cat(ref_logprobs), torch.cat(values)

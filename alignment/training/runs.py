@@ -5,6 +5,8 @@
     finish_run(engine, run_id, metrics=..., output_path=...)    # status done
     fail_run(engine, run_id, reason, status=RunStatus.aborted)  # or failed
     register_policy(engine, run_id, base_model=..., adapter_path=...)  # a new PolicyVersion
+    find_policy(engine, "latest")    # what `--from-policy NAME|latest` names (LookupError if nothing)
+    lineage(engine, "dpo-7")         # [root, ..., dpo-7]: the policies it grew from, oldest first
 
 Each call is its own short transaction, so the row reflects the run while it trains (the
 dashboard reads it) and a killed process leaves a `running` row that `--resume` picks up.
@@ -124,6 +126,40 @@ def register_policy(engine: Engine, run_id: int, *, name: str, base_model: str, 
         session.add(policy)
         session.flush()
         return policy.id
+
+
+LATEST = "latest"
+
+
+def find_policy(engine: Engine, name: str) -> PolicyVersion:
+    """The policy `name` names; "latest" is the newest one a training run registered.
+    A LookupError names what is stored when there is no such policy."""
+    with session_scope(engine) as session:
+        if name == LATEST:
+            query = select(PolicyVersion).where(col(PolicyVersion.training_run_id).is_not(None))
+            policy = session.exec(query.order_by(col(PolicyVersion.id).desc())).first()
+            if policy is None:
+                raise LookupError("no trained policy yet: 'latest' names the newest policy a training run "
+                                  "registered (train one first, or name a policy)")
+            return policy
+        policy = session.exec(select(PolicyVersion).where(PolicyVersion.name == name)).first()
+        if policy is None:
+            known = [p.name for p in session.exec(select(PolicyVersion).order_by(col(PolicyVersion.id).desc()))]
+            shown = ", ".join(known[:10]) + (", ..." if len(known) > 10 else "") if known else "none yet"
+            raise LookupError(f"no policy named {name!r} (stored policies, newest first: {shown})")
+        return policy
+
+
+def lineage(engine: Engine, name: str) -> list[PolicyVersion]:
+    """The policy and its ancestors by parent_id, root first."""
+    chain = [find_policy(engine, name)]
+    with session_scope(engine) as session:
+        while chain[0].parent_id is not None and len(chain) < 10_000:  # a cycle would be a corrupt store
+            parent = session.get(PolicyVersion, chain[0].parent_id)
+            if parent is None:
+                break
+            chain.insert(0, parent)
+    return chain
 
 
 def run_metrics(engine: Engine, run_id: int) -> list[RunMetric]:

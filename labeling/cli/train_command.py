@@ -6,6 +6,7 @@
     prefloop train sft --data my_sft.parquet
     prefloop train ppo --reward-run 4 --max-steps 100   # RLHF on the stored prompts, scored by run 4's model
     prefloop train dpo --resume                  # the latest unfinished dpo run, from its last checkpoint
+    prefloop train dpo --from-policy sft-3       # start from policy sft-3, which is also the reference
     accelerate launch --config_file configs/accelerate/ddp.yaml -m labeling.cli train dpo
 
 Settings: a preset (configs/presets/*.yaml; default cpu-lora on CPU, seed-qlora on CUDA),
@@ -42,6 +43,7 @@ FLAG_SETTINGS = {
     "data": ("run", "data"),
     "policy_name": ("run", "policy_name"),
     "resume": ("run", "resume"),
+    "from_policy": ("run", "from_policy"),
     "beta": ("METHOD", "beta"),
     "loss_type": ("METHOD", "loss_type"),
     "label_smoothing": ("METHOD", "label_smoothing"),
@@ -109,6 +111,9 @@ def _common_flags() -> argparse.ArgumentParser:
     parser.add_argument("--data", default=None, metavar="FILE",
                         help="train on this parquet/JSONL file (TRL format) instead of the store's export")
     parser.add_argument("--policy-name", default=None, help="name of the policy the run registers")
+    parser.add_argument("--from-policy", default=None, metavar="NAME",
+                        help="start from this stored policy ('latest': the newest trained one); it is the "
+                             "reference (DPO/KTO log-ratio, PPO KL) and the parent of the new policy")
     parser.add_argument("--report-to", choices=("none", "tensorboard"), default=None,
                         help="also log to TensorBoard (under the output directory)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
