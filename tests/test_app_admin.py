@@ -127,15 +127,15 @@ def test_jobs_run_the_cli_and_show_their_log(state):
         admin.start_job(state, alice, "train", "dpo --no-such-option")
     with pytest.raises(admin.AdminError, match="invalid choice: 'ppo-typo'"):
         admin.start_job(state, alice, "train", "ppo-typo")
-    with pytest.raises(admin.AdminError, match="--db: a job runs on this server's database"):
+    with pytest.raises(admin.AdminError, match="--db: not allowed in web jobs \\(a job runs on this server's database"):
         admin.start_job(state, alice, "judge", "--backend rubric --db /tmp/elsewhere.db")
     assert state.jobs.all() == []
     # A job that parses but fails when it runs: the status and the log say so.
-    job = admin.start_job(state, alice, "judge", "--backend openai --no-progress")
+    job = admin.start_job(state, alice, "judge", "--backend rubric --criteria-file missing.txt --no-progress")
     job.process.wait(timeout=60)
     status, fraction, log = admin.job_view(state, job.id)
     assert "failed (exit 2)" in status and "started by alice" in status
-    assert "prefloop judge --backend openai" in log and "--model is required" in log
+    assert "prefloop judge --backend rubric" in log and "missing.txt: No such file" in log
     done = admin.start_job(state, alice, "judge", "--backend rubric --no-progress")
     done.process.wait(timeout=60)
     assert f"#{done.id} judge · done" in admin.job_view(state, done.id)[0]

@@ -2,6 +2,8 @@
 
 Each job is a real CLI run in its own process, so a crash or a long training run never
 takes the web server down, and its log file shows the same progress bars a terminal would.
+What a job may do is the operator's `JobPolicy` (labeling/app/job_policy.py): allow-listed
+flags, configured endpoints, paths inside the job and data directories.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from labeling.cli import check_arguments
+from labeling.app.job_policy import JobPolicy, authorize
 
 JOB_COMMANDS = ("generate", "judge", "train")
 _CLI = "import sys; from labeling.cli import main; sys.exit(main(sys.argv[1:]))"
@@ -70,9 +72,10 @@ class Job:
 
 
 class JobManager:
-    def __init__(self, log_dir: Path, *, db_url: str) -> None:
+    def __init__(self, log_dir: Path, *, db_url: str, policy: JobPolicy | None = None) -> None:
         self.log_dir = Path(log_dir)
         self.db_url = db_url
+        self.policy = policy or JobPolicy(job_dir=self.log_dir)
         self._jobs: dict[int, Job] = {}
         self._lock = threading.Lock()
 
@@ -84,16 +87,15 @@ class JobManager:
             args = shlex.split(arguments or "")
         except ValueError as error:
             raise ValueError(f"arguments: {error}") from None
-        # Refused here, where the admin is looking, rather than in a failed job's log.
-        parsed = check_arguments([command, *args])
-        if getattr(parsed, "db", None):
-            raise ValueError("--db: a job runs on this server's database")
+        # Refused here, where the admin is looking, rather than in a failed job's log; and
+        # before any process starts, since a web admin may not do all that the CLI can.
+        launch = authorize(self.policy, command, args)
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "PREFLOOP_DB": self.db_url, "PYTHONUNBUFFERED": "1"}
+        env = {**launch.environment(os.environ), "PREFLOOP_DB": self.db_url, "PYTHONUNBUFFERED": "1"}
         with self._lock:
             job_id = len(self._jobs) + 1
             log_path = self.log_dir / f"job-{job_id}-{command}.log"
-            argv = [command, *args]
+            argv = list(launch.argv)  # variable names only: a key's value never reaches the log
             with open(log_path, "wb") as log:
                 log.write(f"$ prefloop {shlex.join(argv)}\n".encode())
                 log.flush()

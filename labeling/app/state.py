@@ -18,6 +18,7 @@ from sqlalchemy.engine import Engine
 
 from feedback_store.db import engine_for, read_scope, session_scope
 from labeling.app.auth import LoginLimiter
+from labeling.app.job_policy import Endpoint, JobPolicy
 from labeling.app.jobs import JobManager
 
 
@@ -60,6 +61,27 @@ class AppConfig:
     job_dir: Path | None = field(
         default=None,
         metadata={"help": "where background job logs go (default: a temporary directory)"},
+    )
+    job_data_dirs: tuple[Path, ...] = field(
+        default=(),
+        metadata={"help": "directories web jobs may read and write besides the job directory"},
+    )
+    job_endpoints: tuple[Endpoint, ...] = field(
+        default=(),
+        metadata={"help": "OpenAI-compatible endpoints web jobs may name (URL and key variable)"},
+    )
+    allowed_origins: tuple[str, ...] = field(
+        default=(),
+        metadata={"help": "other origins whose pages may call the app (e.g. https://label.example.com)"},
+    )
+    forwarded_allow_ips: str | None = field(
+        default=None,
+        metadata={"help": "proxies whose X-Forwarded-For is believed (comma-separated); none by default"},
+    )
+    max_upload_mb: int = field(default=50, metadata={"help": "largest prompt file an admin may upload"})
+    max_event_kb: int = field(default=1024, metadata={"help": "largest request body of one app event"})
+    upload_max_age_s: int = field(
+        default=86400, metadata={"help": "uploads and exports are deleted after this long"}
     )
     title: str = "prefloop"
 
@@ -112,7 +134,11 @@ class AppState:
                 max_failures_per_address=config.max_failed_logins_per_address,
                 window_s=config.lockout_window_s,
             ),
-            jobs=JobManager(job_dir, db_url=config.db_url),
+            jobs=JobManager(
+                job_dir,
+                db_url=config.db_url,
+                policy=JobPolicy(job_dir, config.job_data_dirs, config.job_endpoints),
+            ),
             renders=RenderCache(config.render_cache_size),
             # SQLite runs one transaction at a time (each begins IMMEDIATE). Queueing this
             # process's transactions on a lock wakes the next one as soon as the last commits;

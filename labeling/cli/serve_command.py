@@ -14,7 +14,13 @@ def register(subparsers, common: argparse.ArgumentParser) -> None:
         parents=[common],
         help="run the labeling web app (login required unless --single-user)",
         description="Run the labeling web app. Accounts come from `prefloop users add`; "
-        "--single-user NAME skips login and makes every visitor the admin NAME (local use only).",
+        "--single-user NAME skips login and makes every visitor the admin NAME (local use only). "
+        "Admins start generate/judge/train jobs from the browser with an allow-listed set of "
+        "flags (no --base-url, --api-key-env, --reward-function, module:function rubrics, "
+        "paths to presets, or --set of paths and trust_remote_code): a job names one of the "
+        "--endpoint settings below with `--endpoint NAME`, and its paths must lie inside "
+        "--job-dir or a --data-dir (relative paths start in --job-dir). "
+        "The CLI itself keeps every flag.",
     )
     parser.add_argument(
         "--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)"
@@ -27,9 +33,38 @@ def register(subparsers, common: argparse.ArgumentParser) -> None:
         help="no login: every visitor acts as the admin account NAME (created if missing)",
     )
     parser.add_argument(
-        "--job-dir", default=None, help="where admin-started job logs go (default: a temp dir)"
+        "--job-dir",
+        default=None,
+        help="where admin-started job logs go, and where web jobs may write (default: a temp dir)",
+    )
+    parser.add_argument(
+        "--data-dir",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="a directory web jobs may also read and write: --data, --config, --criteria-file, "
+        "--output-dir, model directories (repeatable)",
+    )
+    parser.add_argument(
+        "--endpoint",
+        action="append",
+        default=[],
+        type=_endpoint,
+        metavar="NAME=URL[,key-env=VAR][,model=MODEL]",
+        help="an OpenAI-compatible server web judge/generate jobs may use as `--endpoint NAME`; "
+        "the job gets URL, and the API key from the server's $VAR, never shown to the admin "
+        "(repeatable; e.g. --endpoint openai=https://api.openai.com/v1,key-env=OPENAI_API_KEY)",
     )
     parser.set_defaults(handler=run_serve)
+
+
+def _endpoint(text: str):
+    from labeling.app.job_policy import parse_endpoint
+
+    try:
+        return parse_endpoint(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -59,6 +94,8 @@ def run_serve(args: argparse.Namespace) -> int:
         db_url=engine.url.render_as_string(hide_password=False),
         single_user=args.single_user,
         job_dir=Path(args.job_dir) if args.job_dir else None,
+        job_data_dirs=tuple(Path(d) for d in args.data_dir),
+        job_endpoints=tuple(args.endpoint),
     )
     state = AppState.create(config, engine=engine)
     print(
