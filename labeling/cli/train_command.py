@@ -117,6 +117,9 @@ def _common_flags() -> argparse.ArgumentParser:
     parser.add_argument("--report-to", choices=("none", "tensorboard"), default=None,
                         help="also log to TensorBoard (under the output directory)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--eval", nargs="?", const="", default=None, metavar="OPTIONS",
+                        help="then judge the new policy against its parent on the eval prompts, with "
+                             "`prefloop eval` options in one string, e.g. --eval=\"--backend rubric --prompts 50\"")
     return parser
 
 
@@ -202,6 +205,13 @@ def run_train(args: argparse.Namespace) -> int:
                                overrides=overrides_from_args(args))
     except PresetError as error:
         raise CliError(str(error)) from None
+    eval_args = None
+    if args.eval is not None:  # checked before training, not after it
+        from labeling.cli.eval_command import parse_eval_options
+
+        if args.method == "reward":
+            raise CliError("--eval judges a trained policy; a reward run trains none")
+        eval_args = parse_eval_options(args.eval)
     engine = open_store(args)
     try:
         result = run_training(request, engine=engine, progress=not args.no_progress)
@@ -220,6 +230,10 @@ def run_train(args: argparse.Namespace) -> int:
     print(f"output: {result.output_path}")
     if result.policy_name:
         print(f"registered policy {result.policy_name!r}: prefloop generate --policy {result.policy_name}")
+    if eval_args is not None and result.policy_name:
+        from labeling.cli.eval_command import evaluate
+
+        return evaluate(engine, result.policy_name, eval_args)
     return 0
 
 
