@@ -214,11 +214,11 @@ async def _send(send, status: int, body: bytes, headers: list | None = None) -> 
 class OpenAIServer:
     """Serve a JudgeApp on 127.0.0.1 (a free port) from a background thread."""
 
-    def __init__(self, script: ServerScript | None = None):
+    def __init__(self, script: ServerScript | None = None, port: int = 0):
         self.app = JudgeApp(script)
         self._socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._socket.bind(("127.0.0.1", 0))
+        self._socket.bind(("127.0.0.1", port))  # a fixed port lets a restarted server take over
         self.port = self._socket.getsockname()[1]
         self._server = None
         self._thread: threading.Thread | None = None

@@ -9,6 +9,7 @@ import random
 import time
 import uuid
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -100,15 +101,20 @@ async def _vote(page: PageSession, tally: Tally, how: Behaviour, rng: random.Ran
     return last[1][KEY] if last[0] == "complete" and isinstance(last[1][KEY], str) else None
 
 
-def run_annotators(url: str, names: list[str], behaviours: list[Behaviour], *,
-                   deadline_s: float = 300.0) -> list[Tally]:
-    """All annotators at once, in one event loop; everyone signs in before anyone votes."""
+def run_annotators(url: str, names: list[str], behaviours: list[Behaviour], *, deadline_s: float = 300.0,
+                   fault: Callable[[], Awaitable[None]] | None = None) -> list[Tally]:
+    """All annotators at once, in one event loop; everyone signs in before anyone votes, and
+    `fault` (a kill, say) starts at that moment, beside the voting."""
     tallies = [Tally(name) for name in names]
 
     async def main() -> None:
-        everyone_in = asyncio.Barrier(len(names))
-        await asyncio.gather(*(annotate(url, tally, how, everyone_in=everyone_in, deadline_s=deadline_s)
-                               for tally, how in zip(tallies, behaviours)))
+        everyone_in = asyncio.Barrier(len(names) + 1)
+        voting = asyncio.gather(*(annotate(url, tally, how, everyone_in=everyone_in, deadline_s=deadline_s)
+                                  for tally, how in zip(tallies, behaviours)))
+        await everyone_in.wait()
+        if fault is not None:
+            await fault()
+        await voting
 
     asyncio.run(main())
     return tallies
