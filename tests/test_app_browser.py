@@ -304,7 +304,11 @@ def test_admin_sees_dashboard_and_runs_a_job(app, page, tmp_path):
     page.click("#pf-admin-start")
     page.wait_for_function("document.body.innerText.includes('unrecognized arguments: --no-such-option')",
                            timeout=30_000)
-    page.fill("#pf-admin-args textarea, #pf-admin-args input", "--backend openai")  # no --base-url
+    page.fill("#pf-admin-args textarea, #pf-admin-args input", "--backend openai")  # no --endpoint
+    page.click("#pf-admin-start")
+    page.wait_for_function("document.body.innerText.includes('name an endpoint with --endpoint NAME')",
+                           timeout=30_000)
+    page.fill("#pf-admin-args textarea, #pf-admin-args input", "--policy default,default")
     page.click("#pf-admin-start")
     page.wait_for_function("document.body.innerText.includes('failed (exit 2)')", timeout=60_000)
     assert "prefloop" in page.inner_text("body")

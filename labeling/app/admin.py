@@ -170,8 +170,9 @@ def build_admin_tab(state) -> dict:
         with gr.Row():
             command = gr.Dropdown(list(JOB_COMMANDS), value="generate", label="Command", scale=1)
             arguments = gr.Textbox(
-                label="Arguments (as on the command line; --help shows the usage)",
-                placeholder="e.g. dpo --max-steps 50, or --help",
+                label="Arguments (as on the command line, allow-listed flags only; "
+                "--endpoint NAME for a server-configured endpoint; --help shows the usage)",
+                placeholder="e.g. dpo --max-steps 50, --endpoint NAME, or --help",
                 scale=4,
                 elem_id="pf-admin-args",
             )
