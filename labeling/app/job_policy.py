@@ -63,11 +63,15 @@ def parse_endpoint(text: str) -> Endpoint:
     for option in options:
         key, sep, value = option.partition("=")
         if key not in ("key-env", "model") or not sep or not value or key in settings:
-            raise ValueError(f"endpoint {name}: {option!r}: expected key-env=VAR or model=MODEL, once each")
+            raise ValueError(
+                f"endpoint {name}: {option!r}: expected key-env=VAR or model=MODEL, once each"
+            )
         settings[key] = value
     key_env = settings.get("key-env")
     if key_env is not None and not _ENV_NAME.fullmatch(key_env):
-        raise ValueError(f"endpoint {name}: key-env={key_env!r} is not an environment variable name")
+        raise ValueError(
+            f"endpoint {name}: key-env={key_env!r} is not an environment variable name"
+        )
     return Endpoint(name, url, key_env, settings.get("model"))
 
 
@@ -96,7 +100,9 @@ class JobPolicy:
             if endpoint.name == name:
                 return endpoint
         configured = ", ".join(e.name for e in self.endpoints) or "none"
-        raise JobRefused(f"{ENDPOINT_FLAG} {name}: no such endpoint (configured on the server: {configured})")
+        raise JobRefused(
+            f"{ENDPOINT_FLAG} {name}: no such endpoint (configured on the server: {configured})"
+        )
 
 
 @dataclass(frozen=True)
@@ -111,67 +117,74 @@ class JobLaunch:
 
     def environment(self, server_env: Mapping[str, str]) -> dict[str, str]:
         env = {k: v for k, v in server_env.items() if k not in self.drop_env}
-        env.update({target: server_env[source] for target, source in self.copy_env if source in server_env})
+        env.update(
+            {target: server_env[source] for target, source in self.copy_env if source in server_env}
+        )
         env.update(self.set_env)
         return env
 
 
 # ---- the allow-lists ------------------------------------------------------------------------
 
+
+def _names(text: str) -> frozenset[str]:
+    return frozenset(text.split())
+
+
 # By argparse dest. Anything else, e.g. --base-url, --api-key-env, --reward-function, is refused.
-JUDGE_FLAGS = frozenset({
-    "backend", "model", "rubric", "template", "criteria", "criteria_file", "list_templates",
-    "concurrency", "rpm", "tpm", "timeout", "max_attempts", "max_tokens", "temperature", "logprobs",
-    "batch_size", "local_mode", "max_new_tokens", "dtype", "limit", "price_prompt",
-    "price_completion", "route_doubts", "doubt_confidence", "doubt_priority", "no_progress", "json",
-})
-GENERATE_FLAGS = frozenset({
-    "policy", "prompts", "split", "samples", "max_new_tokens", "temperature", "seed", "backend", "model",
-    "quantize", "batch_size",
-})
-TRAIN_FLAGS = frozenset({
-    "model", "preset", "config", "set", "max_steps", "epochs", "batch_size", "learning_rate",
-    "max_length", "resume", "quantize", "adapter", "raters", "min_agreement", "min_votes",
-    "tie_policy", "weighted", "seed", "output_dir", "data", "policy_name", "report_to",
-    "no_progress", "beta", "loss_type", "label_smoothing", "desirable_weight", "undesirable_weight",
-    "eval_fraction", "reward_run", "reward_model", "kl_coef", "kl_target", "rollout_batch_size",
-    "mini_batch_size", "ppo_epochs", "max_new_tokens", "temperature",
-})
+JUDGE_FLAGS = _names(
+    "backend model rubric template criteria criteria_file list_templates concurrency rpm "
+    "tpm timeout max_attempts max_tokens temperature logprobs batch_size local_mode "
+    "max_new_tokens dtype limit price_prompt price_completion route_doubts "
+    "doubt_confidence doubt_priority no_progress json"
+)
+GENERATE_FLAGS = _names(
+    "policy prompts split samples max_new_tokens temperature seed backend model quantize batch_size"
+)
+TRAIN_FLAGS = _names(
+    "model preset config set max_steps epochs batch_size learning_rate max_length resume "
+    "quantize adapter raters min_agreement min_votes tie_policy weighted seed output_dir "
+    "data policy_name report_to no_progress beta loss_type label_smoothing "
+    "desirable_weight undesirable_weight eval_fraction reward_run reward_model kl_coef "
+    "kl_target rollout_batch_size mini_batch_size ppo_epochs max_new_tokens temperature"
+)
 ALLOWED_FLAGS = {"judge": JUDGE_FLAGS, "generate": GENERATE_FLAGS, "train": TRAIN_FLAGS}
-PATH_FLAGS = frozenset({"output_dir", "data", "criteria_file", "config", "reward_model"})
+PATH_FLAGS = _names("output_dir data criteria_file config reward_model")
 
 _WHY_REFUSED = {
     "db": "a job runs on this server's database",
     "base_url": "endpoints come from the server's settings: name one with --endpoint NAME",
     "api_key_env": "API keys come from the server's settings: name an endpoint with --endpoint NAME",
     "reward_function": "it imports and runs Python code; use --reward-run or --reward-model, "
-                       "or run it from the CLI on the server",
+    "or run it from the CLI on the server",
 }
 
 # Settings `--set` and a `--config` file may change: hyperparameters and data selection only.
 # Left out on purpose: model.model / model.adapter_path / run.output_dir / run.data / run.runs_dir
 # (paths: use the flags, which are checked), model.trust_remote_code, METHOD.reward_function and
 # reward_model, trainer.report_to / push_to_hub / hub_* / deepspeed / *_dir (hosts, files, code).
-_HYPERPARAMETERS = frozenset({
-    "learning_rate", "per_device_train_batch_size", "per_device_eval_batch_size",
-    "gradient_accumulation_steps", "num_train_epochs", "max_steps", "warmup_steps", "warmup_ratio",
-    "weight_decay", "max_grad_norm", "adam_beta1", "adam_beta2", "adam_epsilon", "optim",
-    "lr_scheduler_type", "seed", "data_seed", "max_length", "max_prompt_length",
-    "max_completion_length", "logging_steps", "save_steps", "save_total_limit", "eval_steps",
-    "gradient_checkpointing", "bf16", "fp16", "train_sampling_strategy", "group_by_length",
-    "label_smoothing_factor", "beta", "loss_type", "label_smoothing", "desirable_weight",
-    "undesirable_weight", "eval_fraction", "reward_run", "kl_coef", "kl_target", "kl_horizon",
-    "rollout_batch_size", "mini_batch_size", "ppo_epochs", "generation_batch_size", "max_new_tokens",
-    "temperature", "cliprange", "cliprange_value", "vf_coef", "gamma", "lam", "missing_eos_penalty",
-    "score_clip", "rpo_alpha",
-})
+_HYPERPARAMETERS = _names(
+    "learning_rate per_device_train_batch_size per_device_eval_batch_size "
+    "gradient_accumulation_steps num_train_epochs max_steps warmup_steps warmup_ratio "
+    "weight_decay max_grad_norm adam_beta1 adam_beta2 adam_epsilon optim "
+    "lr_scheduler_type seed data_seed max_length max_prompt_length max_completion_length "
+    "logging_steps save_steps save_total_limit eval_steps gradient_checkpointing bf16 "
+    "fp16 train_sampling_strategy group_by_length label_smoothing_factor beta loss_type "
+    "label_smoothing desirable_weight undesirable_weight eval_fraction reward_run kl_coef "
+    "kl_target kl_horizon rollout_batch_size mini_batch_size ppo_epochs "
+    "generation_batch_size max_new_tokens temperature cliprange cliprange_value vf_coef "
+    "gamma lam missing_eos_penalty score_clip rpo_alpha"
+)
 SETTABLE = {
-    "model": frozenset({"quantize", "compute_dtype", "double_quant", "quant_type", "dtype", "device"}),
-    "adapter": frozenset({"method", "r", "alpha", "dropout", "target_modules", "target_parameters",
-                          "gradient_checkpointing"}),
-    "selection": frozenset({"rater_kinds", "import_as", "method", "min_votes", "min_agreement",
-                            "tie_policy", "both_bad_policy", "weighted", "sft_min_agreement"}),
-    "run": frozenset({"min_examples", "policy_name", "resume"}),
+    "model": _names("quantize compute_dtype double_quant quant_type dtype device"),
+    "adapter": _names(
+        "method r alpha dropout target_modules target_parameters gradient_checkpointing"
+    ),
+    "selection": _names(
+        "rater_kinds import_as method min_votes min_agreement tie_policy both_bad_policy "
+        "weighted sft_min_agreement"
+    ),
+    "run": _names("min_examples policy_name resume"),
     "trainer": _HYPERPARAMETERS,
     **{method: _HYPERPARAMETERS for method in ("sft", "reward", "dpo", "kto", "ppo")},
 }
@@ -202,7 +215,9 @@ def authorize(
     argv: list[str] = [command, *positional]
     for flag, dest, value in flags:
         if dest not in allowed:
-            why = _WHY_REFUSED.get(dest, "not on the web jobs' allow-list; run it from the CLI on the server")
+            why = _WHY_REFUSED.get(
+                dest, "not on the web jobs' allow-list; run it from the CLI on the server"
+            )
             raise JobRefused(f"{flag}: not allowed in web jobs ({why})")
         if value is not None:
             value = _checked_value(policy, command, parsed, flag, dest, value)
@@ -229,7 +244,9 @@ def _take_endpoint(command: str, args: list[str]) -> tuple[list[str], str | None
                 names.append(args[i + 1])
                 i += 2
             else:
-                raise JobRefused(f"{ENDPOINT_FLAG}: expected the NAME of an endpoint configured on the server")
+                raise JobRefused(
+                    f"{ENDPOINT_FLAG}: expected the NAME of an endpoint configured on the server"
+                )
             continue
         rest.append(token)
         i += 1
@@ -252,7 +269,9 @@ def _subcommands(parser: argparse.ArgumentParser) -> dict:
     raise LookupError(parser.prog)
 
 
-def _given_flags(command: str, args: list[str]) -> tuple[list[str], list[tuple[str, str, str | None]]]:
+def _given_flags(
+    command: str, args: list[str]
+) -> tuple[list[str], list[tuple[str, str, str | None]]]:
     """(positionals, [(flag, dest, value or None)]) as written, after check_arguments accepted them.
 
     Flags must be written in full: argparse would expand `--base` to `--base-url`, and an
@@ -288,7 +307,9 @@ def _given_flags(command: str, args: list[str]) -> tuple[list[str], list[tuple[s
     return positional, flags
 
 
-def _checked_value(policy: JobPolicy, command: str, parsed, flag: str, dest: str, value: str) -> str:
+def _checked_value(
+    policy: JobPolicy, command: str, parsed, flag: str, dest: str, value: str
+) -> str:
     """The value the job gets (paths made absolute), or JobRefused."""
     if "\x00" in value:
         raise JobRefused(f"{flag}: NUL character in the value")
@@ -307,7 +328,9 @@ def _checked_value(policy: JobPolicy, command: str, parsed, flag: str, dest: str
     if dest == "model" and getattr(parsed, "backend", "local") != "openai":
         return check_model(policy, flag, value)  # openai: a name the endpoint serves, not a file
     if dest == "policy":
-        return ",".join(check_model(policy, flag, name.strip()) for name in value.split(",") if name.strip())
+        return ",".join(
+            check_model(policy, flag, name.strip()) for name in value.split(",") if name.strip()
+        )
     return value
 
 
@@ -348,8 +371,10 @@ def check_setting(flag: str, text: str) -> None:
 
 def _check_key(where: str, section: str, key) -> None:
     if key not in SETTABLE.get(section, ()):
-        raise JobRefused(f"{where}: {section}.{key} cannot be set from a web job "
-                         "(hyperparameters and data selection only; paths through their flags)")
+        raise JobRefused(
+            f"{where}: {section}.{key} cannot be set from a web job "
+            "(hyperparameters and data selection only; paths through their flags)"
+        )
 
 
 def check_preset(flag: str, value: str) -> str:
@@ -357,7 +382,9 @@ def check_preset(flag: str, value: str) -> str:
 
     known = list_presets()
     if value != AUTO_PRESET and value not in known:
-        raise JobRefused(f"{flag} {value}: presets by name only (known: {', '.join([AUTO_PRESET, *known])})")
+        raise JobRefused(
+            f"{flag} {value}: presets by name only (known: {', '.join([AUTO_PRESET, *known])})"
+        )
     return value
 
 
@@ -366,8 +393,10 @@ def check_rubric(flag: str, value: str) -> str:
 
     for part in (p.strip() for p in value.split(",")):
         if part and part not in RULES:
-            raise JobRefused(f"{flag} {part}: web jobs use the built-in rules only ({', '.join(RULES)}); "
-                             "module:function runs from the CLI")
+            raise JobRefused(
+                f"{flag} {part}: web jobs use the built-in rules only ({', '.join(RULES)}); "
+                "module:function runs from the CLI"
+            )
     return value
 
 
@@ -381,7 +410,11 @@ def check_model(policy: JobPolicy, flag: str, value: str) -> str:
 
     if value in DEFAULT_MODEL_ALIASES:
         return value
-    if not (value.startswith((".", "/", "~", "\\")) or _exists(Path(value)) or _exists(policy.job_dir / value)):
+    if not (
+        value.startswith((".", "/", "~", "\\"))
+        or _exists(Path(value))
+        or _exists(policy.job_dir / value)
+    ):
         return value  # a Hub id or a stored policy's name: no file is read
     if value.startswith("~"):
         raise JobRefused(f"{flag} {value}: outside the job and data directories")
@@ -405,11 +438,16 @@ def _with_endpoint(policy, command, parsed, endpoint_name, argv, server_env) -> 
         return JobLaunch(tuple(argv), drop_env=drop)
     if endpoint_name is None:
         configured = ", ".join(e.name for e in policy.endpoints) or (
-            "none: the operator adds one with `prefloop serve --endpoint NAME=URL,key-env=VAR`")
-        raise JobRefused(f"--backend openai: name an endpoint with {ENDPOINT_FLAG} NAME (configured: {configured})")
+            "none: the operator adds one with `prefloop serve --endpoint NAME=URL,key-env=VAR`"
+        )
+        raise JobRefused(
+            f"--backend openai: name an endpoint with {ENDPOINT_FLAG} NAME (configured: {configured})"
+        )
     endpoint = policy.endpoint(endpoint_name)
     if endpoint.key_env and not server_env.get(endpoint.key_env):
-        raise JobRefused(f"{ENDPOINT_FLAG} {endpoint.name}: the server has no ${endpoint.key_env} set for its key")
+        raise JobRefused(
+            f"{ENDPOINT_FLAG} {endpoint.name}: the server has no ${endpoint.key_env} set for its key"
+        )
     argv = [*argv, "--base-url", endpoint.base_url]
     if endpoint.model and parsed.model is None and getattr(parsed, "policy", None) is None:
         argv += ["--model", endpoint.model]
