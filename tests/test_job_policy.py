@@ -10,6 +10,8 @@ from __future__ import annotations
 import http.server
 import json
 import shlex
+import subprocess
+import sys
 import threading
 import time
 
@@ -347,6 +349,27 @@ def test_endpoint_settings_are_checked(text, message):
     with pytest.raises(ValueError, match=message):
         parse_endpoint(text)
     assert parse_endpoint("a=https://h/v1,key-env=K,model=m").key_env == "K"
+
+
+def test_serve_checks_its_endpoint_settings(sqlite_url):
+    cli = [
+        sys.executable,
+        "-c",
+        "import sys; from labeling.cli import main; sys.exit(main(sys.argv[1:]))",
+    ]
+    base = [*cli, "serve", "--db", sqlite_url, "--single-user", "local", "--port", "1"]
+    twice = subprocess.run(
+        [*base, "--endpoint", "a=http://h/v1", "--endpoint", "a=http://other/v1"],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert twice.returncode == 2 and "--endpoint a: given twice" in twice.stderr
+    bad = subprocess.run(
+        [*base, "--endpoint", "a=ftp://h"], check=False, capture_output=True, text=True, timeout=120
+    )
+    assert bad.returncode == 2 and "is not an http(s) URL" in bad.stderr
 
 
 # ---- through the job manager: real processes ------------------------------------------------

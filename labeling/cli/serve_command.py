@@ -90,6 +90,11 @@ def run_serve(args: argparse.Namespace) -> int:
     from labeling.app.server import serve
     from labeling.app.state import AppConfig, AppState
 
+    names = [endpoint.name for endpoint in args.endpoint]
+    for name in names:
+        if names.count(name) > 1:
+            raise CliError(f"--endpoint {name}: given twice (one URL per name)")
+
     config = AppConfig(
         db_url=engine.url.render_as_string(hide_password=False),
         single_user=args.single_user,
