@@ -111,6 +111,7 @@ def test_a_chain_of_three_reloads_as_trained_and_records_its_lineage(store, mode
         assert run.config["from_policy"]["name"] == first.policy_name  # "latest" as it resolved
         assert run.config["settings"]["run"]["from_policy"] == first.policy_name
 
+    assert not torch.allclose(seen.final, policy_logits(store, first.policy_name), atol=1e-3)  # it trained
     # Reloaded on its own, the policy is the model held in memory at the end of training.
     torch.testing.assert_close(policy_logits(store, second.policy_name), seen.final, atol=1e-4, rtol=1e-4)
     # So are its ancestors, side by side in one pool, and it generates.
@@ -178,6 +179,7 @@ def test_4bit_run_from_a_policy_keeps_the_parent_as_reference(store, model_dir, 
     assert step_metric(store, dpo.run_id, "rewards/margins") == pytest.approx(0.0, abs=1e-5)
     assert step_metric(store, dpo.run_id, "loss") == pytest.approx(math.log(2), abs=1e-5)
     assert not (Path(dpo.output_path) / "ref").exists()  # the copy is not part of the result
+    assert not torch.allclose(seen.final, policy_logits(store, sft.policy_name, quantize="4bit"), atol=1e-3)
     torch.testing.assert_close(policy_logits(store, dpo.policy_name, quantize="4bit"), seen.final,
                                atol=1e-4, rtol=1e-4)
     assert lineage(store, dpo.policy_name)[-2].name == sft.policy_name
@@ -213,3 +215,16 @@ def test_bad_starting_points_are_refused_before_anything_is_recorded(store, mode
     with pytest.raises(TrainingError, match="a dora run on it could not be saved as one policy"):
         train(store, "dpo", model_dir, tmp_path, from_policy=sft.policy_name, adapter={"method": "dora"})
     _nothing_recorded(store, before)
+
+
+def test_cli_flag(store, model_dir, sqlite_url, tmp_path, capsys):
+    from labeling.cli import main
+
+    argv = ["train", "sft", "--db", sqlite_url, "--model", model_dir, "--no-progress", "--max-steps", "1",
+            "--output-dir", str(tmp_path / "out")]
+    assert main([*argv, "--from-policy", "nope"]) == 2
+    assert "--from-policy nope: no policy named 'nope'" in capsys.readouterr().err
+    assert main([*argv, "--policy-name", "first"]) == 0
+    assert main([*argv[:-1], str(tmp_path / "out2"), "--from-policy", "latest", "--policy-name", "second"]) == 0
+    assert "registered policy 'second'" in capsys.readouterr().out
+    assert [p.name for p in lineage(store, "second")][-2:] == ["first", "second"]

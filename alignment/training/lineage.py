@@ -1,9 +1,11 @@
 """Training from a stored policy (`--from-policy NAME|latest`): the run starts where that policy
 is, its reference is that policy, and what it saves is one policy that loads on its own.
 
-    start = resolve_start(engine, "latest", model="default", adapter_method="lora", quantize="none")
-    model = start_model(model, start, quantized=False)   # the parent, merged in; then a fresh adapter
-    combine_lora(start.adapter_path, "runs/dpo-9/adapter")  # parent + child as one LoRA, in place
+    start = resolve_start(engine, "latest", model="default", method="dpo", adapter_method="lora",
+                          quantized=False)             # a TrainingError, before any row, if it cannot be
+    model = start_model(base, start, quantized=False)  # the parent merged in; a fresh adapter goes on top
+    combine_lora(start.adapter_path, "runs/dpo-9/adapter")  # parent + new LoRA as one adapter, in place
+    runs.lineage(engine, "dpo-9")                      # the policies it grew from, root first
 
 Design. prefloop's reference is "the trainable adapter switched off" everywhere (the packed DPO
 path, TRL's KTO, PPO's KL): no second model, no LoRA matmuls in reference passes. A run from a
