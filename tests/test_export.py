@@ -67,7 +67,7 @@ def build_world(session) -> World:
     for i, label in enumerate(LABELS):
         text = TEXTS[i % len(TEXTS)]
         prompt, _ = add_prompt([{"role": "system", "content": "Answer."}, {"role": "user", "content": f"{text} {label}"}],
-                               session=session, source="test")
+                               session=session, source="test", split="train")  # eval prompts are never exported
         base, _ = add_response(prompt.id, base_policy.id, f"base says {text} ({label})", session=session)
         tuned, _ = add_response(prompt.id, tuned_policy.id, f"tuned says {text} ({label})", session=session)
         comparison, _ = add_comparison(base, tuned, session=session)

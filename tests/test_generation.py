@@ -85,7 +85,7 @@ def test_comparison_pairs():
 
 def _add_prompts(engine, texts):
     with session_scope(engine) as session:
-        return [add_prompt(chat(t), session=session)[0].id for t in texts]
+        return [add_prompt(chat(t), session=session, split="train")[0].id for t in texts]  # what generate reads
 
 
 def _rows(engine, model):

@@ -33,7 +33,8 @@ def preference_store(db_url: str, *, n_prompts: int = 12, seed: int = 0, ratings
         judge = get_or_create_judge("judge-model", "v1", session=session)
         for i in range(n_prompts):
             prompt_words = rng.sample(FILLER, rng.randint(3, 8))
-            prompt, _ = add_prompt(" ".join(prompt_words) + f" {WORDS[i % len(WORDS)]}", session=session)
+            prompt, _ = add_prompt(" ".join(prompt_words) + f" {WORDS[i % len(WORDS)]}", session=session,
+                                   split="train")  # exported for training: eval prompts never are
             good = " ".join(rng.choice(GOOD) for _ in range(rng.randint(2, 9)))
             bad = " ".join(rng.choice(BAD) for _ in range(rng.randint(2, 9)))
             r_good, _ = add_response(prompt.id, base.id if i % 2 else other.id, good, session=session)

@@ -13,11 +13,12 @@ import matplotlib
 matplotlib.use("Agg")  # headless; the figures are rendered to images for the page
 from matplotlib.figure import Figure  # noqa: E402
 
+from feedback_store.evaluations import LineageNode, lineage  # noqa: E402
 from feedback_store.run_curves import RunCurves, recent_run_curves  # noqa: E402
 from feedback_store.stats import Stats, compute_stats  # noqa: E402
 from labeling.app.auth import AccessDenied, admin_for  # noqa: E402
 
-PLOTS = ("leaderboard", "win_rate", "agreement", "annotators", "judge", "training")
+PLOTS = ("leaderboard", "win_rate", "agreement", "annotators", "judge", "training", "lineage")
 _ACCENT, _MUTED, _WARN = "#4f46e5", "#9ca3af", "#dc2626"
 
 
@@ -242,10 +243,47 @@ def training_plot(runs: list[RunCurves], max_metrics: int = 4) -> Figure:
     return figure
 
 
+def lineage_plot(nodes: list[LineageNode]) -> Figure:
+    """The policy tree, one row per policy (indented under its parent), with its latest win rate
+    over the parent on eval prompts and the 95% interval; green when the interval clears 50%."""
+    title = "Lineage: win rate over the parent on eval prompts (ties half, 95% CI)"
+    if not any(node.parent for node in nodes):
+        return _nothing_yet(title, "No trained policy yet: `prefloop train ... --eval` adds one.")
+    figure = _figure(height=max(2.2, 0.42 * len(nodes) + 1.2))
+    axes = figure.subplots()
+    labels = []
+    for row, node in enumerate(reversed(nodes)):  # the roots at the top
+        evaluation = node.over_parent
+        labels.append("    " * node.depth + ("└ " if node.depth else "") + node.policy)
+        if evaluation is None:
+            note = "not evaluated" if node.parent else "root"
+            axes.text(0.5, row, note, ha="center", va="center", color=_MUTED, fontsize=8)
+            continue
+        promoted = evaluation.ci_low > 0.5
+        axes.errorbar(
+            evaluation.win_rate, row,
+            xerr=[[evaluation.win_rate - evaluation.ci_low], [evaluation.ci_high - evaluation.win_rate]],
+            fmt="o", color="#16a34a" if promoted else _ACCENT, ecolor=_MUTED, capsize=4, lw=2,
+        )
+        right_side = evaluation.ci_high < 0.7  # the label beside the interval, where there is room
+        axes.text(evaluation.ci_high + 0.02 if right_side else evaluation.ci_low - 0.02, row,
+                  f"{evaluation.win_rate:.2f} vs {node.parent} (n={evaluation.n})",
+                  va="center", fontsize=8, ha="left" if right_side else "right")
+    axes.set_yticks(range(len(labels)), labels)
+    axes.axvline(0.5, color=_WARN, lw=0.8, ls="--")
+    axes.set_xlim(0, 1)
+    axes.set_ylim(-0.7, len(labels) - 0.3)
+    axes.set_xlabel("win rate over the parent")
+    axes.set_title(title, loc="left", fontsize=11)
+    axes.grid(axis="x", alpha=0.3)
+    return figure
+
+
 def dashboard_figures(state) -> dict[str, Figure]:
     with state.read_session() as session:
         stats = compute_stats(session=session)
         runs = recent_run_curves(session=session)
+        tree = lineage(session=session)
     return {
         "leaderboard": leaderboard_plot(stats),
         "win_rate": win_rate_plot(stats),
@@ -253,6 +291,7 @@ def dashboard_figures(state) -> dict[str, Figure]:
         "annotators": annotators_plot(stats),
         "judge": judge_plot(stats),
         "training": training_plot(runs),
+        "lineage": lineage_plot(tree),
     }
 
 
@@ -271,6 +310,8 @@ def build_dashboard_tab(state) -> dict:
     with gr.Row():
         plots["annotators"] = gr.Plot(label="Annotators", show_label=False)
         plots["training"] = gr.Plot(label="Training runs", show_label=False)
+    with gr.Row():
+        plots["lineage"] = gr.Plot(label="Lineage", show_label=False, elem_id="pf-dash-lineage")
 
     def on_refresh(request: gr.Request):
         try:

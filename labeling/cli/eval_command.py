@@ -92,9 +92,13 @@ def eval_config(args: argparse.Namespace):
 
 def evaluate(engine, policy: str, args: argparse.Namespace) -> int:
     """Run one evaluation with parsed eval options and print it; the exit status."""
-    from labeling.judge.evaluation import EvaluationError, evaluate_policy
+    from labeling.judge.evaluation import EvaluationError, check_evaluable, evaluate_policy
 
     config = eval_config(args)
+    try:
+        check_evaluable(engine, policy, config)  # before a local judge model is loaded
+    except EvaluationError as error:
+        raise CliError(str(error)) from None
     check_backend_options(args)
     backend = build_backend(args)
     try:

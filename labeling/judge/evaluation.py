@@ -158,6 +158,15 @@ def _failure_reason(engine: Engine, summary: JudgeRunSummary) -> str:
     return f"{counts or 'no request answered'}{detail}"
 
 
+def check_evaluable(engine: Engine, policy: str, config: EvalConfig = EvalConfig()) -> str:
+    """The opponent's name, or EvaluationError for what would make `evaluate_policy` fail before it
+    starts (unknown policy, itself as opponent, no eval prompts): cheap, so callers check before
+    loading a judge model or training for hours."""
+    _, against = _opponent(engine, policy, config.against)
+    _eval_prompt_ids(engine, config.prompts)
+    return against
+
+
 def evaluate_policy(engine: Engine, policy: str, judge: JudgeBackend, config: EvalConfig = EvalConfig()
                     ) -> EvaluationResult:
     """Generate, judge in both orders, compute and store the win rate of `policy` over its opponent.
