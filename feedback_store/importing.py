@@ -430,14 +430,19 @@ def import_prompts(
     session: Session,
     source: str | None = None,
     clear_margin: float = 1.0,
+    split: str | None = None,
 ) -> ImportReport:
     """Import a JSONL / CSV / parquet file into the caller's transaction (nothing is committed here).
 
-    `source` labels the new prompts and comparisons (default: the file name).
+    `source` labels the new prompts and comparisons (default: the file name). `split` is the
+    split of new prompts whose row names none (None: the content hash decides).
     """
+    if split is not None and split not in SPLITS:
+        raise ImportFileError(f"unknown split {split!r} (expected 'train' or 'eval')")
     path = Path(path)
     rows = parse_file(path, clear_margin=clear_margin)
     source = source or path.name
+    split_of_file = split
     now = utcnow()
 
     # Prompts: one bulk lookup by content hash, one bulk insert of the new ones.
@@ -449,7 +454,7 @@ def import_prompts(
     split_conflicts = 0
     for row, content_hash in zip(rows, hashes):
         if content_hash not in prompt_ids and content_hash not in new_prompts:
-            split = row.split or default_split(content_hash)
+            split = row.split or split_of_file or default_split(content_hash)
             splits[content_hash] = split
             new_prompts[content_hash] = dict(
                 messages=row.messages, content_hash=content_hash, source=source, tags=row.tags, split=split,

@@ -324,7 +324,7 @@ def test_dpo_export_reimports_into_a_fresh_store(engine, world, tmp_path):
     upgrade(fresh_url)
     fresh = engine_for(fresh_url)
     with session_scope(fresh) as session:
-        report = import_prompts(path, session=session)
+        report = import_prompts(path, session=session, split="train")  # an export holds train prompts only
     assert report.votes_created == len(ds)
     again = run(fresh, export_dpo)
     strip = lambda rows: [(r["prompt"], r["chosen"], r["rejected"]) for r in rows]  # noqa: E731

@@ -84,7 +84,7 @@ def server():
 def _prompts(engine, texts):
     with session_scope(engine) as session:
         for text in texts:
-            add_prompt(text, session=session)
+            add_prompt(text, session=session, split="train")  # what generate reads
 
 
 def test_generator_sends_sampling_parameters_and_reads_usage(server, monkeypatch):

@@ -28,6 +28,8 @@ def register(subparsers, common: argparse.ArgumentParser) -> None:
     )
     imp.add_argument("file", metavar="FILE", help="a .jsonl, .csv or .parquet file")
     imp.add_argument("--source", default=None, help="label stored with the new prompts (default: the file name)")
+    imp.add_argument("--split", choices=("train", "eval"), default=None,
+                     help="split of new prompts whose row has no `split` (default: 10%% to eval by content hash)")
     imp.set_defaults(handler=run_prompts_import)
 
     split = prompts_sub.add_parser(
@@ -58,7 +60,7 @@ def run_prompts_import(args: argparse.Namespace) -> int:
     engine = open_store(args)
     try:
         with Console(stderr=True).status(f"importing {args.file}"), session_scope(engine) as session:
-            report = import_prompts(args.file, session=session, source=args.source)
+            report = import_prompts(args.file, session=session, source=args.source, split=args.split)
     except ImportFileError as error:
         raise CliError(f"{error} (nothing imported)") from None
     print(f"imported {report.summary()}")
