@@ -36,6 +36,21 @@ def check_split(split: str) -> str:
     return split
 
 
+def parse_id_ranges(text: str) -> list[int]:
+    """Prompt ids as an admin types them: "3 7 10-20" or "3,7,10-20"."""
+    ids: list[int] = []
+    for value in text.replace(",", " ").split():
+        first, _, last = value.partition("-")
+        try:
+            low, high = int(first), int(last or first)
+        except ValueError:
+            raise ValueError(f"not a prompt id or range: {value!r}") from None
+        if low > high:
+            raise ValueError(f"empty range {value!r}")
+        ids.extend(range(low, high + 1))
+    return ids
+
+
 def set_prompt_split(ids: Iterable[int], split: str, *, session: Session) -> int:
     """Move these prompts to `split`; returns how many changed. Unknown ids are an error and
     nothing moves (the caller's transaction rolls back)."""

@@ -114,6 +114,11 @@ def test_eval_against_the_parent_matches_the_stored_votes(engine, models):
     assert evaluation.policy == "child" and evaluation.against == "parent" and evaluation.n == len(EVAL_PROMPTS)
     assert nodes["child"].parent == "parent" and nodes["child"].depth == 1
     assert nodes["child"].over_parent.id == again.evaluation_id and nodes["parent"].over_parent is None
+    from labeling.app.dashboard import lineage_plot
+
+    axes = lineage_plot(list(nodes.values())).axes[0]
+    assert [t.get_text().strip() for t in axes.get_yticklabels()] == ["└ child", "parent"]
+    assert axes.containers  # the child's win rate with its interval
 
 
 def test_stats_json_lists_evaluations_and_the_votes_feed_the_leaderboard(sqlite_url, models, capsys):

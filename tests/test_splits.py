@@ -207,3 +207,22 @@ def test_generation_for_labelling_draws_from_train_prompts(sqlite_url, tmp_path,
     assert main(["generate", "--db", sqlite_url, "--policy", model, "--split", "all", "--max-new-tokens", "3"]) == 0
     with session_scope(engine) as session:
         assert {r.prompt_id for r in session.exec(select(Response))} == train | held_out
+
+
+def test_admin_moves_prompts_from_the_app(engine):
+    from labeling.app import admin
+
+    class State:  # what the admin action uses of the app state
+        def session(self):
+            return session_scope(engine)
+
+    with session_scope(engine) as session:
+        for i in range(3):
+            add_prompt(f"p{i}", session=session, split="train")
+    assert admin.move_prompts(State(), None, "1-2", "eval") == "moved 2 prompts to eval; train 1, eval 2"
+    with pytest.raises(admin.AdminError, match=r"not a prompt id or range: 'x' \(nothing moved\)"):
+        admin.move_prompts(State(), None, "3 x", "eval")
+    with pytest.raises(admin.AdminError, match="no prompt with id 9"):
+        admin.move_prompts(State(), None, "3 9", "train")
+    with session_scope(engine) as session:
+        assert split_counts(session=session) == {"train": 1, "eval": 2}

@@ -110,6 +110,20 @@ def save_guidelines(state, caller: Caller, text: str) -> str:
     return "guidelines saved"
 
 
+def move_prompts(state, caller: Caller, ids_text: str, split: str) -> str:
+    """Move prompts to train or eval (eval prompts never reach a training export)."""
+    from feedback_store.splits import parse_id_ranges, set_prompt_split, split_counts
+
+    try:
+        ids = parse_id_ranges(ids_text or "")
+        with state.session() as session:
+            changed = set_prompt_split(ids, split, session=session)
+            counts = split_counts(session=session)
+    except ValueError as error:
+        raise AdminError(f"{error} (nothing moved)") from None
+    return f"moved {changed} prompts to {split}; train {counts['train']}, eval {counts['eval']}"
+
+
 def start_job(state, caller: Caller, command: str, arguments: str) -> Job:
     try:
         return state.jobs.start(command, arguments, started_by=caller.name)
@@ -218,6 +232,19 @@ def build_admin_tab(state) -> dict:
         )
         guidelines_button = gr.Button("Save guidelines")
         settings_result = gr.Markdown("")
+
+    with gr.Accordion("Prompt splits", open=False):  # train feeds exports; eval judges policies
+        with gr.Row():
+            split_ids = gr.Textbox(label="Prompt ids (e.g. 3 7 10-20)", scale=3)
+            split_to = gr.Radio(["train", "eval"], value="eval", label="Move to", scale=1)
+            split_button = gr.Button("Move", scale=1, elem_id="pf-admin-split")
+        split_result = gr.Markdown("")
+
+    def on_split(ids_text, split, request: gr.Request):
+        caller = admin(request)
+        return attempt(lambda: move_prompts(state, caller, ids_text, split))
+
+    split_button.click(on_split, [split_ids, split_to], [split_result], api_name="admin_set_split")
 
     def job_choices():
         return [(job.label(), str(job.id)) for job in state.jobs.all()]

@@ -67,30 +67,19 @@ def run_prompts_import(args: argparse.Namespace) -> int:
     return 0
 
 
-def _prompt_ids(values: list[str]) -> list[int]:
-    ids: list[int] = []
-    for value in (v for text in values for v in text.split(",") if v.strip()):
-        first, _, last = value.strip().partition("-")
-        try:
-            low, high = int(first), int(last or first)
-        except ValueError:
-            raise CliError(f"not a prompt id or range: {value!r}") from None
-        if low > high:
-            raise CliError(f"empty range {value!r}")
-        ids.extend(range(low, high + 1))
-    return ids
-
-
 def run_prompts_split(args: argparse.Namespace) -> int:
     from feedback_store.db import session_scope
-    from feedback_store.splits import set_prompt_split, split_counts
+    from feedback_store.splits import parse_id_ranges, set_prompt_split, split_counts
 
     engine = open_store(args)
     if args.to is None and args.ids:
         raise CliError("name the split first: prefloop prompts split train|eval ID...")
     with session_scope(engine) as session:
         if args.to is not None:
-            ids = _prompt_ids(args.ids)
+            try:
+                ids = parse_id_ranges(" ".join(args.ids))
+            except ValueError as error:
+                raise CliError(str(error)) from None
             if not ids:
                 raise CliError("no prompt ids given")
             try:
