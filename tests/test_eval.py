@@ -99,6 +99,7 @@ def test_eval_against_the_parent_matches_the_stored_votes(engine, models):
     assert result.win_rate == pytest.approx(sum(scores) / len(scores))
     assert result.ties == scores.count(0.5) and result.wins == scores.count(1.0)
     assert result.ci_low <= result.win_rate <= result.ci_high
+    assert result.beats_opponent == (result.ci_low > 0.5) and result.as_dict()["beats_opponent"] == result.beats_opponent
     assert (result.ci_low, result.ci_high) == pytest.approx(
         proportion_confint(sum(scores), len(scores), alpha=0.05, method="wilson"))
     assert result.mean_length_policy == pytest.approx(sum(child_lengths) / len(child_lengths))
@@ -165,9 +166,12 @@ def test_no_eval_prompts_is_a_clear_error_and_stores_nothing(engine, models, sql
     (["nobody", "--backend", "local"], "unknown policy 'nobody' (stored policies: parent, child)"),
     (["child", "--against", "child", "--backend", "local"], "cannot be evaluated against itself"),
     (["child", "--backend", "openai"], "--model is required with --backend openai"),
+    (["child", "--model", "m"], "no API key: set PREFLOOP_JUDGE_API_KEY or OPENAI_API_KEY"),
     (["child", "--rubric", "kindest", "--backend", "rubric"], "unknown rubric rule 'kindest'"),
 ])
-def test_bad_invocations_are_one_line(sqlite_url, models, capsys, argv, message):
+def test_bad_invocations_are_one_line(sqlite_url, models, capsys, monkeypatch, argv, message):
+    monkeypatch.delenv("PREFLOOP_JUDGE_API_KEY", raising=False)
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     _store(engine_for(sqlite_url), models)
     assert main(["eval", "--db", sqlite_url, "--no-progress", *argv]) == 2
     err = capsys.readouterr().err

@@ -125,8 +125,11 @@ def judge_run_config(args: argparse.Namespace, **extra):
 
 def check_backend_options(args: argparse.Namespace) -> None:
     """What build_backend would refuse, checked without loading or connecting anything."""
-    if args.backend == "openai" and not args.model:
-        raise CliError("--model is required with --backend openai (the model name the endpoint serves)")
+    if args.backend == "openai":
+        try:
+            _openai_config(args).api_key()  # reads the environment only: no connection
+        except ValueError as error:
+            raise CliError(str(error)) from None
     if args.backend == "rubric":
         from labeling.judge.rubric import resolve_rule
 
@@ -154,25 +157,29 @@ def build_backend(args: argparse.Namespace):
                 dtype=args.dtype,
             )
             return LocalJudge.load(config)  # a ModelError is a ValueError: one line, below
-        from labeling.judge.openai_backend import API_KEY_ENVS, OpenAIJudge, OpenAIJudgeConfig
+        from labeling.judge.openai_backend import OpenAIJudge
 
-        if not args.model:
-            raise CliError("--model is required with --backend openai (the model name the endpoint serves)")
-        return OpenAIJudge(
-            OpenAIJudgeConfig(
-                model=args.model,
-                base_url=args.base_url,
-                api_key_env=tuple(args.api_key_env or API_KEY_ENVS),
-                timeout=args.timeout,
-                max_attempts=args.max_attempts,
-                max_tokens=args.max_tokens,
-                temperature=args.temperature,
-                logprobs=args.logprobs,
-                max_connections=args.concurrency or 16,
-            )
-        )
+        return OpenAIJudge(_openai_config(args))
     except ValueError as error:
         raise CliError(str(error)) from None
+
+
+def _openai_config(args: argparse.Namespace):
+    from labeling.judge.openai_backend import API_KEY_ENVS, OpenAIJudgeConfig
+
+    if not args.model:
+        raise CliError("--model is required with --backend openai (the model name the endpoint serves)")
+    return OpenAIJudgeConfig(
+        model=args.model,
+        base_url=args.base_url,
+        api_key_env=tuple(args.api_key_env or API_KEY_ENVS),
+        timeout=args.timeout,
+        max_attempts=args.max_attempts,
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        logprobs=args.logprobs,
+        max_connections=args.concurrency or 16,
+    )
 
 
 def format_summary(s) -> str:

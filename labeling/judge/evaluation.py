@@ -85,8 +85,13 @@ class EvaluationResult:
     judge_cost: float | None
     responses_generated: int
 
+    @property
+    def beats_opponent(self) -> bool:
+        """The whole interval lies above 50 %: the promotion rule of the loop (DESIGN.md)."""
+        return self.ci_low > 0.5
+
     def as_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "beats_opponent": self.beats_opponent}
 
     def summary(self) -> str:
         cost = f", cost {self.judge_cost:.6f}" if self.judge_cost is not None else ""
