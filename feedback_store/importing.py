@@ -47,6 +47,7 @@ from feedback_store.catalog import IMPORTED_POLICY, get_or_create_policy
 from feedback_store.hashing import sha256_json, sha256_text
 from feedback_store.models import Choice, Comparison, Prompt, Response, Vote, utcnow
 from feedback_store.raters import get_or_create_import_rater
+from feedback_store.text import text_problem
 from feedback_store.splits import SPLITS, default_split
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
@@ -114,21 +115,44 @@ class _Row:
 # --------------------------------------------------------------------------- reading
 
 
-def _read_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
-    with path.open("r", encoding="utf-8-sig", newline="") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
+def _json_error(error: ValueError | RecursionError) -> str:
+    if isinstance(error, json.JSONDecodeError):
+        return f"{error.msg} at column {error.colno}"
+    if isinstance(error, RecursionError):
+        return "nested too deeply"
+    return str(error).split(";")[0]  # e.g. an integer of more digits than Python converts
+
+
+def _not_utf8(path: Path, error: UnicodeDecodeError) -> ImportFileError:
+    """A text file that is not UTF-8 (Latin-1, UTF-16, gzip, binary): name the first bad line."""
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
             try:
-                yield f"line {number}", json.loads(line)
-            except json.JSONDecodeError as error:
-                yield f"line {number}", _RowError(f"invalid JSON ({error.msg} at column {error.colno})")
+                raw.decode("utf-8")
+            except UnicodeDecodeError as bad:
+                byte = f"byte 0x{raw[bad.start]:02x} at column {bad.start + 1}"
+                return ImportFileError(f"{path} line {number}: not UTF-8 text ({byte}); save the file as UTF-8")
+    return ImportFileError(f"{path}: not UTF-8 text ({error.reason}); save the file as UTF-8")
+
+
+def _read_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
+    try:
+        with path.open("r", encoding="utf-8-sig", newline="") as handle:
+            for number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    yield f"line {number}", json.loads(line)
+                except (ValueError, RecursionError) as error:  # JSONDecodeError, and what json.loads lets through
+                    yield f"line {number}", _RowError(f"invalid JSON ({_json_error(error)})")
+    except UnicodeDecodeError as error:  # raised by the file's decoder, between lines
+        raise _not_utf8(path, error) from None
 
 
 def _read_csv(path: Path) -> Iterator[tuple[str, Any]]:
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # long answers exceed the 128 KiB default
     with path.open("r", encoding="utf-8-sig", newline="") as handle:
-        reader = csv.reader(handle)
+        reader = csv.reader(handle, strict=True)  # strict: a quote left open is an error, not a cell
         try:
             header = next(reader, None)
             if header is None:
@@ -149,6 +173,8 @@ def _read_csv(path: Path) -> Iterator[tuple[str, Any]]:
                 yield where, {key: _csv_cell(key, value) for key, value in zip(header, cells) if key}
         except csv.Error as error:
             raise ImportFileError(f"{path} line {reader.line_num}: malformed CSV ({error})") from None
+        except UnicodeDecodeError as error:
+            raise _not_utf8(path, error) from None
 
 
 def _csv_cell(key: str, value: str | None) -> Any:
@@ -160,7 +186,7 @@ def _csv_cell(key: str, value: str | None) -> Any:
         if stripped.startswith("["):
             try:
                 parsed = json.loads(value)
-            except json.JSONDecodeError:
+            except (ValueError, RecursionError):  # not JSON, or JSON Python will not build
                 parsed = None
             if key == "tags" and isinstance(parsed, list):
                 return parsed
@@ -178,15 +204,26 @@ class _CsvNotJson(str):
     """A CSV `messages` cell that is not a JSON chat list."""
 
 
+def _one_line(error: Exception) -> str:
+    return " ".join(str(error).split())  # pyarrow's messages span lines; the CLI prints one
+
+
 def _read_parquet(path: Path) -> Iterator[tuple[str, Any]]:
     import pyarrow.parquet as pq
 
     try:
         parquet = pq.ParquetFile(path)
     except Exception as error:  # pyarrow raises several types for a file that is not parquet
-        raise ImportFileError(f"{path}: not a readable parquet file ({error})") from None
+        raise ImportFileError(f"{path}: not a readable parquet file ({_one_line(error)})") from None
     number = 0
-    for batch in parquet.iter_batches(batch_size=8192):
+    batches = parquet.iter_batches(batch_size=8192)
+    while True:
+        try:  # a valid footer does not make valid data pages: decoding a batch may fail too
+            batch = next(batches, None)
+        except Exception as error:  # noqa: BLE001 - pyarrow's OSError, ArrowInvalid, ...
+            raise ImportFileError(f"{path} row {number + 1}: unreadable parquet data ({_one_line(error)})") from None
+        if batch is None:
+            return
         for record in batch.to_pylist():
             number += 1
             yield f"row {number}", record
@@ -207,13 +244,9 @@ def _reader(path: Path):
 
 
 def _check_text(value: str, field: str) -> str:
-    if "\x00" in value:
-        raise _RowError(f"field {field!r} contains a NUL character (\\x00), which the store refuses "
-                        "(PostgreSQL text cannot hold it)")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise _RowError(f"field {field!r} contains an unpaired UTF-16 surrogate (not valid Unicode text)") from None
+    problem = text_problem(value)
+    if problem is not None:
+        raise _RowError(f"field {field!r} {problem}")
     return value
 
 

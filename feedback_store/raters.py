@@ -10,6 +10,7 @@ import secrets
 from sqlmodel import Session, select
 
 from feedback_store.models import Rater, RaterKind, Role
+from feedback_store.text import text_problem
 
 # scrypt at n=2**14, r=8: ~50 ms and 16 MiB per hash, slow enough to make guessing expensive.
 _SCRYPT_N, _SCRYPT_R, _SCRYPT_P = 2**14, 8, 1
@@ -34,6 +35,8 @@ def check_password(password: str, stored: str | None) -> bool:
 
 
 def get_rater(name: str, *, session: Session) -> Rater | None:
+    if text_problem(name) is not None:
+        return None  # no rater has a name the store cannot hold (and PostgreSQL raises on a NUL)
     return session.exec(select(Rater).where(Rater.name == name)).first()
 
 
@@ -41,6 +44,8 @@ def create_user(name: str, password: str, *, session: Session, role: Role = Role
     """Add a human account, or reset the password and role of an existing one."""
     if not name or not name.strip():
         raise ValueError("user name must not be empty")
+    if (problem := text_problem(name)) is not None:
+        raise ValueError(f"user name {problem}")
     if len(password) < 8:
         raise ValueError("password must have at least 8 characters")
     rater = get_rater(name, session=session)

@@ -29,6 +29,7 @@ from feedback_store.models import (
     VoteRevision,
     utcnow,
 )
+from feedback_store.text import text_problem
 
 STRENGTHS = {1: "slightly better", 2: "clearly better"}
 
@@ -114,6 +115,8 @@ def _validate(facts: _Facts | None, comparison_id: int, rater_id: int, vote: Vot
         )
     if vote.time_spent_ms is not None and vote.time_spent_ms < 0:
         raise VoteError("time_spent_ms must not be negative")
+    if vote.rationale is not None and (problem := text_problem(vote.rationale)) is not None:
+        raise VoteError(f"the rationale {problem}")
 
 
 def record_vote(
@@ -254,6 +257,8 @@ def record_rating(
         raise VoteError(f"response {response_id} does not exist")
     if session.get(Rater, rater_id) is None:
         raise VoteError(f"rater {rater_id} does not exist")
+    if comment and (problem := text_problem(comment)) is not None:
+        raise VoteError(f"the comment {problem}")
     rating = session.exec(
         select(Rating).where(Rating.response_id == response_id, Rating.rater_id == rater_id)
     ).first()
