@@ -12,7 +12,16 @@ from statsmodels.stats.proportion import proportion_confint
 from feedback_store.catalog import add_prompt, get_or_create_policy
 from feedback_store.db import engine_for, session_scope
 from feedback_store.evaluations import Judged, lineage, list_evaluations, win_rate
-from feedback_store.models import Comparison, Evaluation, JudgeRun, PolicyVersion, Rater, Response, RunStatus, Vote
+from feedback_store.models import (
+    Comparison,
+    Evaluation,
+    JudgeRun,
+    PolicyVersion,
+    Rater,
+    Response,
+    RunStatus,
+    Vote,
+)
 from labeling.cli import main
 from labeling.judge.evaluation import EvalConfig, EvaluationError, evaluate_policy
 from labeling.judge.rubric import RubricJudge

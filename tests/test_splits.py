@@ -11,7 +11,13 @@ import sqlalchemy as sa
 from alembic import command
 from sqlmodel import select
 
-from feedback_store.catalog import add_comparison, add_prompt, add_response, get_or_create_policy, list_prompts
+from feedback_store.catalog import (
+    add_comparison,
+    add_prompt,
+    add_response,
+    get_or_create_policy,
+    list_prompts,
+)
 from feedback_store.db import alembic_config, engine_for, session_scope, upgrade
 from feedback_store.export import export_dpo, export_kto, export_prompts, export_reward, export_sft
 from feedback_store.hashing import sha256_json
@@ -90,9 +96,9 @@ def test_import_csv_split_and_a_bad_value_imports_nothing(engine, tmp_path):
         assert _splits(session)["first"] == "eval"
     bad = tmp_path / "bad.csv"
     bad.write_text("prompt,split\nthird,train\nfourth,test\n")
-    with pytest.raises(ImportFileError, match=r"row 2 \(line 3\): field 'split' must be 'train' or 'eval' \(got 'test'\)"):
-        with session_scope(engine) as session:
-            import_prompts(bad, session=session)
+    message = r"row 2 \(line 3\): field 'split' must be 'train' or 'eval' \(got 'test'\)"
+    with pytest.raises(ImportFileError, match=message), session_scope(engine) as session:
+        import_prompts(bad, session=session)
     with session_scope(engine) as session:
         assert "third" not in _splits(session)
 
@@ -103,9 +109,8 @@ def test_set_prompt_split_moves_prompts_and_refuses_unknown_ids(engine):
     with session_scope(engine) as session:
         assert set_prompt_split(ids[:2], "eval", session=session) == 2
         assert set_prompt_split(ids[:2], "eval", session=session) == 0
-    with pytest.raises(ValueError, match="no prompt with id 999"):
-        with session_scope(engine) as session:
-            set_prompt_split([ids[2], 999], "eval", session=session)
+    with pytest.raises(ValueError, match="no prompt with id 999"), session_scope(engine) as session:
+        set_prompt_split([ids[2], 999], "eval", session=session)
     with session_scope(engine) as session:
         assert split_counts(session=session) == {"train": 1, "eval": 2}
         with pytest.raises(ValueError, match="unknown split"):

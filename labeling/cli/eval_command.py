@@ -17,7 +17,12 @@ import json
 import shlex
 
 from labeling.cli.common import CliError, open_store
-from labeling.cli.judge_command import add_judge_options, build_backend, check_backend_options, judge_run_config
+from labeling.cli.judge_command import (
+    add_judge_options,
+    build_backend,
+    check_backend_options,
+    judge_run_config,
+)
 
 
 def _positive(value: str) -> int:

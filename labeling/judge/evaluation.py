@@ -95,16 +95,17 @@ class EvaluationResult:
 
     def summary(self) -> str:
         cost = f", cost {self.judge_cost:.6f}" if self.judge_cost is not None else ""
+        undecided = f", {self.undecided} pairs undecided after judge failures" if self.undecided else ""
         lines = [
-            f"evaluation {self.evaluation_id}: {self.policy} vs {self.against} on {self.n} eval prompts, "
-            f"judged by {self.judge}",
-            f"  win rate {self.win_rate:.3f} ({self.confidence:.0%} interval {self.ci_low:.3f} - {self.ci_high:.3f}; "
-            f"ties count half): {self.wins} wins, {self.ties} ties, {self.losses} losses"
-            + (f", {self.undecided} pairs undecided after judge failures" if self.undecided else ""),
-            f"  mean length (characters): {self.policy} {self.mean_length_policy:.0f}, "
-            f"{self.against} {self.mean_length_against:.0f}",
-            f"  judge run {self.judge_run_id}: {self.judge_requests} requests, tokens prompt "
-            f"{self.judge_prompt_tokens}, completion {self.judge_completion_tokens}{cost}",
+            (f"evaluation {self.evaluation_id}: {self.policy} vs {self.against} on {self.n} eval prompts, "
+             f"judged by {self.judge}"),
+            (f"  win rate {self.win_rate:.3f} ({self.confidence:.0%} interval {self.ci_low:.3f} - "
+             f"{self.ci_high:.3f}; ties count half): {self.wins} wins, {self.ties} ties, {self.losses} losses"
+             f"{undecided}"),
+            (f"  mean length (characters): {self.policy} {self.mean_length_policy:.0f}, "
+             f"{self.against} {self.mean_length_against:.0f}"),
+            (f"  judge run {self.judge_run_id}: {self.judge_requests} requests, tokens prompt "
+             f"{self.judge_prompt_tokens}, completion {self.judge_completion_tokens}{cost}"),
         ]
         return "\n".join(lines)
 
