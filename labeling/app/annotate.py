@@ -30,6 +30,7 @@ from feedback_store.queue import next_comparison_for, release
 from feedback_store.votes import VoteError, record_vote
 from labeling.app.auth import AccessDenied, Caller, caller_for
 from labeling.app.ui import (
+    TEXT_LIMITS,
     ProgressMemo,
     Tone,
     empty_queue_html,
@@ -407,7 +408,11 @@ def build_annotate_tab(state) -> dict:
                 elem_id="pf-strength",
             )
             rationale = gr.Textbox(
-                label="Why? (optional)", lines=1, max_lines=4, elem_id="pf-rationale"
+                label="Why? (optional)",
+                lines=1,
+                max_lines=4,
+                max_length=TEXT_LIMITS["rationale"],
+                elem_id="pf-rationale",
             )
         with gr.Accordion(
             "Edit the better answer (optional)", open=False, elem_classes="pf-when-pair"
@@ -418,6 +423,7 @@ def build_annotate_tab(state) -> dict:
             edit_box = gr.Textbox(
                 label="Improved answer: saved with your vote as a new, preferred response",
                 lines=6,
+                max_length=TEXT_LIMITS["edit"],
                 elem_id="pf-edit",
             )
 
@@ -450,10 +456,10 @@ def build_annotate_tab(state) -> dict:
                     desk_value,
                     caller,
                     side,
-                    text_input(key),
-                    text_input(strength_value),
-                    text_input(rationale_value),
-                    text_input(edit_value),
+                    text_input(key, "key"),
+                    text_input(strength_value, "strength"),
+                    text_input(rationale_value, "rationale"),
+                    text_input(edit_value, "edit"),
                 ),
                 request,
             )
@@ -466,22 +472,22 @@ def build_annotate_tab(state) -> dict:
                 state,
                 desk_value,
                 caller,
-                text_input(key),
-                text_input(strength_value),
-                text_input(rationale_value),
-                text_input(edit_value),
+                text_input(key, "key"),
+                text_input(strength_value, "strength"),
+                text_input(rationale_value, "rationale"),
+                text_input(edit_value, "edit"),
             ),
             request,
         )
 
     def on_skip(desk_value, key, request: gr.Request):
-        return run(lambda caller: skip(state, desk_value, caller, text_input(key)), request)
+        return run(lambda caller: skip(state, desk_value, caller, text_input(key, "key")), request)
 
     def make_copy(side: str):
         def on_copy(desk_value, key, request: gr.Request):
             caller = caller_of(request)
             with state.rater_lock(caller.id):
-                return start_edit(state, desk_value, caller, side, text_input(key))
+                return start_edit(state, desk_value, caller, side, text_input(key, "key"))
 
         return on_copy
 

@@ -9,6 +9,7 @@ carries that name in `gr.Request.username`. No handler takes a user from client 
 from __future__ import annotations
 
 import contextvars
+import hashlib
 import threading
 import time
 from collections import deque
@@ -29,7 +30,9 @@ _CLIENT_ADDRESS: contextvars.ContextVar[str] = contextvars.ContextVar(
 
 
 class ClientAddressMiddleware:
-    """Pure ASGI middleware: records the TCP peer (not a spoofable header) for the login limiter."""
+    """Pure ASGI middleware: records the client address for the login limiter: the TCP peer, or
+    what a proxy the operator trusts (`prefloop serve --forwarded-allow-ips`) says it is; never
+    an `X-Forwarded-For` from anyone else (uvicorn's proxy-header handling is off by default)."""
 
     def __init__(self, app) -> None:
         self.app = app
@@ -47,7 +50,14 @@ class ClientAddressMiddleware:
 
 
 class LoginLimiter:
-    """Counts failed logins per (user, address) and per address over a sliding window."""
+    """Failed logins, counted per account (from any address) and per address (for any account).
+
+    Past `max_failures` recent failures on an account, or `max_failures_per_address` from an
+    address, each further attempt must wait twice as long as the last, from one second up to
+    `window_s`: guessing slows exponentially, yet one more try after a pause always gets
+    through, so a burst of failures behind a proxy that hides addresses cannot wall everyone
+    out for the whole window. Failures older than `window_s` are forgotten.
+    """
 
     def __init__(
         self,
@@ -57,16 +67,15 @@ class LoginLimiter:
         window_s: float,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.max_failures = max_failures
-        self.max_failures_per_address = max_failures_per_address
+        self.limits = {"account": max_failures, "address": max_failures_per_address}
         self.window_s = window_s
         self.clock = clock
         self._failures: dict[tuple, deque[float]] = {}
         self._lock = threading.Lock()
 
     @staticmethod
-    def _keys(user: str, address: str) -> tuple[tuple, tuple]:
-        return ("user", user.strip().lower(), address), ("address", address)
+    def _keys(user: str, address: str) -> dict[str, tuple]:
+        return {"account": ("account", user.strip().lower()), "address": ("address", address)}
 
     def _recent(self, key: tuple, now: float) -> deque[float]:
         times = self._failures.get(key, deque())
@@ -75,16 +84,16 @@ class LoginLimiter:
         return times
 
     def retry_after(self, user: str, address: str) -> float:
-        """Seconds until this user may try again from this address; 0 when not locked out."""
+        """Seconds until this user may try again from this address; 0 when not held back."""
         now = self.clock()
         wait = 0.0
         with self._lock:
-            for key, limit in zip(
-                self._keys(user, address), (self.max_failures, self.max_failures_per_address)
-            ):
+            for kind, key in self._keys(user, address).items():
                 times = self._recent(key, now)
-                if len(times) >= limit:
-                    wait = max(wait, times[-limit] + self.window_s - now)
+                excess = len(times) - self.limits[kind]
+                if excess >= 0:
+                    backoff = min(2.0**excess, self.window_s)
+                    wait = max(wait, times[-1] + backoff - now)
         return wait
 
     def failed(self, user: str, address: str) -> None:
@@ -93,12 +102,12 @@ class LoginLimiter:
             if len(self._failures) > 10_000:  # keep memory bounded under a spray of names
                 for key in [k for k, v in self._failures.items() if not self._recent(k, now)]:
                     del self._failures[key]
-            for key in self._keys(user, address):
+            for key in self._keys(user, address).values():
                 self._failures.setdefault(key, deque()).append(now)
 
     def succeeded(self, user: str, address: str) -> None:
         with self._lock:
-            self._failures.pop(self._keys(user, address)[0], None)
+            self._failures.pop(self._keys(user, address)["account"], None)
 
 
 def make_auth(state) -> Callable:
@@ -125,7 +134,7 @@ def make_auth(state) -> Callable:
         if wait > 0:
             raise HTTPException(
                 status_code=429,
-                detail=f"Too many failed logins. Try again in {int(wait // 60) + 1} minute(s).",
+                detail=f"Too many failed logins. Try again in {_duration(wait)}.",
                 headers={"Retry-After": str(int(wait) + 1)},
             )
         # scrypt takes ~50 ms of CPU: run it in a worker thread, never on the event loop.
@@ -136,6 +145,10 @@ def make_auth(state) -> Callable:
     return auth
 
 
+def _duration(seconds: float) -> str:
+    return f"{int(seconds) + 1} s" if seconds < 60 else f"{int(seconds // 60) + 1} minute(s)"
+
+
 @dataclass(frozen=True)
 class Caller:
     """The rater behind a request, as the server knows it."""
@@ -143,6 +156,9 @@ class Caller:
     id: int
     name: str
     role: Role
+    # Changes whenever the password does (a fresh salt each time): sessions signed in under
+    # another credential are ended (see gateway).
+    credential: str = ""
 
     @property
     def is_admin(self) -> bool:
@@ -174,7 +190,12 @@ def caller_for(state, username: str | None) -> Caller:
             )
             usable = rater is not None and rater.kind == RaterKind.human and rater.active
             caller = (
-                Caller(id=rater.id, name=rater.name, role=Role(rater.role or Role.annotator))
+                Caller(
+                    id=rater.id,
+                    name=rater.name,
+                    role=Role(rater.role or Role.annotator),
+                    credential=credential_of(rater.password_hash),
+                )
                 if usable
                 else None
             )
@@ -182,6 +203,23 @@ def caller_for(state, username: str | None) -> Caller:
     if caller is None:
         raise AccessDenied("this account is unknown or deactivated")
     return caller
+
+
+def credential_of(password_hash: str | None) -> str:
+    return hashlib.sha256((password_hash or "").encode()).hexdigest()[:16]
+
+
+async def current_caller(state, username: str | None) -> Caller:
+    """`caller_for` from async code: the account row is read off the event loop when due."""
+    cached = state.callers.get(username if state.local_rater_id is None else None)
+    if cached is not None and time.monotonic() - cached[1] < state.config.identity_cache_s:
+        return caller_for(state, username)
+    return await anyio.to_thread.run_sync(caller_for, state, username)
+
+
+def forget_caller(state, username: str) -> None:
+    """Re-read this account on its next request (after a password, role or activity change)."""
+    state.callers.pop(username, None)
 
 
 def admin_for(state, username: str | None) -> Caller:

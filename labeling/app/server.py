@@ -13,6 +13,7 @@ import gradio as gr
 import uvicorn
 from fastapi import FastAPI
 
+from labeling.app._compat_gradio import enforce_upload_origin, skip_queue_analytics
 from labeling.app.admin import build_admin_tab, guidelines_html
 from labeling.app.annotate import build_annotate_tab
 from labeling.app.assets import CSS, KEYS_JS, theme
@@ -23,13 +24,19 @@ from labeling.app.auth import (
     make_auth,
 )
 from labeling.app.dashboard import build_dashboard_tab
+from labeling.app.gateway import Gateway, GatewaySettings
 from labeling.app.session_guard import SessionGuardMiddleware, SessionOwners, gradio_user_lookup
 from labeling.app.single import build_single_tab
 from labeling.app.state import AppConfig, AppState
 
 
 def build_app(state: AppState) -> gr.Blocks:
-    with gr.Blocks(title=state.config.title, analytics_enabled=False) as blocks:
+    with gr.Blocks(
+        title=state.config.title,
+        analytics_enabled=False,
+        # Uploads and exports older than a day are deleted, checked hourly.
+        delete_cache=(3600, state.config.upload_max_age_s),
+    ) as blocks:
         with gr.Row(elem_classes="pf-header"):
             gr.HTML(
                 f'<div class="pf-brand">{html.escape(state.config.title)}</div>', js_on_load=None
@@ -83,19 +90,8 @@ def build_app(state: AppState) -> gr.Blocks:
         default_concurrency_limit=state.config.concurrency_limit,
         status_update_rate=3600,
     )
-    _skip_queue_analytics(blocks)
+    skip_queue_analytics(blocks)
     return blocks
-
-
-def _skip_queue_analytics(blocks: gr.Blocks) -> None:
-    """Gradio rebuilds a pandas summary of its last 10,000 events after every event, for a
-    monitoring page this app does not serve: work that grows with traffic on each vote.
-    Make it never due (the attributes are Gradio's own knobs, read on each event)."""
-    queue = blocks._queue
-    if hasattr(queue, "ANAYLTICS_CACHE_FREQUENCY"):  # sic, Gradio's spelling
-        queue.ANAYLTICS_CACHE_FREQUENCY = 2**62
-    if hasattr(queue, "ANALYTICS_MAX_EVENTS"):
-        queue.ANALYTICS_MAX_EVENTS = 1
 
 
 def make_asgi_app(state: AppState) -> FastAPI:
@@ -116,7 +112,7 @@ def make_asgi_app(state: AppState) -> FastAPI:
         ssr_mode=False,
         show_error=True,
         footer_links=[],
-        max_file_size="500mb",  # uploads (prompt files) need a login, but bound them anyway
+        max_file_size=state.config.max_upload_mb * 1024 * 1024,  # uploads are admins' prompt files
         run_history=False,
         mcp_server=False,
         enable_monitoring=False,
@@ -124,8 +120,21 @@ def make_asgi_app(state: AppState) -> FastAPI:
         theme=theme(),
         head=f"<script>{KEYS_JS}</script>",
     )
+    # Gradio checks that event file paths are its uploads only once "launched"; mounting never says so.
+    enforce_upload_origin(blocks)
     # Each Gradio session hash belongs to the user who first used it (see session_guard).
     app.add_middleware(SessionGuardMiddleware, current_user=gradio_user_lookup(app), owners=SessionOwners())
+    # Added last, so it runs first: routes, origins, accounts, bodies, cookies (see gateway).
+    app.add_middleware(
+        Gateway,
+        state=state,
+        outer_app=app,
+        settings=GatewaySettings(
+            allowed_origins=frozenset(state.config.allowed_origins),
+            max_event_bytes=state.config.max_event_kb * 1024,
+            max_upload_bytes=state.config.max_upload_mb * 1024 * 1024,
+        ),
+    )
     app.state.prefloop = state
     return app
 
@@ -141,9 +150,19 @@ def serve(
             port=port,
             log_level=log_level,
             timeout_graceful_shutdown=3,
+            **proxy_settings(state.config.forwarded_allow_ips),
         )
     finally:
         state.jobs.stop_all()
+
+
+def proxy_settings(forwarded_allow_ips: str | None) -> dict:
+    """uvicorn trusts X-Forwarded-For/-Proto from loopback peers unless told otherwise, so any
+    local client could claim any address. Honour those headers only from the proxies the
+    operator names."""
+    if not forwarded_allow_ips:
+        return {"proxy_headers": False}
+    return {"proxy_headers": True, "forwarded_allow_ips": forwarded_allow_ips}
 
 
 def launch(config: AppConfig, *, host: str = "127.0.0.1", port: int = 7860) -> None:
@@ -161,7 +180,13 @@ class BackgroundServer:
     """The app on a thread of this process (tests, notebooks): `with BackgroundServer(state) as url:`."""
 
     def __init__(self, state: AppState, *, host: str = "127.0.0.1", port: int = 0) -> None:
-        config = uvicorn.Config(make_asgi_app(state), host=host, port=port, log_level="warning")
+        config = uvicorn.Config(
+            make_asgi_app(state),
+            host=host,
+            port=port,
+            log_level="warning",
+            **proxy_settings(state.config.forwarded_allow_ips),
+        )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.state = state

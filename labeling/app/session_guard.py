@@ -20,6 +20,9 @@ from urllib.parse import parse_qs
 
 from starlette.requests import cookie_parser
 
+from labeling.app._compat_gradio import login_cookie_names, mounted_gradio_app, token_table
+from labeling.app.asgi_io import read_body, respond
+
 # Path segments followed by a session hash: /gradio_api/heartbeat/{hash}, /gradio_api/stream/{hash}/...
 _HASH_SEGMENTS = ("heartbeat", "stream")
 _MAX_SESSIONS = 100_000  # oldest bindings are forgotten first
@@ -52,17 +55,19 @@ class SessionGuardMiddleware:
             await self.app(scope, receive, send)
             return
         user = self.current_user(scope)
-        if user is None:  # not signed in (Gradio refuses it) or single-user mode: nobody to tell apart
+        if user is None:  # single-user mode (the gateway refuses anyone not signed in otherwise)
             await self.app(scope, receive, send)
             return
         hashes = _hashes_in_url(scope)
-        if scope["method"] == "POST" and _is_json(scope):
-            body, receive = await _read_body(receive)
+        if scope["method"] == "POST" and not scope["path"].endswith("/upload"):  # uploads are multipart
+            # Whatever the Content-Type says: FastAPI reads `Application/JSON`, `+json` types and
+            # a missing type as JSON too, so any body that parses as JSON is checked.
+            body, receive = await read_body(receive)
             hashes += _hashes_in_json(body)
         if all(self.owners.claim(h, user) for h in hashes):
             await self.app(scope, receive, send)
             return
-        await _refuse(send)
+        await respond(send, 403, "this session belongs to another user")
 
 
 def _hashes_in_url(scope) -> list[str]:
@@ -76,67 +81,41 @@ def _hashes_in_json(body: bytes) -> list[str]:
     try:
         value = json.loads(body).get("session_hash")
     except (ValueError, AttributeError):
-        return []  # not a JSON object: Gradio answers it
-    return [value] if isinstance(value, str) and value else []
-
-
-def _is_json(scope) -> bool:
-    content_type = dict(scope.get("headers", ())).get(b"content-type", b"")
-    return content_type.split(b";")[0].strip() == b"application/json"
-
-
-async def _read_body(receive) -> tuple[bytes, Callable]:
-    """The whole request body, and a `receive` that hands it on to the app unchanged."""
-    chunks, more = [], True
-    while more:
-        message = await receive()
-        if message["type"] != "http.request":  # the client went away
-            return b"", _replay([message])
-        chunks.append(message.get("body", b""))
-        more = message.get("more_body", False)
-    body = b"".join(chunks)
-    return body, _replay([{"type": "http.request", "body": body, "more_body": False}], receive)
-
-
-def _replay(messages: list[dict], then: Callable | None = None) -> Callable:
-    async def receive():
-        if messages:
-            return messages.pop(0)
-        return await then() if then is not None else {"type": "http.disconnect"}
-
-    return receive
-
-
-async def _refuse(send) -> None:
-    body = json.dumps({"detail": "this session belongs to another user"}).encode()
-    await send({"type": "http.response.start", "status": 403,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-    await send({"type": "http.response.body", "body": body})
+        return []  # not a JSON object: Gradio refuses it too
+    if value is None:
+        return []
+    # Anything else Gradio might coerce to a hash (a number, an empty string) is claimed as is.
+    return [value if isinstance(value, str) else json.dumps(value)]
 
 
 def gradio_user_lookup(outer_app) -> Callable[[dict], str | None]:
     """`scope -> user name` through the Gradio app mounted in `outer_app` (its login cookie and
     token table), found lazily: the mount exists once `gr.mount_gradio_app` has run."""
-    from gradio.routes import App as GradioApp
-
     found: list = []
 
-    def gradio_app():
-        if not found:
-            found.extend(route.app for route in outer_app.routes if isinstance(getattr(route, "app", None), GradioApp))
-        return found[0] if found else None
-
     def current_user(scope) -> str | None:
-        app = gradio_app()
-        if app is None or not app.tokens:
-            return None
-        # Starlette's parser, as behind Gradio's `request.cookies`: both must see the same user
-        # (a stricter parser that gave up on one odd cookie would let the request through unchecked).
-        cookies: dict[str, str] = {}
-        for name, value in scope.get("headers", ()):
-            if name == b"cookie":
-                cookies.update(cookie_parser(value.decode("latin-1")))
-        token = cookies.get(f"access-token-{app.cookie_id}") or cookies.get(f"access-token-unsecure-{app.cookie_id}")
-        return app.tokens.get(token)
+        if not found:
+            app = mounted_gradio_app(outer_app)
+            if app is None:
+                return None
+            found.append(app)
+        return user_of_token(found[0], login_token(found[0], scope))
 
     return current_user
+
+
+def login_token(gradio_app, scope) -> str | None:
+    """The login token a request carries. Starlette's cookie parser, as behind Gradio's
+    `request.cookies`: both must see the same user (a stricter parser that gave up on one odd
+    cookie would let the request through unchecked)."""
+    cookies: dict[str, str] = {}
+    for name, value in scope.get("headers", ()):
+        if name == b"cookie":
+            cookies.update(cookie_parser(value.decode("latin-1")))
+    secure, plain = login_cookie_names(gradio_app)
+    return cookies.get(secure) or cookies.get(plain)
+
+
+def user_of_token(gradio_app, token: str | None) -> str | None:
+    tokens = token_table(gradio_app)
+    return tokens.get(token) if token and tokens else None

@@ -18,6 +18,7 @@ from feedback_store.votes import VoteError, record_rating
 from labeling.app.annotate import screen_frame
 from labeling.app.auth import AccessDenied, Caller, caller_for
 from labeling.app.ui import (
+    TEXT_LIMITS,
     ProgressMemo,
     Tone,
     card_screen_html,
@@ -225,6 +226,7 @@ def build_single_tab(state) -> dict:
             label="Comment (optional)",
             lines=1,
             max_lines=4,
+            max_length=TEXT_LIMITS["comment"],
             elem_id="pf1-comment",
             elem_classes="pf-when-pair",
         )
@@ -251,7 +253,7 @@ def build_single_tab(state) -> dict:
         def on_rate(tray_value, key, comment_value, request: gr.Request):
             return run(
                 lambda caller: rate(
-                    state, tray_value, caller, thumb, text_input(key), text_input(comment_value)
+                    state, tray_value, caller, thumb, text_input(key, "key"), text_input(comment_value, "comment")
                 ),
                 request,
             )
@@ -261,13 +263,13 @@ def build_single_tab(state) -> dict:
     def on_retry(tray_value, key, comment_value, request: gr.Request):
         return run(
             lambda caller: retry(
-                state, tray_value, caller, text_input(key), text_input(comment_value)
+                state, tray_value, caller, text_input(key, "key"), text_input(comment_value, "comment")
             ),
             request,
         )
 
     def on_skip(tray_value, key, request: gr.Request):
-        return run(lambda caller: skip(state, tray_value, caller, text_input(key)), request)
+        return run(lambda caller: skip(state, tray_value, caller, text_input(key, "key")), request)
 
     fast = dict(preprocess=False, postprocess=False, show_progress="minimal")
     for thumb, button in buttons.items():

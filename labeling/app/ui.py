@@ -8,6 +8,8 @@ import time
 from dataclasses import dataclass
 from enum import Enum
 
+import gradio as gr
+
 from feedback_store.progress import RaterProgress, rater_progress
 from labeling.app.markup import render_markdown, render_messages
 
@@ -67,9 +69,21 @@ def card_screen_html(prompt: str, response: str) -> str:
     )
 
 
-def text_input(value) -> str | None:
-    """A text field as sent by a client, which may send anything: a string or nothing."""
-    return value if isinstance(value, str) else None
+# The longest text each field accepts, in characters: generous for people, small for the store.
+TEXT_LIMITS = {"key": 100, "strength": 40, "rationale": 5_000, "comment": 5_000, "edit": 20_000}
+
+
+def text_input(value, field: str) -> str | None:
+    """A text field as sent by a client, which may send anything: a string or nothing.
+
+    Longer than its limit, it is refused with a message saying which field and by how much
+    (nothing is stored, the screen stays as it was)."""
+    if not isinstance(value, str):
+        return None
+    limit = TEXT_LIMITS[field]
+    if len(value) > limit:
+        raise gr.Error(f"The {field} is {len(value):,} characters long; the limit is {limit:,}.")
+    return value
 
 
 @dataclass

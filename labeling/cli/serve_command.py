@@ -55,6 +55,23 @@ def register(subparsers, common: argparse.ArgumentParser) -> None:
         "the job gets URL, and the API key from the server's $VAR, never shown to the admin "
         "(repeatable; e.g. --endpoint openai=https://api.openai.com/v1,key-env=OPENAI_API_KEY)",
     )
+    web = parser.add_argument_group("exposure (see README, Security)")
+    web.add_argument(
+        "--allowed-origin",
+        action="append",
+        default=[],
+        metavar="ORIGIN",
+        help="another origin whose pages may call the app, e.g. https://label.example.com "
+        "(repeatable; the app's own origin is always allowed)",
+    )
+    web.add_argument(
+        "--forwarded-allow-ips",
+        default=None,
+        metavar="IPS",
+        help="comma-separated addresses of reverse proxies whose X-Forwarded-For is believed "
+        "(default: none; the TCP peer is the client)",
+    )
+    web.add_argument("--max-upload-mb", type=int, default=50, help="largest prompt file an admin may upload")
     parser.set_defaults(handler=run_serve)
 
 
@@ -99,6 +116,9 @@ def run_serve(args: argparse.Namespace) -> int:
         db_url=engine.url.render_as_string(hide_password=False),
         single_user=args.single_user,
         job_dir=Path(args.job_dir) if args.job_dir else None,
+        allowed_origins=tuple(args.allowed_origin),
+        forwarded_allow_ips=args.forwarded_allow_ips,
+        max_upload_mb=args.max_upload_mb,
         job_data_dirs=tuple(Path(d) for d in args.data_dir),
         job_endpoints=tuple(args.endpoint),
     )
