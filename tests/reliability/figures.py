@@ -27,6 +27,7 @@ COLUMNS = {
     "inputs_tried": "inputs tried",
     "inputs_rejected_cleanly": "rejected cleanly",
     "inputs_round_tripped": "round-tripped exactly",
+    "inputs_rendered_inert": "rendered inert",
 }
 
 
