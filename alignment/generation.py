@@ -366,6 +366,14 @@ def _store_prompt(session, prompt, policies, results: dict, params: dict, report
             report.comparisons += add_comparison(first, second, session=session, source=COMPARISON_SOURCE)[1]
 
 
+def register_policies(engine, names: Sequence[str]) -> list[int]:
+    """The ids of these policies, registering the ones that are models (as generation would)."""
+    from feedback_store.db import session_scope
+
+    with session_scope(engine) as session:
+        return [policy.id for policy in _resolve_policies(GenerationJob(policies=tuple(names)), session=session)]
+
+
 def run_generation(engine, job: GenerationJob, *, show_progress: bool = True) -> GenerationReport:
     """Sample every selected prompt a policy has not answered yet, storing each prompt in one
     transaction. Raises ModelError before generating anything for a prompt that cannot fit."""
@@ -395,7 +403,9 @@ def run_generation(engine, job: GenerationJob, *, show_progress: bool = True) ->
 
     runner = _OpenAIRunner(job) if job.backend == "openai" else _LocalRunner(policies, job.quantize)
     for policy in policies:
-        runner.check(policy, [p for p in todo if p.id in pending[policy.id]], job.sampling)
+        needed = [p for p in todo if p.id in pending[policy.id]]
+        if needed:  # a policy that answered every selected prompt already has nothing to check
+            runner.check(policy, needed, job.sampling)
     # Length bucketing across the whole run: neighbours in this order share a batch.
     lengths = runner.lengths(policies[0], [p.messages for p in todo])
     todo = [p for _, p in sorted(zip(lengths, todo), key=lambda pair: (pair[0], pair[1].id))]

@@ -309,6 +309,30 @@ class AppSetting(SQLModel, table=True):
     updated_at: datetime = Field(default_factory=utcnow)
 
 
+class LoopRound(SQLModel, table=True):
+    """One round of `prefloop loop`: sample pairs from the current policy, label them, train a
+    candidate from the current policy, judge it against it on eval prompts, promote or keep.
+
+    `step` is the first step not finished yet; each step writes its outcome here when it ends,
+    so a killed loop, rerun, continues at that step."""
+
+    __table_args__ = (UniqueConstraint("loop", "round", name="uq_loopround_loop_round"),)
+
+    id: Optional[int] = Field(default=None, primary_key=True)
+    loop: str = Field(index=True)
+    round: int
+    method: str
+    step: str = Field(default="sample")  # sample | label | train | evaluate | done
+    start_policy_id: int = Field(foreign_key="policyversion.id")
+    comparison_ids: list = _json(default=[])
+    training_run_id: Optional[int] = Field(default=None, foreign_key="trainingrun.id")
+    candidate_policy_id: Optional[int] = Field(default=None, foreign_key="policyversion.id")
+    evaluation_id: Optional[int] = Field(default=None, foreign_key="evaluation.id")
+    promoted: Optional[bool] = None
+    started_at: datetime = Field(default_factory=utcnow)
+    finished_at: Optional[datetime] = None
+
+
 __all__ = [
     "AppSetting",
     "Assignment",
@@ -317,6 +341,7 @@ __all__ = [
     "Evaluation",
     "JudgeCall",
     "JudgeRun",
+    "LoopRound",
     "PolicyVersion",
     "Prompt",
     "Rater",

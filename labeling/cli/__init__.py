@@ -15,6 +15,7 @@ from labeling.cli import (
     export_command,
     generate_command,
     judge_command,
+    loop_command,
     serve_command,
     stats_command,
     store_commands,
@@ -33,6 +34,7 @@ COMMAND_MODULES = [
     judge_command,
     eval_command,
     train_command,
+    loop_command,
     serve_command,
     demo_command,
 ]

@@ -39,17 +39,25 @@ def add_eval_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--against", default=None, metavar="NAME",
                    help="the opponent policy (default: POLICY's parent, else 'default', the embedded base model)")
     p.add_argument("--prompts", type=_positive, default=None, metavar="N", help="the first N eval prompts (default: all)")
-    gen = p.add_argument_group("generation of both policies' responses (in-process)")
-    gen.add_argument("--gen-max-new-tokens", type=int, default=256, help="most tokens per response")
-    gen.add_argument("--gen-temperature", type=float, default=0.0, help="0 = greedy (the default)")
-    gen.add_argument("--gen-batch-size", type=int, default=16, help="sequences per forward pass")
-    gen.add_argument("--quantize", choices=("auto", "none", "8bit", "4bit"), default="auto",
-                     help="policies' precision (auto: 4bit on CUDA, none on CPU)")
-    gen.add_argument("--seed", type=int, default=0, help="sampling seed")
+    add_generation_options(p)
     judge = p.add_argument_group("the judge (as `prefloop judge`)")
     add_judge_options(judge)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+
+
+def add_generation_options(p: argparse.ArgumentParser, *, samples_temperature: float | None = None) -> None:
+    """How the policies answer eval prompts (and, for `prefloop loop`, sample pairs to label)."""
+    gen = p.add_argument_group("generation of the policies' responses (in-process)")
+    gen.add_argument("--gen-max-new-tokens", type=int, default=256, help="most tokens per response")
+    gen.add_argument("--gen-temperature", type=float, default=0.0, help="eval responses: 0 = greedy (the default)")
+    if samples_temperature is not None:
+        gen.add_argument("--sample-temperature", type=float, default=samples_temperature,
+                         help="temperature of the two responses sampled per prompt for labelling")
+    gen.add_argument("--gen-batch-size", type=int, default=16, help="sequences per forward pass")
+    gen.add_argument("--quantize", choices=("auto", "none", "8bit", "4bit"), default="auto",
+                     help="policies' precision (auto: 4bit on CUDA, none on CPU)")
+    gen.add_argument("--seed", type=int, default=0, help="sampling seed")
 
 
 def register(subparsers, common: argparse.ArgumentParser) -> None:
