@@ -24,7 +24,14 @@ def register(subparsers, common: argparse.ArgumentParser) -> None:
     parser.add_argument("--user", default="demo", help="the local admin account (default: demo)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     parser.add_argument("--port", type=int, default=7860, help="port to listen on (default: 7860)")
-    parser.add_argument("--no-serve", action="store_true", help="prepare the pairs and stop")
+    parser.add_argument("--no-serve", action="store_true", help="prepare the pairs (and run the loop) and stop")
+    loop = parser.add_argument_group("the loop (--loop): DPO rounds judged by a rubric a 135M model learns in minutes")
+    loop.add_argument("--loop", action="store_true",
+                      help="before serving, turn the loop: sample, judge (rubric 'shorter'), train DPO, evaluate, promote")
+    loop.add_argument("--rounds", type=int, default=2, help="loop rounds (default: 2)")
+    loop.add_argument("--pairs", type=int, default=32, help="new train prompts per round (default: 32)")
+    loop.add_argument("--max-steps", type=int, default=20, help="DPO steps per round (default: 20)")
+    loop.add_argument("--runs-dir", default="runs", help="where each round's run is saved (default: runs)")
     parser.set_defaults(handler=run_demo, single_user=None, job_dir=None)
 
 
@@ -40,8 +47,13 @@ def run_demo(args: argparse.Namespace) -> int:
         added = ensure_default_prompts(session)
     if added:
         print(f"imported {added} bundled prompts")
+    arena = ("default",)
+    if args.loop:
+        arena = ("default", run_demo_loop(engine, args))  # the new policy into the arena beside the base
+        if args.no_serve:
+            return 0
     job = GenerationJob(
-        policies=("default",),
+        policies=arena,
         prompts=args.prompts,
         sampling=SamplingConfig(samples=2, max_new_tokens=args.max_new_tokens, temperature=0.8, seed=0),
     )
@@ -53,3 +65,40 @@ def run_demo(args: argparse.Namespace) -> int:
         return 0
     args.single_user = args.user
     return run_serve(args)
+
+
+DEMO_RUBRIC = "shorter"  # a preference a 135M model picks up in a few DPO steps
+
+
+def run_demo_loop(engine, args: argparse.Namespace) -> str:
+    """Turn the loop on the embedded default; returns the policy it ends on."""
+    from rich.console import Console
+
+    from alignment.generation import SamplingConfig
+    from feedback_store.db import session_scope
+    from labeling.data import ensure_loop_prompts
+    from labeling.judge.evaluation import EvalConfig
+    from labeling.judge.rubric import RubricJudge
+    from labeling.judge.runner import JudgeRunConfig
+    from labeling.loop import LoopConfig, LoopError, rounds_table, run_loop
+
+    with session_scope(engine) as session:
+        added = ensure_loop_prompts(session)
+    if added:
+        print(f"imported {added} loop prompts (a third held out for evaluation)")
+    tokens = min(args.max_new_tokens, 96)  # both sides of every comparison: keep rounds to minutes on a CPU
+    config = LoopConfig(
+        name="demo", rounds=args.rounds, method="dpo", pairs=args.pairs, start_policy="default",
+        runs_dir=args.runs_dir,
+        sampling=SamplingConfig(samples=2, max_new_tokens=tokens, temperature=0.8, seed=0),
+        train_overrides=({"trainer": {"max_steps": args.max_steps}},),
+        evaluation=EvalConfig(max_new_tokens=tokens), judge=JudgeRunConfig(progress=True),
+    )
+    console = Console()
+    try:
+        reports = run_loop(engine, config, RubricJudge(DEMO_RUBRIC), console=console)
+    except LoopError as error:
+        raise CliError(str(error)) from None
+    console.print(rounds_table(reports, title=f"prefloop demo --loop (judge: rubric '{DEMO_RUBRIC}')"))
+    promoted = [r.candidate for r in reports if r.promoted]
+    return promoted[-1] if promoted else reports[-1].candidate

@@ -13,6 +13,10 @@ from pathlib import Path
 DATA_DIR = Path(__file__).parent
 DEFAULT_PROMPTS = DATA_DIR / "prompts.jsonl"
 DEFAULT_PROMPTS_SOURCE = "prefloop-default"
+# `prefloop demo --loop`: short explanatory prompts, a third held out (`split: eval`) so each
+# round's candidate is judged on enough unseen prompts for a meaningful interval.
+LOOP_PROMPTS = DATA_DIR / "loop_prompts.jsonl"
+LOOP_PROMPTS_SOURCE = "prefloop-loop-demo"
 
 
 def ensure_default_prompts(session) -> int:
@@ -24,3 +28,10 @@ def ensure_default_prompts(session) -> int:
     if list_prompts(session=session, limit=1):
         return 0
     return import_prompts(DEFAULT_PROMPTS, session=session, source=DEFAULT_PROMPTS_SOURCE).prompts_created
+
+
+def ensure_loop_prompts(session) -> int:
+    """Import the loop demo's prompt set (idempotent: re-importing adds nothing)."""
+    from feedback_store.importing import import_prompts
+
+    return import_prompts(LOOP_PROMPTS, session=session, source=LOOP_PROMPTS_SOURCE).prompts_created
