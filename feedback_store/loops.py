@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from sqlalchemy import and_, func
+from sqlalchemy import and_, func, update
 from sqlalchemy.orm import aliased
 from sqlmodel import Session, select
 
@@ -95,3 +95,25 @@ def missing_human_labels(comparison_ids: Sequence[int], overlap: int, *, session
         ).all()
     )
     return sum(max(0, overlap - counts.get(cid, 0)) for cid in comparison_ids)
+
+
+LOOP_PRIORITY = 5  # above fewest-votes order, below the judge's doubts (10)
+
+
+def prioritize_for_humans(comparison_ids: Sequence[int], *, session: Session, priority: int = LOOP_PRIORITY) -> None:
+    """Put a waiting round's pairs at the front of the human queue (never lowering a priority)."""
+    if comparison_ids:
+        session.exec(
+            update(Comparison)
+            .where(Comparison.id.in_(list(comparison_ids)), Comparison.priority < priority)
+            .values(priority=priority)
+        )
+
+
+def waiting_rounds(*, session: Session) -> list[tuple[LoopRound, int, int]]:
+    """Rounds waiting for human labels: (round, human votes still needed, target overlap)."""
+    from feedback_store.queue import target_overlap
+
+    overlap = target_overlap(session=session)
+    waiting = session.exec(select(LoopRound).where(LoopRound.step == "label").order_by(LoopRound.id)).all()
+    return [(r, missing_human_labels(r.comparison_ids, overlap, session=session), overlap) for r in waiting]

@@ -9,6 +9,7 @@ from sqlalchemy import func, select
 from sqlmodel import Session
 
 from feedback_store.models import Rating, Vote
+from feedback_store.loops import waiting_rounds
 from feedback_store.queue import open_comparisons, target_overlap
 
 
@@ -18,6 +19,8 @@ class RaterProgress:
     ratings_today: int
     remaining: int  # comparisons this rater could still be given
     target_overlap: int
+    # `prefloop loop --labels human` rounds waiting on annotators: (loop, round, votes still needed)
+    loops_waiting: tuple[tuple[str, int, int], ...] = ()
 
 
 def start_of_day(now: datetime | None = None) -> datetime:
@@ -44,4 +47,9 @@ def rater_progress(
         ratings_today=count(Rating),
         remaining=open_comparisons(rater_id, session=session, overlap=overlap),
         target_overlap=overlap,
+        loops_waiting=tuple(
+            (round_.loop, round_.round, missing)
+            for round_, missing, _ in waiting_rounds(session=session)
+            if missing
+        ),
     )

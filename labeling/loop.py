@@ -37,6 +37,7 @@ from feedback_store.loops import (
     missing_human_labels,
     open_round,
     pairs_of_policy,
+    prioritize_for_humans,
     rounds,
     train_prompt_ids,
 )
@@ -205,6 +206,8 @@ def _label(engine, config: LoopConfig, round_id: int, judge: JudgeBackend, conso
 
 
 def _wait_for_humans(engine, config: LoopConfig, comparisons: list[int], console: Console) -> None:
+    with session_scope(engine) as session:
+        prioritize_for_humans(comparisons, session=session)
     while True:
         with read_scope(engine) as session:
             overlap = target_overlap(session=session)

@@ -4,6 +4,8 @@ input stops it with one line before anything is registered half-way."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from sqlmodel import func, select
 
@@ -12,7 +14,15 @@ from alignment.training.runs import lineage
 from feedback_store.catalog import add_prompt, get_or_create_policy
 from feedback_store.db import engine_for, session_scope
 from feedback_store.loops import rounds
-from feedback_store.models import Evaluation, JudgeCall, LoopRound, PolicyVersion, Response, TrainingRun, Vote
+from feedback_store.models import (
+    Evaluation,
+    JudgeCall,
+    LoopRound,
+    PolicyVersion,
+    Response,
+    TrainingRun,
+    Vote,
+)
 from labeling.cli import main
 from labeling.judge.evaluation import EvalConfig
 from labeling.judge.rubric import RubricJudge
@@ -39,12 +49,12 @@ def loop_store(url: str, model: str, *, n_train: int = 8, n_eval: int = 4, marke
 
 
 def config(tmp_path, **overrides) -> LoopConfig:
-    settings = dict(
-        name="t", rounds=2, pairs=4, start_policy="tiny", runs_dir=str(tmp_path / "runs"),
-        sampling=SamplingConfig(samples=2, max_new_tokens=8, temperature=1.0, seed=0),
-        train_overrides=(TRAIN,), evaluation=EvalConfig(max_new_tokens=8, show_progress=False),
-        judge=JudgeRunConfig(progress=False), show_progress=False,
-    )
+    settings = {
+        "name": "t", "rounds": 2, "pairs": 4, "start_policy": "tiny", "runs_dir": str(tmp_path / "runs"),
+        "sampling": SamplingConfig(samples=2, max_new_tokens=8, temperature=1.0, seed=0),
+        "train_overrides": (TRAIN,), "evaluation": EvalConfig(max_new_tokens=8, show_progress=False),
+        "judge": JudgeRunConfig(progress=False), "show_progress": False,
+    }
     return LoopConfig(**{**settings, **overrides})
 
 
@@ -99,7 +109,7 @@ def test_a_killed_loop_continues_where_it_stopped(sqlite_url, model_dir, tmp_pat
     with session_scope(engine) as session:
         (round_,) = session.exec(select(LoopRound)).all()
         assert round_.step == "train" and round_.comparison_ids
-    sampled, judged, calls_made = count(engine, Response), count(engine, Vote), count(engine, JudgeCall)
+    sampled, calls_made = count(engine, Response), count(engine, JudgeCall)
     reports = run_loop(engine, config(tmp_path, rounds=1), RubricJudge("shorter"), train=run_training)
     # Sampling and labelling were not redone: the only new responses and judge calls are the evaluation's.
     with session_scope(engine) as session:
@@ -140,3 +150,76 @@ def test_no_eval_prompts_or_an_unknown_start_is_one_line_before_any_work(sqlite_
     code = main(["loop", "--db", sqlite_url, "--from-policy", "tiny", "--backend", "rubric", "--rubric", "shorter",
                  "--no-progress"])
     assert code == 2 and "no eval prompts" in capsys.readouterr().err
+
+
+def test_with_human_labels_the_loop_waits_for_the_overlap_and_the_app_shows_what_is_missing(
+        sqlite_url, model_dir, tmp_path):
+    import threading
+
+    from feedback_store.models import Comparison
+    from feedback_store.progress import rater_progress
+    from feedback_store.raters import create_user
+    from feedback_store.votes import record_vote
+    from labeling.app.ui import progress_markdown
+
+    engine = loop_store(sqlite_url, model_dir)
+    with session_scope(engine) as session:
+        annotator = create_user("ann", "a long enough password", session=session).id
+    stopped = []
+
+    def stop_at_training(request, **kwargs):
+        stopped.append(request)
+        raise KeyboardInterrupt
+
+    def run():
+        try:
+            run_loop(engine, config(tmp_path, rounds=1, labels="human", poll_s=0.2), RubricJudge("shorter"),
+                     train=stop_at_training)
+        except KeyboardInterrupt:
+            pass
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        with session_scope(engine) as session:
+            round_ = session.exec(select(LoopRound)).first()
+            if round_ is not None and round_.step == "label":
+                pairs = list(round_.comparison_ids)
+                break
+        time.sleep(0.2)
+    else:
+        pytest.fail("the loop never reached its labelling step")
+    with session_scope(engine) as session:
+        shown = progress_markdown(rater_progress(annotator, session=session))
+        assert f"loop **t** round 1 waits for **{len(pairs)}** more votes" in shown
+        assert all(session.get(Comparison, cid).priority >= 5 for cid in pairs)  # at the front of the queue
+    time.sleep(1)
+    assert worker.is_alive() and not stopped  # still waiting: no vote yet
+    for cid in pairs:
+        with session_scope(engine) as session:
+            record_vote(cid, annotator, "a", session=session)
+    worker.join(timeout=60)
+    assert not worker.is_alive() and len(stopped) == 1
+    (layer,) = [layer for layer in stopped[0].overrides if "run" in layer]
+    assert layer["selection"] == {"raters": "human"} and layer["run"]["from_policy"] == "tiny"
+    with session_scope(engine) as session:
+        assert session.exec(select(LoopRound)).one().step == "train"
+
+
+@pytest.mark.slow
+def test_the_loop_learns_on_held_out_prompts_round_after_round(sqlite_url, model_dir, tmp_path):
+    """A rubric the tiny model can learn (shorter answers win): from real judge votes, each round's
+    candidate beats its parent on prompts no round trained on, and round 2 starts from round 1's."""
+    engine = loop_store(sqlite_url, model_dir, n_train=24, n_eval=16)
+    learning = {"trainer": {"max_steps": 24, "learning_rate": 5e-3, "per_device_train_batch_size": 8,
+                            "logging_steps": 4, "save_steps": 24, "beta": 0.1}}
+    reports = run_loop(engine, config(tmp_path, pairs=12, train_overrides=(learning,),
+                                      sampling=SamplingConfig(samples=2, max_new_tokens=12, temperature=1.0, seed=0),
+                                      evaluation=EvalConfig(max_new_tokens=12, show_progress=False)),
+                       RubricJudge("shorter"))
+    first, second = reports
+    assert first.promoted and first.ci_low > 0.5, first
+    assert second.start_policy == "t-r1" and [p.name for p in lineage(engine, "t-r2")] == ["tiny", "t-r1", "t-r2"]
+    assert second.win_rate > 0.5, second
+    assert first.mean_length_candidate < first.mean_length_start  # what the judge rewards, on held-out prompts

@@ -36,9 +36,13 @@ def progress_markdown(progress: RaterProgress, *, ratings: bool = False) -> str:
     if ratings:
         return f"{done} · **{progress.ratings_today}** of them ratings"
     votes = "vote" if progress.target_overlap == 1 else "votes"
+    loops = "".join(
+        f" · loop **{html.escape(loop)}** round {number} waits for **{missing}** more {'vote' if missing == 1 else 'votes'}"
+        for loop, number, missing in progress.loops_waiting
+    )
     return (
         f"{done} · **{progress.remaining}** pairs left for you · "
-        f"target overlap **{progress.target_overlap}** {votes} per pair"
+        f"target overlap **{progress.target_overlap}** {votes} per pair{loops}"
     )
 
 
