@@ -13,11 +13,11 @@ from feedback_store.app_settings import set_target_overlap
 from feedback_store.db import engine_for, session_scope
 from tests.app_support import seed_pairs, seed_users, start_serve
 from tests.reliability.figures import record
-from tests.reliability.sizes import FULL, LOAD_ANNOTATORS, LOAD_VOTES_EACH
+from tests.reliability.sizes import FULL, LOAD_ANNOTATORS, LOAD_VOTES_EACH, TIMEOUT_S
 from tests.reliability.store_checks import check_votes, distinct_raters_per_comparison
 from tests.reliability.voters import Behaviour, run_annotators
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(TIMEOUT_S)]
 
 
 def serve_and_vote(url, root, names, behaviours, *, overlap, pairs, deadline_s):
