@@ -298,6 +298,9 @@ def test_legitimate_jobs_pass_with_paths_made_absolute(policy, dirs):
     ] == ("HuggingFaceTB/SmolLM2-135M-Instruct")  # a Hub id is not a path
     (data / "my-model").mkdir()
     assert check(policy, "train", f"sft --model {data}/my-model").argv[-1] == str(data / "my-model")
+    # A policy to start from is a name in the store, neither a path nor code.
+    assert check(policy, "train", "dpo --from-policy latest").argv[-2:] == ("--from-policy", "latest")
+    assert check(policy, "train", "dpo --set run.from_policy=dpo-1").argv[-1] == "run.from_policy=dpo-1"
 
 
 def test_the_operators_endpoint_and_key_variable_reach_the_job(policy):

@@ -144,7 +144,7 @@ GENERATE_FLAGS = _names(
 TRAIN_FLAGS = _names(
     "model preset config set max_steps epochs batch_size learning_rate max_length resume "
     "quantize adapter raters min_agreement min_votes tie_policy weighted seed output_dir "
-    "data policy_name report_to no_progress beta loss_type label_smoothing "
+    "data policy_name from_policy report_to no_progress beta loss_type label_smoothing "
     "desirable_weight undesirable_weight eval_fraction reward_run reward_model kl_coef "
     "kl_target rollout_batch_size mini_batch_size ppo_epochs max_new_tokens temperature"
 )
@@ -184,7 +184,7 @@ SETTABLE = {
         "rater_kinds import_as method min_votes min_agreement tie_policy both_bad_policy "
         "weighted sft_min_agreement"
     ),
-    "run": _names("min_examples policy_name resume"),
+    "run": _names("min_examples policy_name from_policy resume"),
     "trainer": _HYPERPARAMETERS,
     **{method: _HYPERPARAMETERS for method in ("sft", "reward", "dpo", "kto", "ppo")},
 }
