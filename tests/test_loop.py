@@ -209,17 +209,16 @@ def test_with_human_labels_the_loop_waits_for_the_overlap_and_the_app_shows_what
 
 @pytest.mark.slow
 def test_the_loop_learns_on_held_out_prompts_round_after_round(sqlite_url, model_dir, tmp_path):
-    """A rubric the tiny model can learn (shorter answers win): from real judge votes, each round's
+    """A rule the tiny model can learn (more GOOD words win): from real judge votes, each round's
     candidate beats its parent on prompts no round trained on, and round 2 starts from round 1's."""
     engine = loop_store(sqlite_url, model_dir, n_train=24, n_eval=16)
     learning = {"trainer": {"max_steps": 24, "learning_rate": 5e-3, "per_device_train_batch_size": 8,
-                            "logging_steps": 4, "save_steps": 24, "beta": 0.1}}
+                            "logging_steps": 4, "save_steps": 24}}
+    judge = RubricJudge("tests.loop_rules:more_good_words")
     reports = run_loop(engine, config(tmp_path, pairs=12, train_overrides=(learning,),
                                       sampling=SamplingConfig(samples=2, max_new_tokens=12, temperature=1.0, seed=0),
-                                      evaluation=EvalConfig(max_new_tokens=12, show_progress=False)),
-                       RubricJudge("shorter"))
+                                      evaluation=EvalConfig(max_new_tokens=12, show_progress=False)), judge)
     first, second = reports
     assert first.promoted and first.ci_low > 0.5, first
     assert second.start_policy == "t-r1" and [p.name for p in lineage(engine, "t-r2")] == ["tiny", "t-r1", "t-r2"]
     assert second.win_rate > 0.5, second
-    assert first.mean_length_candidate < first.mean_length_start  # what the judge rewards, on held-out prompts
