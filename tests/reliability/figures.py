@@ -17,18 +17,15 @@ from tests.reliability.sizes import FULL
 
 OUT = Path(__file__).resolve().parents[2] / "test-output" / "reliability"
 
-# Figure name -> how the README table groups it: attempted / handled for each kind of case.
-COLUMNS = {
-    "votes_attempted": "votes attempted",
-    "votes_acknowledged": "votes acknowledged",
-    "votes_stored": "votes stored",
-    "faults_injected": "faults injected",
-    "faults_survived": "faults survived",
-    "inputs_tried": "inputs tried",
-    "inputs_rejected_cleanly": "rejected cleanly",
-    "inputs_round_tripped": "round-tripped exactly",
-    "inputs_rendered_inert": "rendered inert",
-}
+# The README table's columns: (header, figures shown as "a / b / ...").
+COLUMNS = [
+    ("votes attempted / acknowledged / stored", ("votes_attempted", "votes_acknowledged", "votes_stored")),
+    ("faults injected / survived", ("faults_injected", "faults_survived")),
+    ("inputs tried / handled", ("inputs_tried", "inputs_rejected_cleanly", "inputs_round_tripped",
+                                "inputs_rendered_inert")),
+]
+HANDLED = {"inputs_rejected_cleanly": "rejected cleanly", "inputs_round_tripped": "round-tripped",
+           "inputs_rendered_inert": "rendered inert"}
 
 
 def record(name: str, **figures) -> dict:
@@ -40,18 +37,22 @@ def record(name: str, **figures) -> dict:
     return figures
 
 
+def _cell(figures: dict, keys: tuple) -> str:
+    shown = [f"{figures[key]:,}" + (f" {HANDLED[key]}" if key in HANDLED else "") for key in keys if key in figures]
+    return " / ".join(shown) if shown else "—"
+
+
 def table(directory: Path = OUT) -> str:
-    """One Markdown row per recorded test: its headline figures and the rest as notes."""
-    lines = ["| case | size | figures | other checks |", "|---|---|---|---|"]
+    """One Markdown row per recorded test: the headline figures, then the rest as notes."""
+    headline = {key for _, keys in COLUMNS for key in keys}
+    lines = ["| case | size | " + " | ".join(header for header, _ in COLUMNS) + " | other figures |",
+             "|---|---|" + "---|" * len(COLUMNS) + "---|"]
     for path in sorted(directory.glob("*.json")):
         figures = json.loads(path.read_text())
-        main = "; ".join(f"{label} {figures[key]:,}" for key, label in COLUMNS.items() if key in figures)
-        rest = "; ".join(
-            f"{key.replace('_', ' ')} {value}"
-            for key, value in figures.items()
-            if key not in COLUMNS and key not in ("size", "recorded_at")
-        )
-        lines.append(f"| {path.stem} | {figures['size']} | {main} | {rest} |")
+        rest = "; ".join(f"{key.replace('_', ' ')} {value}" for key, value in figures.items()
+                         if key not in headline and key not in ("size", "recorded_at"))
+        cells = " | ".join(_cell(figures, keys) for _, keys in COLUMNS)
+        lines.append(f"| {path.stem} | {figures['size']} | {cells} | {rest} |")
     return "\n".join(lines)
 
 

@@ -96,7 +96,8 @@ def test_overlap_three_with_idle_annotators(sqlite_url, tmp_path):
     record(
         "overlap-3-idle",
         annotators=len(names),
-        idle=len(names) - len(active),
+        paused_holding_a_pair=len(pausing),
+        never_signed_in=len(names) - len(active) - len(pausing),
         votes_attempted=sum(t.attempted for t in tallies),
         votes_acknowledged=len(acknowledged),
         votes_stored=stored["votes_stored"],
