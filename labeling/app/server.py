@@ -34,8 +34,8 @@ def build_app(state: AppState) -> gr.Blocks:
     with gr.Blocks(
         title=state.config.title,
         analytics_enabled=False,
-        # Uploads and exports older than a day are deleted, checked hourly.
-        delete_cache=(3600, state.config.upload_max_age_s),
+        # Uploads and exports older than upload_max_age_s (a day) are deleted, checked hourly or sooner.
+        delete_cache=(min(3600, state.config.upload_max_age_s), state.config.upload_max_age_s),
     ) as blocks:
         with gr.Row(elem_classes="pf-header"):
             gr.HTML(
