@@ -183,7 +183,7 @@ REFUSED = [
     ("train", "sft --data /etc/shadow", "--data /etc/shadow: outside"),
     ("train", "dpo --config /etc/prefloop.yaml", "--config /etc/prefloop.yaml: outside"),
     ("train", "dpo --preset /etc/x.yaml", "--preset /etc/x.yaml: presets by name only"),
-    ("train", "dpo --preset ../../configs/presets/cpu-lora", "presets by name only"),
+    ("train", "dpo --preset ../../alignment/training/presets/cpu-lora", "presets by name only"),
     ("train", "ppo --reward-model /srv/other", "--reward-model /srv/other: outside"),
     ("train", "dpo --model ~/models/x", "--model ~/models/x: outside"),
     ("train", "dpo --model /", "--model /: outside"),

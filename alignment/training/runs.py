@@ -29,6 +29,10 @@ from feedback_store.models import PolicyVersion, RunMetric, RunStatus, TrainingR
 def git_commit() -> str | None:
     """The commit of the prefloop checkout that runs the training, '+dirty' with local changes."""
     root = Path(__file__).resolve().parents[2]
+    if not (root / ".git").exists():
+        # An installed wheel: git would walk up from site-packages and could name the commit
+        # of whatever repository holds the virtualenv, which is not the code that ran.
+        return None
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
                                 timeout=10, check=True).stdout.strip()

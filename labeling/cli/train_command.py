@@ -9,7 +9,7 @@
     prefloop train dpo --from-policy sft-3       # start from policy sft-3, which is also the reference
     accelerate launch --config_file configs/accelerate/ddp.yaml -m labeling.cli train dpo
 
-Settings: a preset (configs/presets/*.yaml; default cpu-lora on CPU, seed-qlora on CUDA),
+Settings: a preset (alignment/training/presets/*.yaml; default cpu-lora on CPU, seed-qlora on CUDA),
 then --config FILE (same YAML shape), then these flags and any --set section.key=value.
 """
 
@@ -84,7 +84,7 @@ def _common_flags() -> argparse.ArgumentParser:
                         help="base model: 'default' (embedded SmolLM2-135M-Instruct, unless the config says "
                              "otherwise), a Hugging Face id or a path")
     parser.add_argument("--preset", default="auto",
-                        help="configs/presets/NAME.yaml or a YAML path (default: seed-qlora on CUDA, cpu-lora on CPU)")
+                        help="a preset name (alignment/training/presets/NAME.yaml) or a YAML path (default: seed-qlora on CUDA, cpu-lora on CPU)")
     parser.add_argument("--config", default=None, metavar="FILE", help="a YAML file over the preset")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="any setting, e.g. --set trainer.warmup_steps=10 (repeatable, last wins)")

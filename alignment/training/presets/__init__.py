@@ -1,6 +1,7 @@
 """Training presets and config files: YAML layers merged as preset < config file < CLI flags.
 
-A preset (configs/presets/NAME.yaml) and a `--config` file have the same shape:
+A preset (NAME.yaml in this package, read through importlib.resources so an installed wheel
+has them too) and a `--config` file have the same shape:
 
     model:     ModelSpec fields (quantize, compute_dtype, double_quant, ...)
     adapter:   AdapterConfig fields (method, r, alpha, dropout, target_modules)
@@ -18,6 +19,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+from importlib import resources
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
 
@@ -32,15 +35,17 @@ class PresetError(ValueError):
     """An unknown preset, an unreadable file or a setting that does not exist (one line)."""
 
 
-def presets_dir() -> Path:
-    """$PREFLOOP_PRESETS_DIR, else configs/presets of this checkout."""
+def presets_dir() -> Traversable:
+    """$PREFLOOP_PRESETS_DIR, else the YAML files shipped in this package (a checkout or a wheel)."""
     env = os.environ.get("PREFLOOP_PRESETS_DIR")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "configs" / "presets"
+    return Path(env) if env else resources.files(__name__)
 
 
 def list_presets() -> list[str]:
     directory = presets_dir()
-    return sorted(p.stem for p in directory.glob("*.yaml")) if directory.is_dir() else []
+    if not directory.is_dir():
+        return []
+    return sorted(p.name.removesuffix(".yaml") for p in directory.iterdir() if p.name.endswith(".yaml"))
 
 
 def default_preset() -> str:
@@ -63,8 +68,8 @@ def load_preset(name: str) -> dict:
     return load_yaml(path)
 
 
-def load_yaml(path: str | Path) -> dict:
-    path = Path(path)
+def load_yaml(path: str | Path | Traversable) -> dict:
+    path = Path(path) if isinstance(path, str) else path
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except FileNotFoundError:
