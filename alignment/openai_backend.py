@@ -18,8 +18,8 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from alignment.generation import Completion, Messages, SamplingConfig
 from alignment.models.errors import ModelError
+from alignment.sampling import Completion, Messages, SamplingConfig
 
 
 @dataclass(frozen=True)

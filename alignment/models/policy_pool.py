@@ -109,8 +109,10 @@ class PolicyPool:
                     yield self.model
 
     def generate(self, name: str | None, conversations, sampling, *, progress=None):
-        """Completions from policy `name` for each conversation (see alignment.generation)."""
-        from alignment.generation import generate_local
+        """Completions from policy `name` for each conversation (see alignment.sampling)."""
+        # Imported here: alignment.sampling imports alignment.models (for ModelError), so a
+        # module-level import would find this package half-initialised.
+        from alignment.sampling import generate_local
 
         with self.use(name) as model:
             return generate_local(model, self.tokenizer, conversations, sampling, progress=progress)
