@@ -22,6 +22,7 @@ from labeling.app.auth import caller_for
 from labeling.app.jobs import Job
 from labeling.app.markup import render_markdown, render_messages
 from labeling.app.state import AppConfig, AppState
+from labeling.cli.job_commands import JOB_COMMAND_LINE
 from tests.app_support import PASSWORD, REPO, XSS_TEXT, seed_pairs, seed_users
 
 CLI = [
@@ -35,7 +36,9 @@ CLI = [
 def state(db_url, tmp_path):
     engine = engine_for(db_url)
     seed_users(engine, ["bob", "carol"], ["alice"])
-    return AppState.create(AppConfig(db_url=db_url, job_dir=tmp_path / "jobs"), engine=engine)
+    return AppState.create(
+        AppConfig(db_url=db_url, job_dir=tmp_path / "jobs"), engine=engine, command_line=JOB_COMMAND_LINE
+    )
 
 
 def test_sanitizer_keeps_markdown_and_makes_html_inert():

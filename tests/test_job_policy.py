@@ -20,9 +20,18 @@ import pytest
 from feedback_store.db import engine_for
 from labeling.app import admin
 from labeling.app.auth import caller_for
-from labeling.app.job_policy import JobPolicy, JobRefused, authorize, parse_endpoint
+from labeling.app.job_policy import (
+    ALLOWED_FLAGS,
+    JobPolicy,
+    JobRefused,
+    _subcommands,
+    authorize,
+    parse_endpoint,
+)
+from labeling.app.jobs import JOB_COMMANDS, JobManager
 from labeling.app.state import AppConfig, AppState
 from labeling.cli import ArgumentsError
+from labeling.cli.job_commands import JOB_COMMAND_LINE
 from tests.app_support import AppClient, seed_pairs, seed_users, start_serve
 
 SECRET = "sk-test-0123456789-do-not-leak"
@@ -104,7 +113,11 @@ def policy(dirs):
 
 def check(policy, command: str, arguments: str, env=None):
     return authorize(
-        policy, command, shlex.split(arguments), server_env=env or {"PF_TEST_KEY": SECRET}
+        policy,
+        command,
+        shlex.split(arguments),
+        command_line=JOB_COMMAND_LINE,
+        server_env=env or {"PF_TEST_KEY": SECRET},
     )
 
 
@@ -208,6 +221,20 @@ def test_what_the_cli_itself_refuses_keeps_the_clis_message(policy):
         check(policy, "judge", "--help")
     with pytest.raises(JobRefused, match="unknown job 'serve'"):
         check(policy, "serve", "")
+
+
+def test_the_command_line_the_cli_hands_the_app_has_the_job_commands():
+    # The app does not import the CLI (the CLI starts the app): `prefloop serve` hands it
+    # labeling.cli.job_commands.JOB_COMMAND_LINE, which must parse every job command.
+    commands = set(_subcommands(JOB_COMMAND_LINE.build_parser()))
+    assert commands == set(JOB_COMMANDS) == set(ALLOWED_FLAGS)
+
+
+def test_a_job_manager_without_the_command_line_starts_nothing(tmp_path):
+    jobs = JobManager(tmp_path / "jobs", db_url="sqlite://")
+    with pytest.raises(JobRefused, match="web jobs are off"):
+        jobs.start("judge", "--backend rubric --no-progress", started_by="alice")
+    assert jobs.all() == [] and not (tmp_path / "jobs").exists()
 
 
 def test_symlinks_out_of_the_job_directory_are_refused(policy, dirs, tmp_path):
@@ -389,7 +416,7 @@ def state(sqlite_url, tmp_path, recorder):
         job_data_dirs=(tmp_path / "data",),
         job_endpoints=(parse_endpoint(f"rec={recorder.url},key-env=PF_TEST_KEY,model=m"),),
     )
-    return AppState.create(config, engine=engine)
+    return AppState.create(config, engine=engine, command_line=JOB_COMMAND_LINE)
 
 
 def test_an_attack_starts_no_process_and_sends_nothing(state, recorder, monkeypatch):

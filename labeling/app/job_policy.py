@@ -16,6 +16,9 @@ read a file, reach a host or run code the operator did not choose:
   keys of a `--config` file are limited to hyperparameters (no trust_remote_code, no paths).
 
 The CLI run by the operator keeps its full power: nothing here is used by `labeling.cli`.
+The flags themselves are read from the CLI's own parsers, which the CLI hands in as a
+`CommandLine` (labeling/cli/job_commands.py): the CLI starts the app, so the app does not
+import it.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -103,6 +106,16 @@ class JobPolicy:
         raise JobRefused(
             f"{ENDPOINT_FLAG} {name}: no such endpoint (configured on the server: {configured})"
         )
+
+
+@dataclass(frozen=True)
+class CommandLine:
+    """The `prefloop` commands web jobs run, as the policy reads them: given by the CLI."""
+
+    # The parser of `prefloop` with (at least) the job commands as subcommands: their flags.
+    build_parser: Callable[[], argparse.ArgumentParser]
+    # Parse `prefloop ARGV` as the CLI would, raising its one-line error instead of exiting.
+    check_arguments: Callable[[list[str]], argparse.Namespace]
 
 
 @dataclass(frozen=True)
@@ -198,19 +211,20 @@ def authorize(
     command: str,
     args: list[str],
     *,
+    command_line: CommandLine,
     server_env: Mapping[str, str] | None = None,
 ) -> JobLaunch:
     """The launch of `prefloop COMMAND ARGS` as a web job, or JobRefused naming the flag.
 
-    ArgumentsError (from labeling.cli) comes first for arguments the CLI itself would refuse."""
-    from labeling.cli import check_arguments
-
+    The CLI's own error (command_line.check_arguments: labeling.cli's ArgumentsError) comes
+    first for arguments the CLI itself would refuse."""
+    check_arguments = command_line.check_arguments
     server_env = os.environ if server_env is None else server_env
     if command not in ALLOWED_FLAGS:
         raise JobRefused(f"unknown job {command!r} (known: {', '.join(ALLOWED_FLAGS)})")
     args, endpoint_name = _take_endpoint(command, args)
     parsed = check_arguments([command, *args])  # the CLI's own messages: usage, typos, bad values
-    positional, flags = _given_flags(command, args)
+    positional, flags = _given_flags(command_line, command, args)
     allowed = ALLOWED_FLAGS[command]
     argv: list[str] = [command, *positional]
     for flag, dest, value in flags:
@@ -255,10 +269,10 @@ def _take_endpoint(command: str, args: list[str]) -> tuple[list[str], str | None
     return rest, (names[0] if names else None)
 
 
-def _command_parser(command: str, method: str | None) -> argparse.ArgumentParser:
-    from labeling.cli import build_parser
-
-    parser = _subcommands(build_parser())[command]
+def _command_parser(
+    command_line: CommandLine, command: str, method: str | None
+) -> argparse.ArgumentParser:
+    parser = _subcommands(command_line.build_parser())[command]
     return _subcommands(parser)[method] if command == "train" else parser
 
 
@@ -270,7 +284,7 @@ def _subcommands(parser: argparse.ArgumentParser) -> dict:
 
 
 def _given_flags(
-    command: str, args: list[str]
+    command_line: CommandLine, command: str, args: list[str]
 ) -> tuple[list[str], list[tuple[str, str, str | None]]]:
     """(positionals, [(flag, dest, value or None)]) as written, after check_arguments accepted them.
 
@@ -279,7 +293,7 @@ def _given_flags(
     positional: list[str] = []
     if command == "train":
         positional, args = [args[0]], args[1:]  # the method; check_arguments made sure it is one
-    parser = _command_parser(command, positional[0] if positional else None)
+    parser = _command_parser(command_line, command, positional[0] if positional else None)
     options = parser._option_string_actions
     flags: list[tuple[str, str, str | None]] = []
     i = 0

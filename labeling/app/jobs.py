@@ -3,7 +3,10 @@
 Each job is a real CLI run in its own process, so a crash or a long training run never
 takes the web server down, and its log file shows the same progress bars a terminal would.
 What a job may do is the operator's `JobPolicy` (labeling/app/job_policy.py): allow-listed
-flags, configured endpoints, paths inside the job and data directories.
+flags, configured endpoints, paths inside the job and data directories. The arguments are
+checked with the CLI's parsers, which the manager is given (`command_line`, from
+labeling/cli/job_commands.py) rather than imports: the CLI is what starts the app. A manager
+without one starts no job.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from labeling.app.job_policy import JobPolicy, authorize
+from labeling.app.job_policy import CommandLine, JobPolicy, JobRefused, authorize
 
 JOB_COMMANDS = ("generate", "judge", "train")
 _CLI = "import sys; from labeling.cli import main; sys.exit(main(sys.argv[1:]))"
@@ -72,10 +75,18 @@ class Job:
 
 
 class JobManager:
-    def __init__(self, log_dir: Path, *, db_url: str, policy: JobPolicy | None = None) -> None:
+    def __init__(
+        self,
+        log_dir: Path,
+        *,
+        db_url: str,
+        policy: JobPolicy | None = None,
+        command_line: CommandLine | None = None,
+    ) -> None:
         self.log_dir = Path(log_dir)
         self.db_url = db_url
         self.policy = policy or JobPolicy(job_dir=self.log_dir)
+        self.command_line = command_line
         self._jobs: dict[int, Job] = {}
         self._lock = threading.Lock()
 
@@ -83,13 +94,18 @@ class JobManager:
         """Start `prefloop <command> <arguments>` against this server's database."""
         if command not in JOB_COMMANDS:
             raise ValueError(f"unknown job {command!r} (known: {', '.join(JOB_COMMANDS)})")
+        if self.command_line is None:
+            raise JobRefused(
+                "web jobs are off: this app was started without the prefloop command line "
+                "(`prefloop serve` gives it; run the job from the CLI on the server)"
+            )
         try:
             args = shlex.split(arguments or "")
         except ValueError as error:
             raise ValueError(f"arguments: {error}") from None
         # Refused here, where the admin is looking, rather than in a failed job's log; and
         # before any process starts, since a web admin may not do all that the CLI can.
-        launch = authorize(self.policy, command, args)
+        launch = authorize(self.policy, command, args, command_line=self.command_line)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         env = {**launch.environment(os.environ), "PREFLOOP_DB": self.db_url, "PYTHONUNBUFFERED": "1"}
         with self._lock:

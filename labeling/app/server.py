@@ -165,13 +165,16 @@ def proxy_settings(forwarded_allow_ips: str | None) -> dict:
     return {"proxy_headers": True, "forwarded_allow_ips": forwarded_allow_ips}
 
 
-def launch(config: AppConfig, *, host: str = "127.0.0.1", port: int = 7860) -> None:
+def launch(
+    config: AppConfig, *, host: str = "127.0.0.1", port: int = 7860, command_line=None
+) -> None:
     """Start the app on an existing, migrated store and block until interrupted.
 
     For `prefloop demo`: `launch(AppConfig(db_url=url, single_user="demo"))` opens the app
-    with no sign-in, as the admin "demo" (created if missing).
+    with no sign-in, as the admin "demo" (created if missing). Web jobs need `command_line`
+    (see AppState.create).
     """
-    state = AppState.create(config)
+    state = AppState.create(config, command_line=command_line)
     print(f"prefloop app on http://{host}:{port}", flush=True)
     serve(state, host=host, port=port)
 

@@ -18,7 +18,7 @@ from sqlalchemy.engine import Engine
 
 from feedback_store.db import engine_for, read_scope, session_scope
 from labeling.app.auth import LoginLimiter
-from labeling.app.job_policy import Endpoint, JobPolicy
+from labeling.app.job_policy import CommandLine, Endpoint, JobPolicy
 from labeling.app.jobs import JobManager
 
 
@@ -123,7 +123,15 @@ class AppState:
     )  # user name -> (Caller, read at), see auth.caller_for
 
     @classmethod
-    def create(cls, config: AppConfig, *, engine: Engine | None = None) -> "AppState":
+    def create(
+        cls,
+        config: AppConfig,
+        *,
+        engine: Engine | None = None,
+        command_line: CommandLine | None = None,
+    ) -> "AppState":
+        """The app's state; `command_line` (labeling.cli.job_commands.JOB_COMMAND_LINE) turns
+        on the admin page's web jobs, which are refused without it."""
         engine = engine or engine_for(config.db_url)
         job_dir = config.job_dir or Path(tempfile.mkdtemp(prefix="prefloop-jobs-"))
         state = cls(
@@ -138,6 +146,7 @@ class AppState:
                 job_dir,
                 db_url=config.db_url,
                 policy=JobPolicy(job_dir, config.job_data_dirs, config.job_endpoints),
+                command_line=command_line,
             ),
             renders=RenderCache(config.render_cache_size),
             # SQLite runs one transaction at a time (each begins IMMEDIATE). Queueing this

@@ -22,7 +22,8 @@ from labeling.cli import (
     train_command,
     users_command,
 )
-from labeling.cli.common import CliError, common_parser
+from labeling.cli.arguments import ArgumentsError, CheckingParser, build
+from labeling.cli.common import CliError
 
 # In the order `prefloop --help` lists them.
 COMMAND_MODULES = [
@@ -40,34 +41,17 @@ COMMAND_MODULES = [
 ]
 
 
+__all__ = ["COMMAND_MODULES", "ArgumentsError", "build_parser", "check_arguments", "main"]
+
+
 def build_parser(parser_class: type[argparse.ArgumentParser] = argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The whole CLI; subcommand parsers are made of `parser_class` too (argparse's default)."""
-    parser = parser_class(prog="prefloop", description="Human feedback collection and RLHF, one loop.")
-    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    common = common_parser()
-    for module in COMMAND_MODULES:
-        module.register(subparsers, common)
-    return parser
-
-
-class ArgumentsError(ValueError):
-    """Command-line arguments argparse refuses, as a one-line message instead of an exit."""
-
-
-class _CheckingParser(argparse.ArgumentParser):
-    def error(self, message: str):
-        raise ArgumentsError(f"{self.prog}: {message}")
-
-    def exit(self, status: int = 0, message: str | None = None):
-        raise ArgumentsError((message or "").strip() or f"{self.prog}: nothing to run")
-
-    def print_help(self, file=None) -> None:
-        raise ArgumentsError(" ".join(self.format_usage().split()))
+    return build(COMMAND_MODULES, parser_class)
 
 
 def check_arguments(argv: list[str]) -> argparse.Namespace:
     """Parse `prefloop ARGV` without exiting or printing: ArgumentsError says what is wrong."""
-    return build_parser(_CheckingParser).parse_args(argv)
+    return build_parser(CheckingParser).parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -106,6 +106,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
     from labeling.app.server import serve
     from labeling.app.state import AppConfig, AppState
+    from labeling.cli.job_commands import JOB_COMMAND_LINE
 
     names = [endpoint.name for endpoint in args.endpoint]
     for name in names:
@@ -122,7 +123,8 @@ def run_serve(args: argparse.Namespace) -> int:
         job_data_dirs=tuple(Path(d) for d in args.data_dir),
         job_endpoints=tuple(args.endpoint),
     )
-    state = AppState.create(config, engine=engine)
+    # The app checks web jobs with the CLI's parsers, handed in (the app does not import the CLI).
+    state = AppState.create(config, engine=engine, command_line=JOB_COMMAND_LINE)
     print(
         f"prefloop app on http://{args.host}:{args.port}"
         + (f" (single user: {args.single_user})" if args.single_user else " (sign-in required)"),
