@@ -11,6 +11,7 @@ from enum import Enum
 import gradio as gr
 
 from feedback_store.progress import RaterProgress, rater_progress
+from feedback_store.text import text_problem
 from labeling.app.markup import render_markdown, render_messages
 
 
@@ -80,13 +81,16 @@ TEXT_LIMITS = {"key": 100, "strength": 40, "rationale": 5_000, "comment": 5_000,
 def text_input(value, field: str) -> str | None:
     """A text field as sent by a client, which may send anything: a string or nothing.
 
-    Longer than its limit, it is refused with a message saying which field and by how much
-    (nothing is stored, the screen stays as it was)."""
+    Longer than its limit, or holding what no store can keep (NUL, a lone surrogate), it is
+    refused with a message saying which field and why (nothing is stored, the screen stays)."""
     if not isinstance(value, str):
         return None
     limit = TEXT_LIMITS[field]
     if len(value) > limit:
         raise gr.Error(f"The {field} is {len(value):,} characters long; the limit is {limit:,}.")
+    problem = text_problem(value)  # NUL, lone surrogates: no store can hold them
+    if problem:
+        raise gr.Error(f"Not saved: the {field} {problem}.")
     return value
 
 
