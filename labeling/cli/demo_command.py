@@ -31,6 +31,9 @@ def register(subparsers, common: argparse.ArgumentParser) -> None:
     loop.add_argument("--rounds", type=int, default=2, help="loop rounds (default: 2)")
     loop.add_argument("--pairs", type=int, default=32, help="new train prompts per round (default: 32)")
     loop.add_argument("--max-steps", type=int, default=20, help="DPO steps per round (default: 20)")
+    loop.add_argument("--loop-max-new-tokens", type=int, default=64,
+                      help="tokens per response in the loop's samples and evaluations (default: 64)")
+    loop.add_argument("--eval-prompts", type=int, default=24, help="eval prompts judged per round (default: 24)")
     loop.add_argument("--runs-dir", default="runs", help="where each round's run is saved (default: runs)")
     parser.set_defaults(handler=run_demo, single_user=None, job_dir=None)
 
@@ -40,11 +43,15 @@ def run_demo(args: argparse.Namespace) -> int:
     from alignment.models.errors import ModelError
     from feedback_store.db import session_scope
     from labeling.cli.serve_command import run_serve
-    from labeling.data import ensure_default_prompts
+    from labeling.data import ensure_default_prompts, ensure_loop_prompts
 
     engine = open_store(args, migrate=True)
     with session_scope(engine) as session:
+        # The loop's own short prompts first: the bundled set then stays out of a new store.
+        loop_added = ensure_loop_prompts(session) if args.loop else 0
         added = ensure_default_prompts(session)
+    if loop_added:
+        print(f"imported {loop_added} loop prompts (a third held out for evaluation)")
     if added:
         print(f"imported {added} bundled prompts")
     arena = ("default",)
@@ -75,24 +82,18 @@ def run_demo_loop(engine, args: argparse.Namespace) -> str:
     from rich.console import Console
 
     from alignment.generation import SamplingConfig
-    from feedback_store.db import session_scope
-    from labeling.data import ensure_loop_prompts
     from labeling.judge.evaluation import EvalConfig
     from labeling.judge.rubric import RubricJudge
     from labeling.judge.runner import JudgeRunConfig
     from labeling.loop import LoopConfig, LoopError, rounds_table, run_loop
 
-    with session_scope(engine) as session:
-        added = ensure_loop_prompts(session)
-    if added:
-        print(f"imported {added} loop prompts (a third held out for evaluation)")
-    tokens = min(args.max_new_tokens, 96)  # both sides of every comparison: keep rounds to minutes on a CPU
+    tokens = min(args.max_new_tokens, args.loop_max_new_tokens)  # keeps each round to minutes on a CPU
     config = LoopConfig(
         name="demo", rounds=args.rounds, method="dpo", pairs=args.pairs, start_policy="default",
         runs_dir=args.runs_dir,
         sampling=SamplingConfig(samples=2, max_new_tokens=tokens, temperature=0.8, seed=0),
         train_overrides=({"trainer": {"max_steps": args.max_steps}},),
-        evaluation=EvalConfig(max_new_tokens=tokens), judge=JudgeRunConfig(progress=True),
+        evaluation=EvalConfig(max_new_tokens=tokens, prompts=args.eval_prompts), judge=JudgeRunConfig(progress=True),
     )
     console = Console()
     try:
