@@ -114,7 +114,7 @@ def run_loop(engine: Engine, config: LoopConfig, judge: JudgeBackend | None, *,
 
     `judge` labels the pairs (unless `labels="human"`) and judges every evaluation. `train`
     stands in for `alignment.training.job.run_training` (tests)."""
-    console = console or Console()
+    console = console or loop_console()
     if judge is None:
         raise LoopError("a loop needs a judge: it judges each candidate against its parent")
     _check_start(engine, config)
@@ -301,6 +301,12 @@ def loop_reports(engine: Engine, loop: str) -> list[RoundReport]:
                 minutes=minutes,
             ))
         return reports
+
+
+def loop_console() -> Console:
+    """A console whose rounds table stays readable in logs and pipes too (rich assumes 80 columns there)."""
+    console = Console()
+    return console if console.is_terminal else Console(width=160)
 
 
 def rounds_table(reports: list[RoundReport], title: str = "rounds") -> Table:

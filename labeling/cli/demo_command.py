@@ -79,13 +79,11 @@ DEMO_RUBRIC = "shorter"  # a preference a 135M model picks up in a few DPO steps
 
 def run_demo_loop(engine, args: argparse.Namespace) -> str:
     """Turn the loop on the embedded default; returns the policy it ends on."""
-    from rich.console import Console
-
     from alignment.generation import SamplingConfig
     from labeling.judge.evaluation import EvalConfig
     from labeling.judge.rubric import RubricJudge
     from labeling.judge.runner import JudgeRunConfig
-    from labeling.loop import LoopConfig, LoopError, rounds_table, run_loop
+    from labeling.loop import LoopConfig, LoopError, loop_console, rounds_table, run_loop
 
     tokens = min(args.max_new_tokens, args.loop_max_new_tokens)  # keeps each round to minutes on a CPU
     config = LoopConfig(
@@ -95,7 +93,7 @@ def run_demo_loop(engine, args: argparse.Namespace) -> str:
         train_overrides=({"trainer": {"max_steps": args.max_steps}},),
         evaluation=EvalConfig(max_new_tokens=tokens, prompts=args.eval_prompts), judge=JudgeRunConfig(progress=True),
     )
-    console = Console()
+    console = loop_console()
     try:
         reports = run_loop(engine, config, RubricJudge(DEMO_RUBRIC), console=console)
     except LoopError as error:

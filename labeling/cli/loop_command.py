@@ -75,15 +75,13 @@ def loop_config(args: argparse.Namespace):
 
 
 def run_loop_command(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
-    from labeling.loop import LoopError, rounds_table, run_loop
+    from labeling.loop import LoopError, loop_console, rounds_table, run_loop
 
     config = loop_config(args)
     check_backend_options(args)
     engine = open_store(args)
     backend = build_backend(args)
-    console = Console()
+    console = loop_console()
     try:
         reports = run_loop(engine, config, backend, console=console)
     except LoopError as error:
