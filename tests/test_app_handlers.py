@@ -305,13 +305,11 @@ def test_account_changes_apply_once_the_identity_cache_expires(sqlite_url, tmp_p
 
 @pytest.mark.parametrize("field", ["rationale", "comment", "edit", "key"])
 def test_client_text_the_store_cannot_hold_is_refused_with_the_fields_name(field):
-    import gradio as gr
-
-    from labeling.app.ui import TEXT_LIMITS, text_input
+    from labeling.app.ui import TEXT_LIMITS, TextRefused, text_input
 
     assert text_input("fine, thanks \u05e9\u05dc\u05d5\u05dd \u200b", field) == "fine, thanks \u05e9\u05dc\u05d5\u05dd \u200b"
     assert text_input(None, field) is None and text_input(42, field) is None
     for bad, why in (("edited \ud800 answer", "surrogate"), ("a\x00b", "NUL"), ("x" * (TEXT_LIMITS[field] + 1), "limit")):
-        with pytest.raises(gr.Error, match=why) as refused:
+        with pytest.raises(TextRefused, match=why) as refused:
             text_input(bad, field)
         assert field in str(refused.value)

@@ -31,6 +31,7 @@ from feedback_store.votes import VoteError, record_vote
 from labeling.app.auth import AccessDenied, Caller, caller_for
 from labeling.app.ui import (
     TEXT_LIMITS,
+    TextRefused,
     ProgressMemo,
     Tone,
     empty_queue_html,
@@ -435,10 +436,13 @@ def build_annotate_tab(state) -> dict:
         except AccessDenied as error:
             raise gr.Error(str(error)) from None
 
-    def run(action, request: gr.Request):
+    def run(action, request: gr.Request, held: Desk | None = None):
         caller = caller_of(request)
         with state.rater_lock(caller.id):
-            return _updates(*action(caller))
+            try:
+                return _updates(*action(caller))
+            except TextRefused as refusal:  # nothing stored: the pair and the inputs stay as they were
+                return _updates(held, PairScreen(status_html(str(refusal), Tone.error)))
 
     def on_load(desk_value, request: gr.Request):
         return run(lambda caller: open_desk(state, desk_value, caller), request)
@@ -462,6 +466,7 @@ def build_annotate_tab(state) -> dict:
                     text_input(edit_value, "edit"),
                 ),
                 request,
+                desk_value,
             )
 
         return on_vote
@@ -478,16 +483,21 @@ def build_annotate_tab(state) -> dict:
                 text_input(edit_value, "edit"),
             ),
             request,
+            desk_value,
         )
 
     def on_skip(desk_value, key, request: gr.Request):
-        return run(lambda caller: skip(state, desk_value, caller, text_input(key, "key")), request)
+        return run(lambda caller: skip(state, desk_value, caller, text_input(key, "key")), request, desk_value)
 
     def make_copy(side: str):
         def on_copy(desk_value, key, request: gr.Request):
             caller = caller_of(request)
             with state.rater_lock(caller.id):
-                return start_edit(state, desk_value, caller, side, text_input(key, "key"))
+                try:
+                    key = text_input(key, "key")
+                except TextRefused as refusal:
+                    raise gr.Error(str(refusal)) from None
+                return start_edit(state, desk_value, caller, side, key)
 
         return on_copy
 

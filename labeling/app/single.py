@@ -19,6 +19,7 @@ from labeling.app.annotate import screen_frame
 from labeling.app.auth import AccessDenied, Caller, caller_for
 from labeling.app.ui import (
     TEXT_LIMITS,
+    TextRefused,
     ProgressMemo,
     Tone,
     card_screen_html,
@@ -233,13 +234,16 @@ def build_single_tab(state) -> dict:
 
     outputs = [tray, screen_html, key_box, progress, status, comment]
 
-    def run(action, request: gr.Request):
+    def run(action, request: gr.Request, held: Tray | None = None):
         try:
             caller = caller_for(state, request.username)
         except AccessDenied as error:
             raise gr.Error(str(error)) from None
         with state.rater_lock(caller.id):
-            return _updates(*action(caller))
+            try:
+                return _updates(*action(caller))
+            except TextRefused as refusal:  # nothing stored: the response and the comment stay
+                return _updates(held, CardScreen(status_html(str(refusal), Tone.error)))
 
     def on_load(tray_value, request: gr.Request):
         return run(lambda caller: open_tray(state, tray_value, caller), request)
@@ -256,6 +260,7 @@ def build_single_tab(state) -> dict:
                     state, tray_value, caller, thumb, text_input(key, "key"), text_input(comment_value, "comment")
                 ),
                 request,
+                tray_value,
             )
 
         return on_rate
@@ -266,10 +271,11 @@ def build_single_tab(state) -> dict:
                 state, tray_value, caller, text_input(key, "key"), text_input(comment_value, "comment")
             ),
             request,
+            tray_value,
         )
 
     def on_skip(tray_value, key, request: gr.Request):
-        return run(lambda caller: skip(state, tray_value, caller, text_input(key, "key")), request)
+        return run(lambda caller: skip(state, tray_value, caller, text_input(key, "key")), request, tray_value)
 
     fast = dict(preprocess=False, postprocess=False, show_progress="minimal")
     for thumb, button in buttons.items():

@@ -8,8 +8,6 @@ import time
 from dataclasses import dataclass
 from enum import Enum
 
-import gradio as gr
-
 from feedback_store.progress import RaterProgress, rater_progress
 from feedback_store.text import text_problem
 from labeling.app.markup import render_markdown, render_messages
@@ -78,19 +76,24 @@ def card_screen_html(prompt: str, response: str) -> str:
 TEXT_LIMITS = {"key": 100, "strength": 40, "rationale": 5_000, "comment": 5_000, "edit": 20_000}
 
 
+class TextRefused(ValueError):
+    """Client text the app will not store; the message names the field and says why."""
+
+
 def text_input(value, field: str) -> str | None:
     """A text field as sent by a client, which may send anything: a string or nothing.
 
     Longer than its limit, or holding what no store can keep (NUL, a lone surrogate), it is
-    refused with a message saying which field and why (nothing is stored, the screen stays)."""
+    refused with TextRefused, whose message says which field and why: the page shows it in its
+    status line, nothing is stored and the item stays on screen."""
     if not isinstance(value, str):
         return None
     limit = TEXT_LIMITS[field]
     if len(value) > limit:
-        raise gr.Error(f"The {field} is {len(value):,} characters long; the limit is {limit:,}.")
+        raise TextRefused(f"Not saved: the {field} is {len(value):,} characters long; the limit is {limit:,}.")
     problem = text_problem(value)  # NUL, lone surrogates: no store can hold them
     if problem:
-        raise gr.Error(f"Not saved: the {field} {problem}.")
+        raise TextRefused(f"Not saved: the {field} {problem}.")
     return value
 
 

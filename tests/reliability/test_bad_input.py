@@ -175,8 +175,8 @@ def call_ascii_json(client: AppClient, api_name: str, *data) -> tuple[str, objec
 
 def test_hostile_votes_over_http(db_url, tmp_path):
     """Rationales carrying every hostile string, through the app's vote event: stored exactly
-    (after the app's trim), or, for text no store can hold, refused with a message and nothing
-    written; SQL-injection user names cannot sign in. No 5xx and no failed event either way."""
+    (after the app's trim), or, for text no store can hold, refused with a message naming the
+    field and nothing written; SQL-injection user names cannot sign in. No 5xx either way."""
     engine = engine_for(db_url)
     seed_users(engine, ["bob"])
     seed_pairs(engine, len(STORABLE) + len(UNSTORABLE) + 2)
