@@ -143,3 +143,23 @@ def test_help_mentions_formats(args, capsys):
         main(args)
     assert exit_.value.code == 0
     assert ".jsonl" in capsys.readouterr().out
+
+
+def test_demo_hands_serve_every_setting_serve_reads(sqlite_url, monkeypatch):
+    """`prefloop demo` ends in `run_serve` with its own arguments: each flag `serve` reads must be
+    there (a flag added to serve once made the demo crash before serving)."""
+    import labeling.cli.demo_command as demo
+    import labeling.cli.serve_command as serve
+
+    seen = {}
+
+    def fake_serve(args):
+        seen.update(vars(args))
+        return 0
+
+    monkeypatch.setattr(serve, "run_serve", fake_serve)
+    monkeypatch.setattr("alignment.generation.run_generation", lambda engine, job, **kw: type(
+        "Report", (), {"summary": lambda self: "no generation in this test"})())
+    assert main(["demo", "--db", sqlite_url, "--prompts", "1"]) == 0
+    assert set(serve.serve_defaults()) - {"command"} <= set(seen)
+    assert seen["single_user"] == "demo"

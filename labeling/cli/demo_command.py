@@ -42,7 +42,7 @@ def run_demo(args: argparse.Namespace) -> int:
     from alignment.generation import GenerationJob, SamplingConfig, run_generation
     from alignment.models.errors import ModelError
     from feedback_store.db import session_scope
-    from labeling.cli.serve_command import run_serve
+    from labeling.cli.serve_command import run_serve, serve_defaults
     from labeling.data import ensure_default_prompts, ensure_loop_prompts
 
     engine = open_store(args, migrate=True)
@@ -70,6 +70,9 @@ def run_demo(args: argparse.Namespace) -> int:
         raise CliError(str(error)) from error
     if args.no_serve:
         return 0
+    for name, value in serve_defaults().items():  # serve's settings this command does not take
+        if not hasattr(args, name):
+            setattr(args, name, value)
     args.single_user = args.user
     return run_serve(args)
 

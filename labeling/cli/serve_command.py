@@ -84,6 +84,13 @@ def _endpoint(text: str):
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
+def serve_defaults() -> dict:
+    """The defaults of `prefloop serve`'s own flags, for commands that end by serving (demo)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    register(parser.add_subparsers(dest="command"), argparse.ArgumentParser(add_help=False))
+    return vars(parser.parse_args(["serve"]))
+
+
 def run_serve(args: argparse.Namespace) -> int:
     from pathlib import Path
 
