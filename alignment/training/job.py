@@ -350,7 +350,7 @@ def _resume(request, method, settings, options, *, engine, progress, callbacks) 
     checkpoint = last_complete_checkpoint(output_dir) if output_dir.is_dir() else None
     main = _process_state().is_main_process
     if main:
-        runs.reopen_run(engine, run.id)
+        runs.reopen_run(engine, run.id, resumed_at_step=int(Path(checkpoint).name.split("-")[-1]) if checkpoint else 0)
     result = _execute(method, run.id, _placed(spec), adapter, merged, run_options, output_dir, prepare,
                       engine=engine, progress=progress, callbacks=callbacks, checkpoint=checkpoint, main=main,
                       start=start)

@@ -19,7 +19,7 @@ import subprocess
 from pathlib import Path
 
 from sqlalchemy.engine import Engine
-from sqlmodel import col, select
+from sqlmodel import col, delete, select
 from transformers import TrainerCallback
 
 from feedback_store.db import session_scope
@@ -81,11 +81,15 @@ def update_config(engine: Engine, run_id: int, config: dict) -> None:
         session.add(run)
 
 
-def reopen_run(engine: Engine, run_id: int) -> None:
+def reopen_run(engine: Engine, run_id: int, *, resumed_at_step: int = 0) -> None:
+    """Mark a run running again from a checkpoint of step `resumed_at_step`. The metrics it
+    logged past that step (a process killed between logging a step and saving its checkpoint)
+    are dropped: the resumed steps log them again, so each step's curve point stays single."""
     with session_scope(engine) as session:
         run = session.get(TrainingRun, run_id)
         run.status, run.error, run.finished_at = RunStatus.running, None, None
         session.add(run)
+        session.exec(delete(RunMetric).where(RunMetric.run_id == run_id, RunMetric.step > resumed_at_step))
 
 
 def finish_run(engine: Engine, run_id: int, *, metrics: dict, output_path: str | None) -> None:
