@@ -21,7 +21,6 @@ from sqlmodel import Session, select
 from feedback_store.models import (
     Comparison,
     LoopRound,
-    Prompt,
     Rater,
     RaterKind,
     Response,
@@ -73,12 +72,6 @@ def pairs_of_policy(policy_id: int, prompt_ids: Sequence[int], *, session: Sessi
         .where(a.policy_id == policy_id, b.policy_id == policy_id, Comparison.prompt_id.in_(list(prompt_ids)))
         .order_by(Comparison.id)
     )
-    return list(session.exec(query))
-
-
-def train_prompt_ids(limit: int, *, session: Session) -> list[int]:
-    """The first `limit` train prompts, in id order (the order `generate --prompts N` takes)."""
-    query = select(Prompt.id).where(Prompt.split == "train").order_by(Prompt.id).limit(limit)
     return list(session.exec(query))
 
 

@@ -30,7 +30,7 @@ from rich.table import Table
 from sqlalchemy.engine import Engine
 
 from alignment.generation import GenerationJob, SamplingConfig, register_policies, run_generation
-from feedback_store.catalog import get_policy
+from feedback_store.catalog import get_policy, list_prompts
 from feedback_store.db import read_scope, session_scope
 from feedback_store.loops import (
     finish_step,
@@ -39,7 +39,6 @@ from feedback_store.loops import (
     pairs_of_policy,
     prioritize_for_humans,
     rounds,
-    train_prompt_ids,
 )
 from feedback_store.models import Evaluation, LoopRound, PolicyVersion, TrainingRun
 from feedback_store.queue import target_overlap
@@ -176,7 +175,8 @@ def _sample(engine, config: LoopConfig, round_id: int, number: int, start: str, 
     console.print(f"   {report.summary()}")
     with session_scope(engine) as session:
         policy_id = get_policy(start, session=session).id
-        prompt_ids = train_prompt_ids(config.pairs * number, session=session)
+        # The same prompts `run_generation` just took: the first N of the train split, in id order.
+        prompt_ids = [p.id for p in list_prompts(session=session, limit=config.pairs * number, split="train")]
         comparisons = pairs_of_policy(policy_id, prompt_ids, session=session)
         if not comparisons:
             raise LoopError(f"round {number}: {start} gave no pair on {len(prompt_ids)} train prompts "
