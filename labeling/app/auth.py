@@ -178,8 +178,8 @@ def caller_for(state, username: str | None) -> Caller:
     if state.local_rater_id is None and not username:
         raise AccessDenied("not signed in")
     cache_key = username if state.local_rater_id is None else None
-    cached = state.callers.get(cache_key)
-    if cached is not None and time.monotonic() - cached[1] < state.config.identity_cache_s:
+    cached = _fresh_cached(state, cache_key)
+    if cached is not None:
         caller = cached[0]
     else:
         with state.session() as session:
@@ -209,10 +209,17 @@ def credential_of(password_hash: str | None) -> str:
     return hashlib.sha256((password_hash or "").encode()).hexdigest()[:16]
 
 
+def _fresh_cached(state, cache_key: str | None) -> tuple | None:
+    """The cached (Caller or None, read at) for this key while younger than identity_cache_s."""
+    cached = state.callers.get(cache_key)
+    if cached is not None and time.monotonic() - cached[1] < state.config.identity_cache_s:
+        return cached
+    return None
+
+
 async def current_caller(state, username: str | None) -> Caller:
     """`caller_for` from async code: the account row is read off the event loop when due."""
-    cached = state.callers.get(username if state.local_rater_id is None else None)
-    if cached is not None and time.monotonic() - cached[1] < state.config.identity_cache_s:
+    if _fresh_cached(state, username if state.local_rater_id is None else None) is not None:
         return caller_for(state, username)
     return await anyio.to_thread.run_sync(caller_for, state, username)
 
