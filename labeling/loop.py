@@ -29,6 +29,7 @@ from rich.console import Console
 from rich.table import Table
 from sqlalchemy.engine import Engine
 
+from alignment.training.methods import LOOP_METHOD_NAMES
 from alignment.generation import GenerationJob, SamplingConfig, register_policies, run_generation
 from feedback_store.catalog import get_policy, list_prompts
 from feedback_store.db import read_scope, session_scope
@@ -46,7 +47,7 @@ from labeling.judge.backends import JudgeBackend
 from labeling.judge.evaluation import EvalConfig, EvaluationError, evaluate_policy
 from labeling.judge.runner import JudgeRunConfig, run_judge
 
-LOOP_METHODS = ("dpo", "kto", "ppo")
+LOOP_METHODS = LOOP_METHOD_NAMES
 LABEL_SOURCES = ("judge", "human")
 
 

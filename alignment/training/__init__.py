@@ -10,6 +10,6 @@ TrainingRun row, its metric curves and the lineage; presets/ holds the preset YA
 packing.py builds the prefix-shared padding-free batches of the pairwise trainers; common.py
 holds what they share (the non-finite-loss guard, the machine-specific settings).
 
-A new method is a module with a MethodSpec named METHOD and its name in
-job.METHOD_NAMES; the CLI, presets and run lifecycle take it from there.
+A new method is a module with a MethodSpec named METHOD and its entry in
+methods.METHODS (the one list of methods); the CLI, presets and run lifecycle take it from there.
 """

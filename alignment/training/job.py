@@ -26,6 +26,7 @@ from typing import Any
 from sqlalchemy.engine import Engine
 
 from alignment.training import lineage, presets, runs
+from alignment.training.methods import METHOD_NAMES
 from alignment.training.common import (
     MethodSpec,
     NonFiniteGuard,
@@ -41,7 +42,6 @@ from feedback_store.models import RunStatus
 
 log = logging.getLogger("prefloop.train")
 
-METHOD_NAMES = ("sft", "reward", "dpo", "kto", "ppo")
 DATA_FILE = "data.parquet"
 MANIFEST = "prefloop_run.json"
 

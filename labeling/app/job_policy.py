@@ -32,6 +32,8 @@ from pathlib import Path
 
 import yaml
 
+from alignment.training.methods import METHOD_NAMES
+
 ENDPOINT_FLAG = "--endpoint"
 # The variables the judge and generate backends read a key from by default: a job never
 # inherits them, so a key reaches only the endpoint the operator configured it for.
@@ -199,7 +201,7 @@ SETTABLE = {
     ),
     "run": _names("min_examples policy_name from_policy resume"),
     "trainer": _HYPERPARAMETERS,
-    **{method: _HYPERPARAMETERS for method in ("sft", "reward", "dpo", "kto", "ppo")},
+    **{method: _HYPERPARAMETERS for method in METHOD_NAMES},
 }
 
 

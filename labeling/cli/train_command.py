@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import argparse
 
+from alignment.training.methods import METHODS
 from labeling.cli.common import CliError, open_store
 
-METHODS = ("sft", "reward", "dpo", "kto", "ppo")
 DPO_LOSSES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
               "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
 
@@ -167,15 +167,10 @@ def register(subparsers, common: argparse.ArgumentParser) -> None:
     )
     methods = parser.add_subparsers(dest="method", required=True, metavar="METHOD")
     shared = _common_flags()
-    helps = {"sft": "supervised fine-tuning on winners and edits (or --data)",
-             "reward": "a reward model (sequence-classification head), held-out pairwise accuracy",
-             "dpo": "direct preference optimization on the policy (adapter off = reference)",
-             "kto": "KTO on thumbs-up/down ratings and on pairs",
-             "ppo": "PPO (RLHF): the policy samples on stored prompts, a reward run's model scores it"}
     for method in METHODS:
-        sub = methods.add_parser(method, parents=[common, shared], help=helps[method],
-                                 description=f"prefloop train {method}: {helps[method]}")
-        _method_flags(method, sub)
+        sub = methods.add_parser(method.name, parents=[common, shared], help=method.summary,
+                                 description=f"prefloop train {method.name}: {method.summary}")
+        _method_flags(method.name, sub)
         sub.set_defaults(handler=run_train)
 
 

@@ -26,7 +26,7 @@ from typing import Any
 
 import yaml
 
-METHOD_SECTIONS = ("sft", "reward", "dpo", "kto", "ppo")
+from alignment.training.methods import METHOD_NAMES as METHOD_SECTIONS
 SECTIONS = ("description", "model", "adapter", "selection", "run", "trainer", *METHOD_SECTIONS)
 AUTO_PRESET = "auto"
 

@@ -1,0 +1,38 @@
+"""The one list of training methods: name, what it does, what it learns from.
+
+Imported by the CLI, presets, the web-job policy and the loop, so it must stay light (no
+torch, no TRL). A method's code lives in `alignment.training.<name>` and exports METHOD (a
+MethodSpec); adding a method is adding that module and one entry here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class MethodInfo:
+    name: str
+    summary: str  # one line, shown by `prefloop train --help`
+    registers_policy: bool = True  # False: the run makes a reward model, not a policy
+    loop: bool = False  # can train a round of `prefloop loop`
+
+
+METHODS: tuple[MethodInfo, ...] = (
+    MethodInfo("sft", "supervised fine-tuning on winners and edits (or --data)"),
+    MethodInfo("reward", "a reward model (sequence-classification head), held-out pairwise accuracy",
+               registers_policy=False),
+    MethodInfo("dpo", "direct preference optimization on the policy (adapter off = reference)", loop=True),
+    MethodInfo("kto", "KTO on thumbs-up/down ratings and on pairs", loop=True),
+    MethodInfo("ppo", "PPO (RLHF): the policy samples on stored prompts, a reward run's model scores it", loop=True),
+)
+
+METHOD_NAMES: tuple[str, ...] = tuple(method.name for method in METHODS)
+LOOP_METHOD_NAMES: tuple[str, ...] = tuple(method.name for method in METHODS if method.loop)
+
+
+def method_info(name: str) -> MethodInfo:
+    for method in METHODS:
+        if method.name == name:
+            return method
+    raise KeyError(f"unknown training method {name!r} (expected one of {', '.join(METHOD_NAMES)})")
