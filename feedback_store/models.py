@@ -30,6 +30,9 @@ class RaterKind(str, Enum):
     human = "human"
     judge = "judge"
     imported = "import"
+    # A rule-following stand-in annotator (`prefloop simulate`, labeling.simulate): its votes
+    # are left out of exports and statistics unless a selection asks for them by name.
+    simulated = "simulated"
 
 
 class Role(str, Enum):
@@ -133,6 +136,17 @@ class Comparison(SQLModel, table=True):
     # Votes by human raters, kept in step by record_vote: the queue's "fewest votes first".
     human_votes: int = 0
     source: Optional[str] = None
+    # A gold pair (feedback_store.gold): a stored answer against a degraded copy of it, whose
+    # winner is known ('a' or 'b', canonical order); NULL for every ordinary pair. Gold pairs
+    # measure raters: exports and the leaderboard leave them out.
+    gold_winner: Optional[str] = Field(
+        default=None,
+        sa_column=Column(
+            String, CheckConstraint("gold_winner IN ('a', 'b')", name="ck_comparison_gold_winner"),
+            nullable=True, index=True,
+        ),
+    )
+    gold_kind: Optional[str] = None  # how the loser was degraded: truncated | other_prompt | shuffled | refusal
     created_at: datetime = Field(default_factory=utcnow)
 
 
