@@ -10,12 +10,15 @@ metrics) runs unchanged; what changes is how the per-token log-probs it consumes
   `precompute_ref_log_probs` is set (always for full fine-tuning: no second model in memory).
 
 Models the packed layout cannot serve (flash-attention kernels, encoder-decoders, MoE aux
-losses, vision models) go through TRL's own path.
+losses, vision models) go through TRL's own path, and so does everything on a TRL or
+transformers that `alignment._compat` was not tested with (or with `PREFLOOP_COMPAT=public`):
+the packed trainer hooks into TRL's private methods, the plain one uses public arguments only.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,8 +27,11 @@ from trl import DPOConfig as TRLDPOConfig
 from trl import DPOTrainer as TRLDPOTrainer
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 
+from alignment._compat import trl as compat_trl
 from alignment.training import packing
 from alignment.training.common import GuardedTraining, MethodSpec
+
+log = logging.getLogger("prefloop.train")
 
 
 @dataclass
@@ -67,6 +73,32 @@ class PackedPreferenceCollator:
 
 
 class DPOTrainer(GuardedTraining, TRLDPOTrainer):
+    """TRL's DPOTrainer. Built as `PackedDPOTrainer` (prefix-shared packed rows, which hooks into
+    TRL's private methods) when `alignment._compat` says this TRL is one it was tested with;
+    otherwise TRL's own two-row batches, driven through public arguments only."""
+
+    def __new__(cls, *args, **kwargs):
+        if cls is DPOTrainer and compat_trl.fast_path_enabled("dpo"):
+            cls = PackedDPOTrainer
+        return super().__new__(cls)
+
+    def __init__(self, model, *, args: DPOConfig | None = None, **kwargs):
+        if not isinstance(self, PackedDPOTrainer):
+            length_grouping_off(args)
+        super().__init__(model, args=args, **kwargs)
+
+
+def length_grouping_off(args) -> None:
+    """TRL's tokenized pair rows carry no `input_ids` to measure, and only the fast path adds a
+    `length` column: on the public path, batches are drawn at random instead (same loss, more
+    padding)."""
+    if args is not None and getattr(args, "train_sampling_strategy", None) == "group_by_length":
+        args.train_sampling_strategy = "random"
+        log.warning("group_by_length needs prefloop's pair lengths (a fast path that is off here): "
+                    "sampling batches at random")
+
+
+class PackedDPOTrainer(compat_trl.DPOHooks, DPOTrainer):
     """TRL's DPOTrainer computing its log-probs from prefix-shared packed rows."""
 
     def __init__(self, model, *, args: DPOConfig | None = None, **kwargs):
@@ -105,9 +137,8 @@ class DPOTrainer(GuardedTraining, TRLDPOTrainer):
                              "set prefix_sharing=False")
         packing.add_packed_heads(reference)
 
-    # -- data -------------------------------------------------------------------------------
-    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
-        dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+    # -- data (called from TRL's dataset preparation, see alignment._compat.trl) -----------------
+    def measure_pairs(self, dataset, dataset_name: str):
         if "length" not in dataset.column_names:
             # what group_by_length sorts on (TRL's DPO rows have no input_ids to measure): the
             # packed row's length, i.e. the compute of the pair
@@ -117,15 +148,11 @@ class DPOTrainer(GuardedTraining, TRLDPOTrainer):
             )
         return dataset
 
-    def _set_signature_columns_if_needed(self):
-        super()._set_signature_columns_if_needed()
-        if "length" not in self._signature_columns:
-            self._signature_columns = [*self._signature_columns, "length"]
-
     # -- reference log-probs -----------------------------------------------------------------
-    def _precompute_ref_logps(self, dataset, name: str, batch_size: int):
+    def precompute_reference(self, dataset, name: str, batch_size: int):
+        """The dataset with its reference log-probs from packed rows (None: TRL computes them)."""
         if not self._packed:
-            return super()._precompute_ref_logps(dataset, name, batch_size)
+            return None
         from tqdm.auto import tqdm
 
         packing.add_packed_heads(packing.unwrap_peft(self.accelerator.unwrap_model(self.model)))
@@ -196,13 +223,13 @@ class DPOTrainer(GuardedTraining, TRLDPOTrainer):
             inputs["ref_chosen_logps"], inputs["ref_rejected_logps"] = self._reference_logps(packed)
         outputs = ("entropy", "mean_logits", "is_top1") + (("log_sum_sq_probs",) if self.use_weighting else ())
         policy = _PackedPolicy(self, model, packed, outputs, rows=inputs["input_ids"].shape)
-        return self._compute_loss(policy, inputs, return_outputs)
+        return compat_trl.dpo_loss(self, policy, inputs, return_outputs)
 
 
 class _PackedPolicy:
-    """Stands in for the model inside TRL's `_compute_loss`: same output, packed computation."""
+    """Stands in for the model inside TRL's loss code: same output, packed computation."""
 
-    def __init__(self, trainer: DPOTrainer, model, packed: dict, outputs: tuple[str, ...], rows: torch.Size):
+    def __init__(self, trainer: PackedDPOTrainer, model, packed: dict, outputs: tuple[str, ...], rows: torch.Size):
         self.trainer, self.model, self.packed, self.outputs = trainer, model, packed, outputs
         self.shape = (rows[0], rows[1] - 1)  # TRL's shifted layout: position t predicts token t + 1
 

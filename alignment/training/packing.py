@@ -28,11 +28,12 @@ token of each sequence.
 from __future__ import annotations
 
 import hashlib
-import types
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+
+from alignment._compat import transformers as compat
 
 PACKED_ATTENTION = "prefloop_sdpa"
 LOGPROB_OUTPUTS = ("entropy", "mean_logits", "is_top1")
@@ -200,18 +201,21 @@ def use_packed_attention(model) -> bool:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-    if model.config._attn_implementation == PACKED_ATTENTION:
+    if compat.attn_implementation(model) == PACKED_ATTENTION:
         return True
-    if model.config._attn_implementation not in ("sdpa", "eager") or not model._can_set_attn_implementation():
+    if compat.attn_implementation(model) not in ("sdpa", "eager") or not compat.can_set_attn_implementation(model):
         return False
     AttentionInterface.register(PACKED_ATTENTION, _packed_sdpa)
     AttentionMaskInterface.register(PACKED_ATTENTION, sdpa_mask)
     model.set_attn_implementation(PACKED_ATTENTION)
-    return model.config._attn_implementation == PACKED_ATTENTION
+    return compat.attn_implementation(model) == PACKED_ATTENTION
 
 
 def supports_packing(model) -> bool:
-    """A causal decoder whose attention goes through transformers' AttentionInterface."""
+    """A causal decoder whose attention goes through transformers' AttentionInterface, on a
+    transformers this module was tested with (else TRL's padded batches: see alignment._compat)."""
+    if not compat.fast_path_enabled("packing"):
+        return False
     config = model.config
     prefix = getattr(model, "base_model_prefix", "")
     return (
@@ -219,8 +223,8 @@ def supports_packing(model) -> bool:
         and bool(prefix) and hasattr(model, prefix)
         and not getattr(config, "is_encoder_decoder", False)
         and not hasattr(config.get_text_config(), "output_router_logits")
-        and getattr(config, "_attn_implementation", None) in ("sdpa", "eager", PACKED_ATTENTION)
-        and getattr(model, "_can_set_attn_implementation", lambda: False)()
+        and compat.attn_implementation(model) in ("sdpa", "eager", PACKED_ATTENTION)
+        and compat.can_set_attn_implementation(model)
         and getattr(config, "model_type", "") not in _BIDIRECTIONAL
     )
 
@@ -263,7 +267,7 @@ def add_packed_heads(model: torch.nn.Module) -> None:
             return selected_log_probs(self, selected, prefloop_targets, tuple(prefloop_outputs))
         raise ValueError(f"unknown prefloop_head {prefloop_head!r}")
 
-    model.forward = types.MethodType(_forward, model)
+    compat.replace_forward(model, _forward)
     model._prefloop_packed_heads = True
 
 

@@ -56,6 +56,7 @@ from transformers import Trainer, TrainingArguments
 from transformers.trainer_callback import ExportableState, TrainerState
 from transformers.trainer_utils import TrainOutput, speed_metrics
 
+from alignment._compat import transformers as compat
 from alignment.training import ppo_math, ppo_reward
 from alignment.training.common import MethodSpec, NonFiniteLoss, TrainingError
 
@@ -63,6 +64,7 @@ log = logging.getLogger("prefloop.train")
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 PPO_STATE_FILE = "ppo_state.json"
+OPTIMIZER_FILE, SCHEDULER_FILE, TRAINER_STATE_FILE = "optimizer.pt", "scheduler.pt", "trainer_state.json"  # as Trainer
 
 
 @dataclass
@@ -384,8 +386,15 @@ class PPOTrainer(Trainer):
         updates = args.updates_per_step()
         out = {key: value / max(tokens_seen, 1.0) for key, value in sums.items() if key != "grad_norm"}
         out["grad_norm"] = sums["grad_norm"] / updates
-        out["learning_rate"] = self._get_learning_rate()
+        out["learning_rate"] = self.current_learning_rate()
         return out
+
+    def current_learning_rate(self) -> float:
+        """The scheduler's last learning rate (the optimizer's own for a plateau schedule)."""
+        if isinstance(self.lr_scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            return float(self.optimizer.param_groups[0]["lr"])
+        rate = self.lr_scheduler.get_last_lr()[0]
+        return float(rate.item() if torch.is_tensor(rate) else rate)
 
     def _micro_step(self, batch: Rollout, rows: torch.Tensor, minibatch_tokens: torch.Tensor) -> tuple[dict, float]:
         args = self.args
@@ -449,7 +458,7 @@ class PPOTrainer(Trainer):
                 self.log({key: sum(s[key] for s in pending) / len(pending) for key in pending[-1]})
                 pending = []
             if self.control.should_save:
-                self._save_checkpoint(self.model, trial=None)
+                self.save_checkpoint()
                 self.control = self.callback_handler.on_save(args, self.state, self.control)
         self.control = self.callback_handler.on_train_end(args, self.state, self.control)
         self.model.eval()
@@ -469,17 +478,59 @@ class PPOTrainer(Trainer):
                       str(target / VALUE_HEAD_FILE))
             (target / PPO_STATE_FILE).write_text(json.dumps({"kl_coef": self.kl_controller.value}))
 
+    def save_checkpoint(self) -> None:
+        """`checkpoint-<step>/`: transformers' own checkpointing when `alignment._compat` allows,
+        else the same files written through public calls."""
+        if compat.fast_path_enabled("checkpoints"):
+            compat.save_checkpoint(self)
+            return
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+
+        run_dir = Path(self.args.output_dir)
+        folder = run_dir / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        self.save_model(str(folder))
+        if not self.args.should_save:
+            return
+        if not self.args.save_only_model:
+            torch.save(self.optimizer.state_dict(), folder / OPTIMIZER_FILE)
+            torch.save(self.lr_scheduler.state_dict(), folder / SCHEDULER_FILE)
+        for callback in self.callback_handler.callbacks + [self.control]:
+            if isinstance(callback, ExportableState):
+                name = type(callback).__name__
+                if isinstance(self.state.stateful_callbacks.get(name), list):
+                    self.state.stateful_callbacks[name].append(callback.state())
+                else:
+                    self.state.stateful_callbacks[name] = callback.state()
+        self.state.save_to_json(str(folder / TRAINER_STATE_FILE))
+        rotate_checkpoints(output_dir=str(run_dir), save_total_limit=self.args.save_total_limit,
+                           best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+
+    def _load_checkpoint(self, checkpoint: str) -> None:
+        if compat.fast_path_enabled("checkpoints"):
+            compat.load_checkpoint(self, checkpoint)
+            return
+        folder = Path(checkpoint)
+        model = self.accelerator.unwrap_model(self.model)
+        adapter = model.active_adapter
+        # PEFT's public loader, into the adapter being trained (its weights replaced in place)
+        model.load_adapter(str(folder), adapter_name=adapter, is_trainable=True)
+        model.set_adapter(adapter)
+        device = self.args.device
+        if (folder / OPTIMIZER_FILE).is_file():
+            self.optimizer.load_state_dict(torch.load(folder / OPTIMIZER_FILE, map_location=device, weights_only=True))
+        if (folder / SCHEDULER_FILE).is_file():
+            self.lr_scheduler.load_state_dict(torch.load(folder / SCHEDULER_FILE, weights_only=True))
+
     def _resume(self, checkpoint: str) -> None:
         from safetensors.torch import load_file
 
         folder = Path(checkpoint)
         if not (folder / VALUE_HEAD_FILE).is_file():
             raise TrainingError(f"{checkpoint}: no {VALUE_HEAD_FILE} (not a PPO checkpoint)")
-        self._load_from_checkpoint(checkpoint)
-        self._load_optimizer_and_scheduler(checkpoint)
+        self._load_checkpoint(checkpoint)
         self.value_head.load_state_dict(load_file(str(folder / VALUE_HEAD_FILE), device=str(self.args.device)))
         self.kl_controller.value = json.loads((folder / PPO_STATE_FILE).read_text())["kl_coef"]
-        self.state = TrainerState.load_from_json(str(folder / "trainer_state.json"))
+        self.state = TrainerState.load_from_json(str(folder / TRAINER_STATE_FILE))
 
 
 METHOD = MethodSpec(

@@ -7,7 +7,9 @@ completion scores higher) is the run's headline metric.
 
 Decoders go through the same prefix-shared packed rows as DPO (`packing.py`): one row per
 batch, the prompt encoded once for both completions, the score read at each sequence's last
-token. Encoders attend in both directions, so they keep TRL's two-row batches.
+token. Encoders attend in both directions, so they keep TRL's two-row batches, and so does
+every model on a TRL/transformers `alignment._compat` was not tested with (or with
+`PREFLOOP_COMPAT=public`).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from trl import RewardConfig as TRLRewardConfig
 from trl import RewardTrainer as TRLRewardTrainer
 from trl.trainer.reward_trainer import DataCollatorForPreference
 
+from alignment._compat import trl as compat_trl
 from alignment.training import packing
 from alignment.training.common import GuardedTraining, MethodSpec, TrainingError
 
@@ -58,6 +61,65 @@ class PackedRewardCollator:
 
 
 class RewardTrainer(GuardedTraining, TRLRewardTrainer):
+    """TRL's RewardTrainer. Built as `PackedRewardTrainer` (packed rows for decoders, through
+    TRL's private hooks) when `alignment._compat` says this TRL is one it was tested with;
+    otherwise TRL's own batches, driven through public arguments only."""
+
+    def __new__(cls, *args, **kwargs):
+        if cls is RewardTrainer and compat_trl.fast_path_enabled("reward"):
+            cls = PackedRewardTrainer
+        return super().__new__(cls)
+
+    def __init__(self, model, *, args: RewardConfig | None = None, **kwargs):
+        public = not isinstance(self, PackedRewardTrainer)
+        if public:
+            from alignment.training.dpo import length_grouping_off
+
+            length_grouping_off(args)
+        before = len(kwargs["train_dataset"]) if kwargs.get("train_dataset") is not None else 0
+        super().__init__(model, args=args, **kwargs)
+        if public:
+            no_pair_fits(before, len(self.train_dataset), "train", self.args.max_length)
+
+    def prepare_pairs(self, dataset, name: str):
+        """The rows this trainer trains on, from exported pairs (tokenized, too long ones left out)."""
+        prepared = tokenize_pairs(dataset, self.processing_class, self.args.max_length)
+        no_pair_fits(len(dataset), len(prepared), name, self.args.max_length)
+        return prepared
+
+
+def no_pair_fits(before: int, after: int, name: str, max_length) -> None:
+    if before and after == 0:
+        raise TrainingError(
+            f"none of the {before} {name} pairs fits the reward model: every one is longer than "
+            f"max_length={max_length} tokens (use a model with a longer context, or shorter data)"
+        )
+
+
+def tokenize_pairs(dataset, tokenizer, max_length: int | None):
+    """Exported pairs as TRL's reward trainer tokenizes them (prompt + completion, the chat
+    template for chats, EOS appended to plain text), through the tokenizer's public API; pairs
+    longer than `max_length` are left out."""
+    from trl.data_utils import is_conversational
+
+    def tokenize(example):
+        def ids(completion):
+            text = example["prompt"] + completion if "prompt" in example else completion
+            if is_conversational(example):
+                return tokenizer.apply_chat_template(text, tokenize=True, return_dict=True)["input_ids"]
+            if not text.endswith(tokenizer.eos_token):
+                text = text + tokenizer.eos_token
+            return tokenizer(text=text)["input_ids"]
+
+        return {"chosen_ids": ids(example["chosen"]), "rejected_ids": ids(example["rejected"])}
+
+    dataset = dataset.map(tokenize, desc="Tokenizing pairs")
+    if max_length is not None:
+        dataset = dataset.filter(lambda e: len(e["chosen_ids"]) <= max_length and len(e["rejected_ids"]) <= max_length)
+    return dataset
+
+
+class PackedRewardTrainer(compat_trl.RewardHooks, RewardTrainer):
     """TRL's RewardTrainer scoring packed rows for decoder models."""
 
     def __init__(self, model, *, args: RewardConfig | None = None, **kwargs):
@@ -81,24 +143,17 @@ class RewardTrainer(GuardedTraining, TRLRewardTrainer):
         if self._packed:
             packing.add_packed_heads(packing.unwrap_peft(self.accelerator.unwrap_model(self.model)))
 
-    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
-        before = len(dataset)
-        dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
-        if before and len(dataset) == 0:
-            raise TrainingError(
-                f"none of the {before} {dataset_name} pairs fits the reward model: every one is longer than "
-                f"max_length={args.max_length} tokens (use a model with a longer context, or shorter data)"
-            )
+    # called from TRL's dataset preparation (alignment._compat.trl)
+    def measure_pairs(self, dataset, dataset_name: str, *, before: int):
+        no_pair_fits(before, len(dataset), dataset_name, self.args.max_length)
         if "length" not in dataset.column_names:
             # what group_by_length sorts on (TRL's reward rows have no input_ids to measure)
             dataset = dataset.map(lambda e: {"length": len(e["chosen_ids"]) + len(e["rejected_ids"])},
                                   desc=f"Measuring {dataset_name} pairs")
         return dataset
 
-    def _set_signature_columns_if_needed(self):
-        super()._set_signature_columns_if_needed()
-        if "length" not in self._signature_columns:
-            self._signature_columns = [*self._signature_columns, "length"]
+    def prepare_pairs(self, dataset, name: str):
+        return compat_trl.prepare_reward_dataset(self, dataset, name)
 
     def packed_rewards(self, model, packed: dict) -> torch.Tensor:
         """Rewards of the n chosen then the n rejected sequences of a packed batch."""
@@ -144,7 +199,7 @@ def pairwise_accuracy(trainer: RewardTrainer, eval_dataset) -> dict:
         eval_dataset = eval_dataset.select(decided)
     if len(eval_dataset) == 0:
         return {}
-    prepared = trainer._prepare_dataset(eval_dataset, trainer.processing_class, trainer.args, "held-out")
+    prepared = trainer.prepare_pairs(eval_dataset, "held-out")
     model = trainer.model
     was_training = model.training
     model.eval()

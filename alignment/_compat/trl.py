@@ -1,0 +1,81 @@
+"""TRL's private trainer hooks that prefloop's packed DPO and reward trainers use.
+
+Written and tested for TRL 1.16 on transformers 5.24 (`TESTED`). What is relied on:
+
+- `DPOTrainer._prepare_dataset` / `RewardTrainer._prepare_dataset`: overridden to measure each
+  pair (a `length` column for `group_by_length`) and, for the reward model, to fail clearly
+  when no pair fits `max_length`;
+- `Trainer._set_signature_columns_if_needed` / `_signature_columns`: the `length` column kept;
+- `DPOTrainer._precompute_ref_logps`: overridden to compute the reference log-probs from the
+  packed rows;
+- `DPOTrainer._compute_loss(model, inputs, return_outputs)`: called with a stand-in model that
+  returns the packed log-probs, so TRL's loss code runs unchanged;
+- `RewardTrainer._prepare_dataset` called on the held-out pairs (pairwise accuracy).
+
+The mixins here are only put into a trainer's class when `fast_path_enabled` says so (the
+trainer classes pick it when they are built); otherwise prefloop's trainers are TRL's, used
+through public arguments only (TRL's two-row padded batches, TRL's own
+`precompute_ref_log_probs`), and the held-out pairs are tokenized by prefloop
+(`alignment.training.reward.tokenize_pairs`).
+"""
+
+from __future__ import annotations
+
+from packaging.specifiers import SpecifierSet
+
+from alignment import _compat
+
+TESTED = {"trl": SpecifierSet(">=1.16,<1.17"), "transformers": SpecifierSet(">=5.24,<5.25")}
+FEATURES = ("dpo", "reward")  # the packed DPO trainer's hooks; the packed reward trainer's hooks
+
+
+def fast_path_enabled(feature: str) -> bool:
+    if feature not in FEATURES:
+        raise ValueError(f"unknown TRL fast path {feature!r} (known: {', '.join(FEATURES)})")
+    return _compat.check(f"trl:{feature}", TESTED)
+
+
+def _keep_column(trainer, column: str) -> None:
+    if column not in trainer._signature_columns:
+        trainer._signature_columns = [*trainer._signature_columns, column]
+
+
+class DPOHooks:
+    """TRL DPOTrainer hooks, forwarded to prefloop's public-named methods:
+    `measure_pairs(dataset, name)` after TRL's tokenization, and
+    `precompute_reference(dataset, name, batch_size)` (None: TRL's own precompute)."""
+
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+        return self.measure_pairs(dataset, dataset_name)
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        _keep_column(self, "length")
+
+    def _precompute_ref_logps(self, dataset, name: str, batch_size: int):
+        computed = self.precompute_reference(dataset, name, batch_size)
+        return super()._precompute_ref_logps(dataset, name, batch_size) if computed is None else computed
+
+
+def dpo_loss(trainer, model, inputs: dict, return_outputs: bool):
+    """TRL's DPO loss (every loss_type, its metrics) on what `model(...)` returns."""
+    return trainer._compute_loss(model, inputs, return_outputs)
+
+
+class RewardHooks:
+    """TRL RewardTrainer hooks, forwarded to prefloop's `measure_pairs(dataset, name, before=n)`."""
+
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        before = len(dataset)
+        dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+        return self.measure_pairs(dataset, dataset_name, before=before)
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        _keep_column(self, "length")
+
+
+def prepare_reward_dataset(trainer, dataset, name: str):
+    """The rows TRL's reward trainer would train on, from `dataset` (tokenized, filtered)."""
+    return trainer._prepare_dataset(dataset, trainer.processing_class, trainer.args, name)
