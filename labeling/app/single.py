@@ -1,204 +1,159 @@
 """Single-response mode: thumbs up or down on one answer, with an optional comment.
 
-This is the unpaired signal KTO trains on. It follows the pairwise page's rules: the card
-on screen lives in server-side session state with its own idempotency key, the rater comes
-from the server-side session, a replayed key records nothing, a failed save offers Retry.
+This is the unpaired signal KTO trains on. The page runs the annotation state machine the
+pairwise page runs (annotation_flow.py): this module says what it deals (`Card`: a response
+the rater has not rated) and what it records (a rating: feedback_store.votes.
+record_rating_and_next, one transaction with picking the next card), and lays the page out.
 """
 
 import uuid
-from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import gradio as gr
-from sqlalchemy.exc import SQLAlchemyError
 
 from feedback_store.models import Response
 from feedback_store.queue import next_response_for
-from feedback_store.votes import VoteError, record_rating
-from labeling.app.annotate import screen_frame
-from labeling.app.auth import AccessDenied, Caller, caller_for
+from feedback_store.votes import VoteError, record_rating_and_next
+from labeling.app.annotation_flow import (
+    FAST,
+    SAVED_KEYS_KEPT,  # noqa: F401 (re-exported)
+    AnnotationFlow,
+    Item,
+    Mode,
+    PageEvents,
+    Screen,
+    Sitting,
+    screen_frame,
+)
+from labeling.app.auth import Caller
 from labeling.app.ui import (
     TEXT_LIMITS,
-    TextRefused,
     ProgressMemo,
-    Tone,
     card_screen_html,
     empty_queue_html,
     progress_markdown,
     prompt_html,
     response_html,
-    status_html,
     text_input,
 )
 
-SAVED_KEYS_KEPT = 64
 THUMBS = (("up", "Good", "u"), ("down", "Bad", "d"))  # no emoji: not every system has the font
 
 
 @dataclass
-class Card:
+class Card(Item):
+    """The response on screen."""
+
     response_id: int
-    key: str
+
+    @property
+    def item_id(self) -> int:
+        return self.response_id
 
 
 @dataclass
-class Tray:
-    rater_id: int | None = None
-    card: Card | None = None
-    skipped: set = field(default_factory=set)
-    saved_keys: OrderedDict = field(default_factory=OrderedDict)
-    failed_thumb: str | None = None
-    progress: ProgressMemo = field(default_factory=ProgressMemo)
+class Tray(Sitting[Card]):
+    """The single-response page's sitting; `card` is the response on screen."""
+
+    @property
+    def card(self) -> Card | None:
+        return self.item
+
+    @card.setter
+    def card(self, card: Card | None) -> None:
+        self.item = card
 
 
 @dataclass(frozen=True)
-class CardScreen:
-    """A None field keeps what is already on screen."""
-
-    status: str
-    screen_html: str | None = None
-    key: str | None = None
-    progress_md: str | None = None
-    clear_inputs: bool = False
-
+class CardScreen(Screen):
     @property
     def has_card(self) -> bool | None:
-        return None if self.key is None else bool(self.key)
-
-    @property
-    def failed(self) -> bool:
-        return "pf-failed" in self.status
+        return self.has_item
 
 
-def _bind(tray: Tray | None, caller: Caller) -> Tray:
-    return tray if tray is not None and tray.rater_id == caller.id else Tray(rater_id=caller.id)
+@dataclass(frozen=True)
+class RatingExtras:
+    """The optional input that goes with a rating."""
+
+    comment: str | None = None
 
 
-def _deal(tray: Tray, caller: Caller, session) -> None:
-    response = next_response_for(caller.id, session=session, exclude=tray.skipped)
-    tray.card = Card(response.id, uuid.uuid4().hex) if response is not None else None
+class Cards(Mode[Card, RatingExtras]):
+    """Deals responses the rater has not rated, records ratings."""
 
+    sitting_type = Tray
+    screen_type = CardScreen
+    stale_message = "That response is no longer on your screen, so nothing was saved."
+    answer_noun = "rating"
 
-def _screen(
-    state, tray: Tray, caller: Caller, session, status: str = "", *, clear_inputs: bool = False
-) -> CardScreen:
-    progress = progress_markdown(tray.progress.current(caller.id, session), ratings=True)
-    if tray.card is None:
+    @staticmethod
+    def _card(response: Response | None) -> Card | None:
+        return Card(key=uuid.uuid4().hex, response_id=response.id) if response is not None else None
+
+    def deal(self, state, sitting, caller, session) -> Card | None:
+        return self._card(next_response_for(caller.id, session=session, exclude=sitting.skipped))
+
+    def save_and_deal(self, state, sitting, caller, card: Card, thumb: str, extras: RatingExtras, session):
+        if thumb not in ("up", "down"):
+            raise VoteError(f"unknown rating {thumb!r}")
+        _, response = record_rating_and_next(
+            card.response_id,
+            caller.id,
+            thumb == "up",
+            session=session,
+            comment=(extras.comment or "").strip() or None,
+            idempotency_key=card.key,
+            exclude=sitting.skipped,
+        )
+        return self._card(response)
+
+    def item_html(self, state, card: Card, session) -> str:
+        response = session.get(Response, card.response_id)
+        return card_screen_html(
+            prompt_html(state, response.prompt_id, session), response_html(state, response.id, session)
+        )
+
+    def empty_html(self, sitting) -> str:
         detail = (
             "You skipped the rest in this sitting: press the button below to see them again."
-            if tray.skipped
+            if sitting.skipped
             else "You have rated every response there is."
         )
-        return CardScreen(
-            status,
-            empty_queue_html("Nothing left to rate", detail),
-            key="",
-            progress_md=progress,
-            clear_inputs=clear_inputs,
-        )
-    response = session.get(Response, tray.card.response_id)
-    screen = card_screen_html(
-        prompt_html(state, response.prompt_id, session), response_html(state, response.id, session)
-    )
-    return CardScreen(
-        status, screen, key=tray.card.key, progress_md=progress, clear_inputs=clear_inputs
-    )
+        return empty_queue_html("Nothing left to rate", detail)
+
+    def progress_md(self, progress) -> str:
+        return progress_markdown(progress, ratings=True)
+
+    def count_saved(self, progress: ProgressMemo) -> None:
+        progress.add_rating()
+
+
+CARDS: AnnotationFlow[Card, RatingExtras] = AnnotationFlow(Cards())
 
 
 def open_tray(
     state, tray: Tray | None, caller: Caller, *, forget_skipped: bool = False
 ) -> tuple[Tray, CardScreen]:
-    tray = _bind(tray, caller)
-    if forget_skipped:
-        tray.skipped.clear()
-    with state.session() as session:
-        if tray.card is None:
-            _deal(tray, caller, session)
-        return tray, _screen(state, tray, caller, session)
+    return CARDS.open(state, tray, caller, forget_skipped=forget_skipped)
 
 
 def rate(
     state, tray: Tray | None, caller: Caller, thumb: str, key: str, comment: str | None = None
 ) -> tuple[Tray, CardScreen]:
-    tray = _bind(tray, caller)
-    if key and key in tray.saved_keys:
-        with state.session() as session:
-            return tray, _screen(
-                state, tray, caller, session, status_html("Already saved.", Tone.info)
-            )
-    card = tray.card
-    if card is None or key != card.key:
-        with state.session() as session:
-            if card is None:
-                _deal(tray, caller, session)
-            message = "That response is no longer on your screen, so nothing was saved."
-            return tray, _screen(state, tray, caller, session, status_html(message, Tone.warn))
-    if thumb not in ("up", "down"):
-        return tray, CardScreen(status_html(f"Not saved: unknown rating {thumb!r}.", Tone.error))
-    try:
-        with state.session() as session:
-            record_rating(
-                card.response_id,
-                caller.id,
-                thumb == "up",
-                session=session,
-                comment=(comment or "").strip() or None,
-                idempotency_key=key,
-            )
-    except VoteError as error:
-        return tray, CardScreen(status_html(f"Not saved: {error}.", Tone.error))
-    except SQLAlchemyError as error:
-        tray.failed_thumb = thumb
-        reason = type(getattr(error, "orig", None) or error).__name__
-        message = f"Save failed ({reason}). Your rating is NOT recorded yet: press Retry."
-        return tray, CardScreen(status_html(message, Tone.error, failed=True))
-    tray.saved_keys[key] = card.response_id
-    while len(tray.saved_keys) > SAVED_KEYS_KEPT:
-        tray.saved_keys.popitem(last=False)
-    tray.failed_thumb = None
-    tray.progress.add_rating()
-    with state.session() as session:
-        _deal(tray, caller, session)
-        return tray, _screen(
-            state, tray, caller, session, status_html("Saved ✓", Tone.ok), clear_inputs=True
-        )
+    return CARDS.submit(state, tray, caller, thumb, key, RatingExtras(comment))
 
 
 def retry(
     state, tray: Tray | None, caller: Caller, key: str, comment: str | None = None
 ) -> tuple[Tray, CardScreen]:
-    tray = _bind(tray, caller)
-    if tray.failed_thumb is None:
-        return open_tray(state, tray, caller)
-    return rate(state, tray, caller, tray.failed_thumb, key, comment)
+    return CARDS.retry(state, tray, caller, key, RatingExtras(comment))
 
 
 def skip(state, tray: Tray | None, caller: Caller, key: str) -> tuple[Tray, CardScreen]:
-    tray = _bind(tray, caller)
-    with state.session() as session:
-        if tray.card is not None and tray.card.key == key:
-            tray.skipped.add(tray.card.response_id)
-            tray.failed_thumb = None
-            _deal(tray, caller, session)
-            return tray, _screen(
-                state, tray, caller, session, status_html("Skipped.", Tone.info), clear_inputs=True
-            )
-        return tray, _screen(state, tray, caller, session)
+    return CARDS.skip(state, tray, caller, key)
 
 
 # ---- the Gradio tab ------------------------------------------------------------------------
-
-
-def _updates(tray: Tray, screen: CardScreen) -> tuple:
-    keep = gr.update()
-    return (
-        tray,
-        keep if screen.screen_html is None else screen.screen_html,
-        keep if screen.key is None else screen.key,
-        keep if screen.progress_md is None else screen.progress_md,
-        screen.status,
-        "" if screen.clear_inputs else keep,
-    )
 
 
 def build_single_tab(state) -> dict:
@@ -233,31 +188,24 @@ def build_single_tab(state) -> dict:
         )
 
     outputs = [tray, screen_html, key_box, progress, status, comment]
-
-    def run(action, request: gr.Request, held: Tray | None = None):
-        try:
-            caller = caller_for(state, request.username)
-        except AccessDenied as error:
-            raise gr.Error(str(error)) from None
-        with state.rater_lock(caller.id):
-            try:
-                return _updates(*action(caller))
-            except TextRefused as refusal:  # nothing stored: the response and the comment stay
-                return _updates(held, CardScreen(status_html(str(refusal), Tone.error)))
+    run = PageEvents(state, CARDS, cleared=("",)).run
 
     def on_load(tray_value, request: gr.Request):
-        return run(lambda caller: open_tray(state, tray_value, caller), request)
+        return run(lambda caller: CARDS.open(state, tray_value, caller), request)
 
     def on_again(tray_value, request: gr.Request):
-        return run(
-            lambda caller: open_tray(state, tray_value, caller, forget_skipped=True), request
-        )
+        return run(lambda caller: CARDS.open(state, tray_value, caller, forget_skipped=True), request)
 
     def make_rate(thumb: str):
         def on_rate(tray_value, key, comment_value, request: gr.Request):
             return run(
-                lambda caller: rate(
-                    state, tray_value, caller, thumb, text_input(key, "key"), text_input(comment_value, "comment")
+                lambda caller: CARDS.submit(
+                    state,
+                    tray_value,
+                    caller,
+                    thumb,
+                    text_input(key, "key"),
+                    RatingExtras(text_input(comment_value, "comment")),
                 ),
                 request,
                 tray_value,
@@ -267,17 +215,25 @@ def build_single_tab(state) -> dict:
 
     def on_retry(tray_value, key, comment_value, request: gr.Request):
         return run(
-            lambda caller: retry(
-                state, tray_value, caller, text_input(key, "key"), text_input(comment_value, "comment")
+            lambda caller: CARDS.retry(
+                state,
+                tray_value,
+                caller,
+                text_input(key, "key"),
+                RatingExtras(text_input(comment_value, "comment")),
             ),
             request,
             tray_value,
         )
 
     def on_skip(tray_value, key, request: gr.Request):
-        return run(lambda caller: skip(state, tray_value, caller, text_input(key, "key")), request, tray_value)
+        return run(
+            lambda caller: CARDS.skip(state, tray_value, caller, text_input(key, "key")),
+            request,
+            tray_value,
+        )
 
-    fast = dict(preprocess=False, postprocess=False, show_progress="minimal")
+    fast = FAST
     for thumb, button in buttons.items():
         button.click(
             make_rate(thumb), [tray, key_box, comment], outputs, api_name=f"rate_{thumb}", **fast
