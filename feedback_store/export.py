@@ -18,7 +18,9 @@ share of the weight. Rows below `min_votes` or `min_agreement` are dropped.
 
 Provenance columns ride along in every row (TRL's trainers drop columns they do not use):
 comparison_id (or response_id for ratings and edits), n_votes, agreement, rater_kinds and
-the policies involved. Only `train` prompts are exported: `eval` prompts are held out for
+the policies involved. Gold pairs (feedback_store.gold: a stored answer against a degraded
+copy) are never exported, nor ratings of their degraded copies; votes of simulated raters
+count only with `include_simulated`. Only `train` prompts are exported: `eval` prompts are held out for
 `prefloop eval` (feedback_store.splits), whatever the selection. Rows come in a fixed order (by comparison id, then response id),
 so the same database gives the same dataset, and `snapshot` hashes it for a training run.
 """
@@ -37,6 +39,7 @@ from sqlalchemy import String, select, type_coerce
 from sqlalchemy.orm import aliased
 from sqlmodel import Session, col
 
+from feedback_store.gold import GOLD_POLICY
 from feedback_store.hashing import canonical_json, sha256_text
 from feedback_store.models import (
     Choice,
@@ -99,6 +102,10 @@ class Selection:
     weighted: bool = field(
         default=False, metadata={"help": "weight each vote by its rater's `weight` (0 silences a rater)"}
     )
+    include_simulated: bool = field(
+        default=False,
+        metadata={"help": "also count votes of simulated raters (`prefloop simulate`); never counted otherwise"},
+    )
     sft_min_agreement: float = field(
         default=1.0,
         metadata={
@@ -129,6 +136,8 @@ class Selection:
         )
         if self.import_as != "exclude" and RaterKind(self.import_as) in kinds:
             kinds = kinds | {RaterKind.imported}
+        if self.include_simulated:
+            kinds = kinds | {RaterKind.simulated}
         return kinds
 
     @classmethod
@@ -182,7 +191,7 @@ def aggregate_votes(*, session: Session, selection: Selection = Selection()) -> 
         .join(Rater, Rater.id == Vote.rater_id)
         .join(Comparison, Comparison.id == Vote.comparison_id)
         .join(Prompt, Prompt.id == Comparison.prompt_id)
-        .where(col(Rater.kind).in_(list(kinds)), Prompt.split == TRAIN)
+        .where(col(Rater.kind).in_(list(kinds)), Prompt.split == TRAIN, col(Comparison.gold_winner).is_(None))
         .order_by(Vote.comparison_id, Vote.id),  # a fixed summation order: identical floats every run
     )
     if not rows:
@@ -431,7 +440,8 @@ def _rating_rows(*, session: Session, selection: Selection) -> list[dict]:
         .join(Rater, Rater.id == Rating.rater_id)
         .join(Response, Response.id == Rating.response_id)
         .join(Prompt, Prompt.id == Response.prompt_id)
-        .where(col(Rater.kind).in_(list(kinds)), Prompt.split == TRAIN)
+        .join(PolicyVersion, PolicyVersion.id == Response.policy_id)
+        .where(col(Rater.kind).in_(list(kinds)), Prompt.split == TRAIN, PolicyVersion.name != GOLD_POLICY)
         .order_by(Rating.response_id, Rating.id),
     )
     if not ratings:

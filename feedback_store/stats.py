@@ -9,6 +9,12 @@ collapses "both bad" into "tie", because a judge's verdict ([[A]] / [[B]] / [[C]
 "both bad" and would otherwise disagree by construction. Following MT-Bench, judge-vs-human
 agreement is over every (judge vote, human vote) pair on a comparison both labelled.
 
+Simulated raters (`prefloop simulate`) are left out of every section unless its kinds name
+`simulated` (`prefloop stats --include-simulated` adds it everywhere); the counts show them
+apart in `votes_by_kind`. Votes on gold pairs (feedback_store.gold) count only for `raters`
+(feedback_store.rater_quality: accuracy on gold), never for agreement, position bias,
+throughput, the leaderboard or judge-vs-human.
+
 NaN marks an undefined statistic in the dataclasses; `Stats.to_dict()` turns it into None.
 """
 
@@ -30,8 +36,10 @@ from feedback_store.agreement import (
     krippendorff_alpha_from_counts,
     percent_agreement_from_confusion,
 )
+from feedback_store.app_settings import quality_threshold
 from feedback_store.evaluations import EvaluationSummary, list_evaluations
 from feedback_store.leaderboard import Leaderboard, LeaderboardConfig, bradley_terry_leaderboard
+from feedback_store.rater_quality import RaterQuality, rater_quality
 from feedback_store.models import (
     Comparison,
     PolicyVersion,
@@ -46,6 +54,7 @@ from feedback_store.models import (
 CHOICES = ("a", "b", "tie", "both_bad")
 JUDGE_CATEGORIES = ("a", "b", "tie")  # both_bad folded into tie
 KINDS = tuple(kind.value for kind in RaterKind)
+DEFAULT_KINDS = tuple(kind for kind in KINDS if kind != RaterKind.simulated.value)  # simulated: only when asked
 
 
 @dataclass(frozen=True)
@@ -57,7 +66,19 @@ class StatsConfig:
         default=("human",), metadata={"help": "rater kinds whose votes count for inter-annotator agreement"}
     )
     leaderboard_kinds: tuple[str, ...] = field(
-        default=KINDS, metadata={"help": "rater kinds whose votes count for the leaderboard"}
+        default=DEFAULT_KINDS, metadata={"help": "rater kinds whose votes count for the leaderboard"}
+    )
+    rater_kinds: tuple[str, ...] = field(
+        default=DEFAULT_KINDS,
+        metadata={"help": "rater kinds listed per rater (position bias, throughput, raters' quality)"},
+    )
+    quality_threshold: float | None = field(
+        default=None,
+        metadata={"help": "raters whose quality score is below this are flagged (below_threshold); "
+                          "default: the admin's app setting rater_quality_threshold (0.7 unless set)"},
+    )
+    min_gold: int = field(
+        default=10, metadata={"help": "gold votes a rater needs before gold accuracy is its quality score"}
     )
     idle_gap_s: float = field(
         default=600.0, metadata={"help": "a gap between two votes longer than this is a break, not active time"}
@@ -65,7 +86,7 @@ class StatsConfig:
     leaderboard: LeaderboardConfig = field(default_factory=LeaderboardConfig)
 
     def __post_init__(self) -> None:
-        for name in ("agreement_kinds", "leaderboard_kinds"):
+        for name in ("agreement_kinds", "leaderboard_kinds", "rater_kinds"):
             unknown = set(getattr(self, name)) - set(KINDS)
             if unknown:
                 raise ValueError(f"{name}: unknown rater kind {sorted(unknown)[0]!r} (known: {', '.join(KINDS)})")
@@ -103,9 +124,17 @@ class VoteColumns:
     policy_b: np.ndarray
     time_spent_ms: np.ndarray
     created_s: np.ndarray  # seconds since the epoch
+    gold: np.ndarray | None = None  # the comparison's gold winner: 0 = a, 1 = b, -1 = not a gold pair
+
+    def __post_init__(self) -> None:
+        if self.gold is None:
+            object.__setattr__(self, "gold", np.full(len(self.comparison), -1, dtype=np.int64))
 
     def __len__(self) -> int:
         return len(self.comparison)
+
+    def without_gold(self) -> "VoteColumns":
+        return self.subset(self.gold < 0) if len(self) else self
 
     def subset(self, mask: np.ndarray) -> "VoteColumns":
         return VoteColumns(**{name: value[mask] for name, value in self.__dict__.items()})
@@ -141,6 +170,7 @@ def load_votes(raters: RaterTable, *, session: Session) -> VoteColumns:
     response_a, response_b = aliased(Response), aliased(Response)
     choice_code = case(*((Vote.choice == choice, i) for i, choice in enumerate(CHOICES)), else_=-1)
     epoch = _epoch_seconds(Vote.created_at, session.get_bind().dialect.name)
+    gold_code = case((Comparison.gold_winner == "a", 0), (Comparison.gold_winner == "b", 1), else_=-1)
     query = (
         select(
             Vote.comparison_id,
@@ -153,6 +183,7 @@ def load_votes(raters: RaterTable, *, session: Session) -> VoteColumns:
             response_b.policy_id,
             Vote.time_spent_ms,
             Vote.created_at if epoch is None else epoch,
+            gold_code,
         )
         .join(Comparison, Comparison.id == Vote.comparison_id)
         .join(response_a, response_a.id == Comparison.response_a_id)
@@ -161,14 +192,14 @@ def load_votes(raters: RaterTable, *, session: Session) -> VoteColumns:
     result = session.connection().execute(query)
     if epoch is None:
         rows = [tuple(row) for row in result.all()]
-        created = _python_epoch_seconds([row[-1] for row in rows])
-        rows = [row[:-1] + (0.0,) for row in rows]
+        created = _python_epoch_seconds([row[9] for row in rows])
+        rows = [row[:9] + (0.0, row[10]) for row in rows]
     else:
         # Every column is a plain number the driver already converted: read the DBAPI cursor's
         # tuples directly, which numpy takes at once (SQLAlchemy's Row objects would triple the time).
         rows = result.cursor.fetchall()
         result.close()
-    table = np.array(rows, dtype=float).reshape(len(rows), 10)  # None -> NaN
+    table = np.array(rows, dtype=float).reshape(len(rows), 11)  # None -> NaN
     if epoch is not None:
         created = table[:, 9]
     ints = np.nan_to_num(table[:, :8], nan=-1).astype(np.int64)
@@ -183,6 +214,7 @@ def load_votes(raters: RaterTable, *, session: Session) -> VoteColumns:
         policy_b=ints[:, 7],
         time_spent_ms=table[:, 8].copy(),
         created_s=np.asarray(created, dtype=float),
+        gold=table[:, 10].astype(np.int64),
     )
 
 
@@ -276,6 +308,7 @@ class Stats:
     leaderboard: Leaderboard
     judge_vs_human: JudgeVsHuman
     evaluations: list[EvaluationSummary] = field(default_factory=list)  # `prefloop eval` results, oldest first
+    raters: list[RaterQuality] = field(default_factory=list)  # annotator quality (feedback_store.rater_quality)
 
     def to_dict(self) -> dict:
         """A JSON-ready dict: `leaderboard` is the list of ratings; the matrices sit in `win_rate`."""
@@ -289,6 +322,7 @@ class Stats:
             "win_rate": board,
             "judge_vs_human": asdict(self.judge_vs_human),
             "evaluations": [evaluation.to_dict() for evaluation in self.evaluations],
+            "raters": [row.to_dict() for row in self.raters],
         }
         return _json_safe(result)
 
@@ -518,16 +552,22 @@ def leaderboard_stats(votes: VoteColumns, raters: RaterTable, policy_names: dict
 
 def compute_stats(*, session: Session, config: StatsConfig = StatsConfig()) -> Stats:
     raters = load_raters(session=session)
-    votes = load_votes(raters, session=session)
+    all_votes = load_votes(raters, session=session)
+    votes = all_votes.without_gold()
+    listed = votes.subset(raters.of_kinds(config.rater_kinds)[votes.rater]) if len(votes) else votes
+    # Judge-vs-human compares judges with humans only; simulated votes are neither.
     policy_names = dict(session.execute(select(PolicyVersion.id, PolicyVersion.name)).all())
     return Stats(
-        counts=count_rows(raters, votes, session=session),
+        counts=count_rows(raters, all_votes, session=session),
         agreement=agreement_stats(votes, raters, config),
-        position_bias=position_bias_stats(votes, raters),
-        throughput=throughput_stats(votes, raters, config),
+        position_bias=position_bias_stats(listed, raters),
+        throughput=throughput_stats(listed, raters, config),
         leaderboard=leaderboard_stats(votes, raters, policy_names, config),
         judge_vs_human=judge_vs_human_stats(votes, raters),
         evaluations=list_evaluations(session=session),
+        raters=rater_quality(all_votes, raters, kinds=config.rater_kinds, min_gold=config.min_gold,
+                             threshold=(config.quality_threshold if config.quality_threshold is not None
+                                        else quality_threshold(session=session))),
     )
 
 

@@ -17,6 +17,7 @@ from labeling.cli import (
     judge_command,
     loop_command,
     serve_command,
+    simulate_command,
     stats_command,
     store_commands,
     train_command,
@@ -36,6 +37,7 @@ COMMAND_MODULES = [
     eval_command,
     train_command,
     loop_command,
+    simulate_command,
     serve_command,
     demo_command,
 ]

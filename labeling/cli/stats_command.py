@@ -1,4 +1,6 @@
-"""`prefloop stats [--json]`: counts, agreement, position bias, throughput, leaderboard, judge vs human."""
+"""`prefloop stats [--json]`: counts, agreement, position bias, throughput, leaderboard, judge vs human,
+and per-rater quality (`raters`: gold accuracy, leave-one-out agreement, left-pick rate, median
+time, Dawid-Skene accuracy and confusion; feedback_store.rater_quality)."""
 
 from __future__ import annotations
 
@@ -18,6 +20,11 @@ def register(subparsers, common: argparse.ArgumentParser) -> None:
                         help="policy pinned at rating 1000 (default: the mean rating is 1000)")
     parser.add_argument("--leaderboard-raters", default="human,judge,import", metavar="KINDS",
                         help="rater kinds whose votes rank the policies (default: human,judge,import)")
+    parser.add_argument("--include-simulated", action="store_true",
+                        help="count simulated raters' votes too (prefloop simulate); left out otherwise")
+    parser.add_argument("--quality-threshold", type=float, default=None, metavar="T",
+                        help="flag raters whose quality score is below T "
+                             "(default: the admin setting, `prefloop raters threshold`, else 0.7)")
     parser.add_argument("--min-overlap", type=int, default=5, metavar="N",
                         help="comparisons two raters must share to list their Cohen's kappa (default: 5)")
     parser.set_defaults(handler=run_stats)
@@ -32,9 +39,14 @@ def run_stats(args: argparse.Namespace) -> int:
     if args.bootstrap < 0:
         raise CliError("--bootstrap must not be negative")
     try:
+        extra = ("simulated",) if args.include_simulated else ()
+        leaderboard_kinds = tuple(kind.strip() for kind in args.leaderboard_raters.split(",") if kind.strip())
         config = StatsConfig(
             min_overlap=args.min_overlap,
-            leaderboard_kinds=tuple(kind.strip() for kind in args.leaderboard_raters.split(",") if kind.strip()),
+            leaderboard_kinds=tuple(dict.fromkeys(leaderboard_kinds + extra)),
+            agreement_kinds=("human",) + extra,
+            rater_kinds=("human", "judge", "import") + extra,
+            quality_threshold=args.quality_threshold,
             leaderboard=LeaderboardConfig(n_bootstrap=args.bootstrap, seed=args.seed, anchor=args.anchor),
         )
     except ValueError as error:
@@ -129,3 +141,19 @@ def render(stats) -> None:
         )
     if stats.throughput:
         console.print(raters)
+
+    if stats.raters:
+        quality = Table(title="Rater quality (gold accuracy with 95% Wilson CI; agreement with the others' "
+                              "majority; Dawid-Skene accuracy)")
+        for column in ("rater", "kind", "votes", "gold", "gold acc", "95% CI", "vs majority", "left-pick",
+                       "median s", "DS acc", "score", "flag"):
+            quality.add_column(column, justify="left" if column in ("rater", "kind", "flag") else "right")
+        for row in stats.raters:
+            quality.add_row(
+                row.rater, row.kind, str(row.votes), str(row.gold_n), _fmt(row.gold_accuracy),
+                f"{_fmt(row.gold_ci_low)} – {_fmt(row.gold_ci_high)}", _fmt(row.majority_agreement),
+                _fmt(row.left_pick_rate), _fmt(row.median_time_ms / 1000 if row.median_time_ms == row.median_time_ms
+                                               else None, 1),
+                _fmt(row.ds_accuracy), _fmt(row.score), "[red]below threshold[/]" if row.below_threshold else "",
+            )
+        console.print(quality)
