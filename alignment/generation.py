@@ -43,11 +43,15 @@ COMPARISON_SOURCE = "generate"
 class GenerationJob:
     """One `prefloop generate` run."""
 
-    policies: tuple[str, ...] = field(default=("default",), metadata={"help": "policy names to sample"})
-    prompts: int | None = field(default=None, metadata={"help": "the first N prompts of the split; None = all"})
+    policies: tuple[str, ...] = field(
+        default=("default",),
+        metadata={"help": "stored policy versions, 'default' (the embedded model), 'base' (the model `model` "
+                          "names) or model ids"},
+    )
+    prompts: int | None = field(default=None, metadata={"help": "the first N prompts of the split; unset: all"})
     split: str | None = field(
         default="train",
-        metadata={"help": "which prompts: train (pairs for labelling), eval (held out for `prefloop eval`), None = all"},
+        metadata={"help": "which prompts: train (pairs for labelling), eval (held out for `prefloop eval`), or all (None)"},
     )
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     backend: Backend = field(default="local", metadata={"help": "local (in-process) or openai (a server)"})
@@ -56,7 +60,7 @@ class GenerationJob:
         metadata={"help": "openai: the served model; local: the base model that the name 'base' stands for"},
     )
     base_url: str | None = field(default=None, metadata={"help": "openai backend: the server's API root"})
-    quantize: str = field(default="auto", metadata={"help": "local backend: none, 8bit, 4bit or auto"})
+    quantize: str = field(default="auto", metadata={"help": "local backend: none, 8bit, 4bit or auto (4bit on CUDA, none on CPU)"})
     api_key_env: str = field(default="OPENAI_API_KEY", metadata={"help": "openai backend: key variable"})
 
 

@@ -30,10 +30,10 @@ class SamplingConfig:
     """How responses are sampled (stored with each response as its generation parameters)."""
 
     max_new_tokens: int = field(default=256, metadata={"help": "most tokens per response"})
-    temperature: float = field(default=0.7, metadata={"help": "0 = greedy decoding"})
+    temperature: float = field(default=0.7, metadata={"help": "sampling temperature; 0 = greedy decoding"})
     top_p: float = field(default=0.95, metadata={"help": "nucleus sampling mass"})
     samples: int = field(default=1, metadata={"help": "responses per prompt and policy"})
-    seed: int = field(default=0, metadata={"help": "seed for reproducible sampling"})
+    seed: int = field(default=0, metadata={"help": "sampling seed (reproducible runs)"})
     batch_size: int = field(default=16, metadata={"help": "sequences per forward pass (local backend)"})
     min_new_tokens: int = field(default=0, metadata={"help": "suppress the end token before this many"})
 

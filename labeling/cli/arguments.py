@@ -11,15 +11,18 @@ from collections.abc import Sequence
 from types import ModuleType
 
 from labeling.cli.common import common_parser
+from labeling.cli.dataclass_flags import LazySubParsersAction
 
 
 def build(
     modules: Sequence[ModuleType], parser_class: type[argparse.ArgumentParser] = argparse.ArgumentParser
 ) -> argparse.ArgumentParser:
     """`prefloop` with one subcommand per module (each has `register(subparsers, common)`);
-    subcommand parsers are made of `parser_class` too (argparse's default)."""
+    subcommand parsers are made of `parser_class` too (argparse's default). A module may defer
+    adding its flags to the subcommand's first use (dataclass_flags.deferred)."""
     parser = parser_class(prog="prefloop", description="Human feedback collection and RLHF, one loop.")
-    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                       action=LazySubParsersAction)
     common = common_parser()
     for module in modules:
         module.register(subparsers, common)

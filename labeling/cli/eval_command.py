@@ -62,7 +62,7 @@ def add_generation_options(p: argparse.ArgumentParser, *, samples_temperature: f
 
 def register(subparsers, common: argparse.ArgumentParser) -> None:
     p = subparsers.add_parser(
-        "eval", parents=[common], help="judge a policy against its parent on the eval prompts (win rate, 95% CI)",
+        "eval", parents=[common], help="judge a policy against its parent on the eval prompts (win rate, 95%% CI)",
         description=__doc__.split("\n\n")[0],
     )
     p.add_argument("policy", metavar="POLICY", help="a stored policy version")

@@ -6,6 +6,10 @@
 
 Rerunning the same command resumes: prompts every policy has answered are skipped. An empty
 store first receives the bundled default prompt set.
+
+The flags are the fields of GenerationJob and SamplingConfig, help and defaults included
+(labeling/cli/dataclass_flags.py); they are added when `generate` is used, since those classes
+import torch.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import argparse
 
 from labeling.cli.common import CliError, open_store
+from labeling.cli.dataclass_flags import Flag, add_flags, deferred, field_default, format_default, get_field
 
 
 def _prompt_count(value: str) -> int | None:
@@ -42,30 +47,35 @@ def register(subparsers, common: argparse.ArgumentParser) -> None:
         description="Sample responses from policy versions for the stored prompts and pair them for "
                     "comparison. Rerunning resumes: prompts every policy has answered are skipped.",
     )
-    parser.add_argument(
-        "--policy", type=_policies, default=None, metavar="NAME[,NAME...]",
-        help="stored policy versions, 'default' (the embedded model), 'base' (--model) or model ids "
-             "(default: 'default'; with --backend openai: the --model name)",
-    )
-    parser.add_argument("--prompts", type=_prompt_count, default=None, metavar="N|all",
-                        help="the first N prompts of the split (default: all)")
-    parser.add_argument("--split", choices=("train", "eval", "all"), default="train",
-                        help="which prompts: train (default; eval prompts are held out for `prefloop eval`), "
-                             "eval or all")
-    parser.add_argument("--samples", type=int, default=None, metavar="K",
-                        help="responses per prompt and policy (default: 2 for one policy, 1 for several)")
-    parser.add_argument("--max-new-tokens", type=int, default=256, help="most tokens per response (default: 256)")
-    parser.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default: 0.7)")
-    parser.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
-    parser.add_argument("--backend", choices=("local", "openai"), default="local",
-                        help="local: in-process model; openai: an OpenAI-compatible server (vLLM, TGI, ...)")
-    parser.add_argument("--base-url", default=None, help="openai backend: API root, e.g. http://127.0.0.1:8000/v1")
-    parser.add_argument("--model", default=None,
-                        help="openai backend: the served model; local: the model the policy name 'base' stands for")
-    parser.add_argument("--quantize", choices=("auto", "none", "8bit", "4bit"), default="auto",
-                        help="local backend (default: auto = 4bit on CUDA, none on CPU)")
-    parser.add_argument("--batch-size", type=int, default=16, help="local backend: sequences per batch (default: 16)")
     parser.set_defaults(handler=run_generate)
+    deferred(subparsers, parser, _add_flags)  # the config classes import torch: only when generate runs
+
+
+def _add_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags: fields of GenerationJob and SamplingConfig (alignment/generation.py, sampling.py)."""
+    from alignment.generation import GenerationJob, SamplingConfig
+    from alignment.models.spec import QUANTIZE_MODES
+
+    policies = format_default(field_default(get_field(GenerationJob, "policies")))
+    add_flags(parser, GenerationJob, [
+        Flag("policies", flag="--policy", type=_policies, metavar="NAME[,NAME...]", unset=True,
+             shown=f"{policies}; with --backend openai: the --model name"),
+        Flag("prompts", type=_prompt_count, metavar="N|all"),
+        Flag("split", choices=("train", "eval", "all")),
+    ])
+    add_flags(parser, SamplingConfig, [
+        Flag("samples", metavar="K", unset=True, shown="2 for one policy, 1 for several"),
+        Flag("max_new_tokens"),
+        Flag("temperature"),
+        Flag("seed"),
+    ])
+    add_flags(parser, GenerationJob, [
+        Flag("backend"),
+        Flag("base_url"),
+        Flag("model"),
+        Flag("quantize", choices=QUANTIZE_MODES),
+    ])
+    add_flags(parser, SamplingConfig, [Flag("batch_size")])
 
 
 def run_generate(args: argparse.Namespace) -> int:

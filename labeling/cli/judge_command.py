@@ -7,6 +7,9 @@
 
 The API key is read from an environment variable (--api-key-env, default PREFLOOP_JUDGE_API_KEY
 then OPENAI_API_KEY), never from a flag. Rerunning resumes: decided comparisons are skipped.
+
+The flags are the fields of the judge's config dataclasses (JudgeRunConfig, OpenAIJudgeConfig,
+LocalJudgeConfig): help and defaults come from there (labeling/cli/dataclass_flags.py).
 """
 
 from __future__ import annotations
@@ -15,58 +18,64 @@ import argparse
 import json
 
 from labeling.cli.common import CliError, open_store
+from labeling.cli.dataclass_flags import Flag, add_flags, cli_only, field_default, format_default, get_field
 
 DEFAULT_RUBRIC = "no-refusal,shorter"
 LOCAL_CHOICE_TEMPLATE = "pairwise-verdict-v1"
 
 
 def register(subparsers, common: argparse.ArgumentParser) -> None:
+    from labeling.judge.runner import JudgeRunConfig
+
     p = subparsers.add_parser(
         "judge",
         parents=[common],
         help="label comparisons with an AI judge (RLAIF)",
         description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add_judge_options(p)
-    p.add_argument("--list-templates", action="store_true", help="list the prompt templates and exit")
-    p.add_argument("--limit", type=int, default=None, help="judge at most this many comparisons")
-    p.add_argument("--route-doubts", action="store_true",
-                   help="judge first, humans on doubt: inconsistent or low-confidence comparisons go to the front of the human queue")
-    p.add_argument("--doubt-confidence", type=float, default=0.75, help="confidence below which a verdict is a doubt")
-    p.add_argument("--doubt-priority", type=int, default=10, help="human-queue priority given to doubts")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--json", action="store_true", help="print the run summary as JSON")
+    cli_only(p, "--list-templates", action="store_true", help="list the prompt templates and exit")
+    add_flags(p, JudgeRunConfig, [Flag("limit")])
+    add_flags(p, JudgeRunConfig, [Flag("route_doubts"), Flag("doubt_confidence"), Flag("doubt_priority")])
+    cli_only(p, "--no-progress", action="store_true", help="no progress bar")
+    cli_only(p, "--json", action="store_true", help="print the run summary as JSON")
     p.set_defaults(handler=run_judge_command)
 
 
 def add_judge_options(p: argparse.ArgumentParser) -> None:
-    """Which judge and how it is asked: shared by `prefloop judge` and `prefloop eval`."""
-    p.add_argument("--backend", choices=("openai", "local", "rubric"), default="openai", help="which judge")
-    p.add_argument("--model", default=None, help="openai: model name (required); local: 'default', a model id or a path")
-    p.add_argument("--base-url", default=None, help="OpenAI-compatible endpoint, e.g. http://localhost:8000/v1 (default: OpenAI)")
-    p.add_argument("--api-key-env", action="append", default=None, metavar="VAR",
-                   help="environment variable holding the API key (repeatable; default: PREFLOOP_JUDGE_API_KEY, OPENAI_API_KEY)")
-    p.add_argument("--rubric", default=DEFAULT_RUBRIC, help="rubric backend: rule names chained with commas, or module:function")
-    p.add_argument("--template", default=None, help="prompt template id (default: pairwise-v1; local choice mode: pairwise-verdict-v1)")
-    p.add_argument("--criteria", default=None, help="criteria / short constitution replacing the template's default")
-    p.add_argument("--criteria-file", default=None, help="read --criteria from this file")
-    p.add_argument("--concurrency", type=int, default=None, help="requests in flight (default: openai 16, local 2 x batch size)")
-    p.add_argument("--rpm", type=float, default=None, help="at most this many requests per minute")
-    p.add_argument("--tpm", type=float, default=None, help="at most this many tokens per minute")
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds per HTTP attempt")
-    p.add_argument("--max-attempts", type=int, default=4, help="HTTP attempts per request (retries on 429/5xx/timeouts, honouring Retry-After)")
-    p.add_argument("--max-tokens", type=int, default=512, help="openai: completion token limit per request")
-    p.add_argument("--temperature", type=float, default=0.0, help="openai: sampling temperature")
-    p.add_argument("--logprobs", action="store_true", help="openai: ask for logprobs and record a confidence")
-    p.add_argument("--batch-size", type=int, default=16, help="local: requests per forward pass")
-    p.add_argument("--local-mode", choices=("choice", "generate"), default="choice",
-                   help="local: score [[A]]/[[B]]/[[C]] in one pass, or generate and parse")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="local generate mode: tokens per reply")
-    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
-                   help="local: weights dtype (auto: bfloat16 where the hardware computes it natively, else float32)")
-    p.add_argument("--price-prompt", type=float, default=None, help="price per 1M prompt tokens (for the cost ledger)")
-    p.add_argument("--price-completion", type=float, default=None, help="price per 1M completion tokens")
+    """Which judge and how it is asked: shared by `prefloop judge`, `prefloop eval` and `prefloop
+    loop`. Each flag is a field of JudgeRunConfig, OpenAIJudgeConfig or LocalJudgeConfig
+    (labeling/judge/), whose metadata holds its help and whose default is the flag's."""
+    from labeling.judge.local_backend import LocalJudgeConfig
+    from labeling.judge.openai_backend import OpenAIJudgeConfig
+    from labeling.judge.runner import JudgeRunConfig
+
+    local_model = format_default(field_default(get_field(LocalJudgeConfig, "model")))
+    cli_only(p, "--backend", choices=("openai", "local", "rubric"), default="openai", help="which judge")
+    add_flags(p, OpenAIJudgeConfig, [
+        Flag("model", help="openai: the model name the endpoint serves (required); local: a model id, a path "
+                           "or 'default' (the embedded model)", shown=f"{local_model} with --backend local"),
+        Flag("base_url"),
+        Flag("api_key_env", action="append", metavar="VAR"),
+    ], prefix="")
+    cli_only(p, "--rubric", default=DEFAULT_RUBRIC,
+             help="rubric backend: rule names chained with commas, or module:function")
+    template = format_default(field_default(get_field(JudgeRunConfig, "template")))
+    add_flags(p, JudgeRunConfig, [
+        Flag("template", unset=True, shown=f"{template}; local choice mode: {LOCAL_CHOICE_TEMPLATE}"),
+        Flag("criteria"),
+    ])
+    cli_only(p, "--criteria-file", default=None, help="read --criteria from this file")
+    add_flags(p, JudgeRunConfig, [Flag("concurrency"), Flag("rpm"), Flag("tpm")])
+    add_flags(p, OpenAIJudgeConfig, [Flag("timeout"), Flag("max_attempts"), Flag("max_tokens"), Flag("temperature"),
+                                     Flag("logprobs")], prefix="openai: ")
+    add_flags(p, LocalJudgeConfig, [
+        Flag("batch_size"),
+        Flag("mode", flag="--local-mode"),
+        Flag("max_new_tokens"),
+        Flag("dtype", choices=("auto", "float32", "bfloat16", "float16")),
+    ], prefix="local: ")
+    add_flags(p, JudgeRunConfig, [Flag("price_prompt"), Flag("price_completion")])
 
 
 def run_judge_command(args: argparse.Namespace) -> int:

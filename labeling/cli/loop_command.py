@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 
 from labeling.cli.common import CliError, open_store
+from labeling.cli.dataclass_flags import deferred
 from labeling.cli.eval_command import add_generation_options, eval_config
 from labeling.cli.judge_command import add_judge_options, build_backend, check_backend_options
 
@@ -19,8 +20,8 @@ from labeling.cli.judge_command import add_judge_options, build_backend, check_b
 def register(subparsers, common: argparse.ArgumentParser) -> None:
     p = subparsers.add_parser("loop", parents=[common], help="turn the loop: sample, label, train, evaluate, promote",
                               description=__doc__.split("\n\n")[0])
-    add_loop_options(p)
     p.set_defaults(handler=run_loop_command)
+    deferred(subparsers, p, add_loop_options)  # labeling.loop imports torch: only when loop is used
 
 
 def add_loop_options(p: argparse.ArgumentParser) -> None:

@@ -11,6 +11,12 @@
 
 Settings: a preset (alignment/training/presets/*.yaml; default cpu-lora on CPU, seed-qlora on CUDA),
 then --config FILE (same YAML shape), then these flags and any --set section.key=value.
+
+Each settings flag is one field of a section's dataclass (COMMON_FLAGS, METHOD_FLAGS): its type,
+choices and help come from the field, and its default is written once, from the field or as
+"preset's value" when a shipped preset sets it. A flag lands where the same key of a YAML file
+would (FLAG_SETTINGS, overrides_from_args). The flags are added when `train METHOD` is used:
+their dataclasses import torch and TRL.
 """
 
 from __future__ import annotations
@@ -19,49 +25,19 @@ import argparse
 
 from alignment.training.methods import METHODS
 from labeling.cli.common import CliError, open_store
+from labeling.cli.dataclass_flags import (
+    Flag,
+    LazySubParsersAction,
+    add_flags,
+    cli_only,
+    deferred,
+    field_default,
+    format_default,
+    get_field,
+)
 
 DPO_LOSSES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
               "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
-
-# flag dest -> (section, key): where a flag's value lands in the settings layers.
-FLAG_SETTINGS = {
-    "max_steps": ("trainer", "max_steps"),
-    "epochs": ("trainer", "num_train_epochs"),
-    "batch_size": ("trainer", "per_device_train_batch_size"),
-    "learning_rate": ("trainer", "learning_rate"),
-    "max_length": ("trainer", "max_length"),
-    "seed": ("trainer", "seed"),
-    "report_to": ("trainer", "report_to"),
-    "quantize": ("model", "quantize"),
-    "adapter": ("adapter", "method"),
-    "raters": ("selection", "rater_kinds"),
-    "min_agreement": ("selection", "min_agreement"),
-    "min_votes": ("selection", "min_votes"),
-    "tie_policy": ("selection", "tie_policy"),
-    "weighted": ("selection", "weighted"),
-    "output_dir": ("run", "output_dir"),
-    "data": ("run", "data"),
-    "policy_name": ("run", "policy_name"),
-    "resume": ("run", "resume"),
-    "from_policy": ("run", "from_policy"),
-    "beta": ("METHOD", "beta"),
-    "loss_type": ("METHOD", "loss_type"),
-    "label_smoothing": ("METHOD", "label_smoothing"),
-    "desirable_weight": ("METHOD", "desirable_weight"),
-    "undesirable_weight": ("METHOD", "undesirable_weight"),
-    "eval_fraction": ("METHOD", "eval_fraction"),
-    "reward_run": ("METHOD", "reward_run"),
-    "reward_model": ("METHOD", "reward_model"),
-    "reward_function": ("METHOD", "reward_function"),
-    "kl_coef": ("METHOD", "kl_coef"),
-    "kl_target": ("METHOD", "kl_target"),
-    "rollout_batch_size": ("METHOD", "rollout_batch_size"),
-    "mini_batch_size": ("METHOD", "mini_batch_size"),
-    "ppo_epochs": ("METHOD", "ppo_epochs"),
-    "max_new_tokens": ("METHOD", "max_new_tokens"),
-    "temperature": ("METHOD", "temperature"),
-}
-
 
 def _loss_types(value: str) -> list[str]:
     names = [name.strip() for name in value.split(",") if name.strip()]
@@ -78,86 +54,157 @@ def _fraction(value: str) -> float:
     return number
 
 
-def _common_flags() -> argparse.ArgumentParser:
+# Each flag names a field of a settings section: "model" ModelSpec, "adapter" AdapterConfig,
+# "selection" Selection, "run" RunOptions, "trainer" / "METHOD" the method's TRL config class
+# (METHOD: the method's own section of presets and configs). The type, choices and default
+# come from that field; `help` is given here only for TRL's fields, whose own help is long.
+COMMON_FLAGS: tuple[tuple[str, Flag], ...] = (
+    ("trainer", Flag("max_steps", help="stop after N optimizer steps; -1: after --epochs")),
+    ("trainer", Flag("num_train_epochs", flag="--epochs", help="passes over the data (when no --max-steps)")),
+    ("trainer", Flag("per_device_train_batch_size", flag="--batch-size", help="per-device batch size")),
+    ("trainer", Flag("learning_rate", help="peak learning rate of the optimizer")),
+    ("trainer", Flag("max_length", help="tokens per prompt + completion")),
+    ("run", Flag("resume")),
+    ("model", Flag("quantize")),
+    ("adapter", Flag("method", flag="--adapter", help="what is trained: lora, dora, full or lm_head")),
+    ("selection", Flag("rater_kinds", flag="--raters")),
+    ("selection", Flag("min_agreement", type=_fraction)),
+    ("selection", Flag("min_votes")),
+    ("selection", Flag("tie_policy")),
+    ("selection", Flag("weighted")),
+    ("trainer", Flag("seed", help="random seed of the run (data order, new weights)")),
+    ("run", Flag("output_dir")),
+    ("run", Flag("data", metavar="FILE")),
+    ("run", Flag("policy_name")),
+    ("run", Flag("from_policy", metavar="NAME")),
+    ("trainer", Flag("report_to", choices=("none", "tensorboard"),
+                     help="also log to TensorBoard (under the output directory)")),
+)
+METHOD_FLAGS: dict[str, tuple[tuple[str, Flag], ...]] = {
+    "sft": (),
+    "dpo": (
+        ("METHOD", Flag("beta", help="how far the policy may move from the reference")),
+        ("METHOD", Flag("loss_type", type=_loss_types, metavar="TYPE[,TYPE]",
+                        help=f"TRL's DPO losses: {', '.join(DPO_LOSSES)}")),
+        ("METHOD", Flag("label_smoothing", help="robust / exo_pair losses")),
+    ),
+    "kto": (
+        ("METHOD", Flag("beta", help="how far the policy may move from the reference")),
+        ("METHOD", Flag("desirable_weight", help="loss weight of desirable examples",
+                        shown="set from the class counts (auto_class_weights)")),
+        ("METHOD", Flag("undesirable_weight", help="loss weight of undesirable examples",
+                        shown="set from the class counts (auto_class_weights)")),
+    ),
+    "reward": (
+        ("METHOD", Flag("eval_fraction", type=_fraction)),
+    ),
+    "ppo": (
+        ("METHOD", Flag("reward_run", metavar="RUN_ID")),
+        ("METHOD", Flag("reward_model", metavar="PATH")),
+        ("METHOD", Flag("reward_function", metavar="MODULE:FUNCTION")),
+        ("METHOD", Flag("kl_coef")),
+        ("METHOD", Flag("kl_target")),
+        ("METHOD", Flag("rollout_batch_size")),
+        ("METHOD", Flag("mini_batch_size")),
+        ("METHOD", Flag("ppo_epochs")),
+        ("METHOD", Flag("max_new_tokens")),
+        ("METHOD", Flag("temperature")),
+    ),
+}
+PPO_REWARD_FLAGS = ("reward_run", "reward_model", "reward_function")
+
+
+def _settings_of(entries) -> dict[str, tuple[str, str]]:
+    return {flag.dest: (section, flag.field) for section, flag in entries}
+
+
+# flag dest -> (section, key): where a flag's value lands in the settings layers.
+FLAG_SETTINGS: dict[str, tuple[str, str]] = {
+    **_settings_of(COMMON_FLAGS),
+    **{dest: where for entries in METHOD_FLAGS.values() for dest, where in _settings_of(entries).items()},
+}
+
+
+def _command_flags() -> argparse.ArgumentParser:
+    """The flags that configure the command itself (which layers, what happens after), not a field."""
+    from alignment.training.presets import AUTO_PRESET
+
     parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument("--model", default=None,
-                        help="base model: 'default' (embedded SmolLM2-135M-Instruct, unless the config says "
-                             "otherwise), a Hugging Face id or a path")
-    parser.add_argument("--preset", default="auto",
-                        help="a preset name (alignment/training/presets/NAME.yaml) or a YAML path (default: seed-qlora on CUDA, cpu-lora on CPU)")
-    parser.add_argument("--config", default=None, metavar="FILE", help="a YAML file over the preset")
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="any setting, e.g. --set trainer.warmup_steps=10 (repeatable, last wins)")
-    parser.add_argument("--max-steps", type=int, default=None, help="stop after N optimizer steps")
-    parser.add_argument("--epochs", type=float, default=None, help="passes over the data (when no --max-steps)")
-    parser.add_argument("--batch-size", type=int, default=None, help="per-device batch size")
-    parser.add_argument("--learning-rate", type=float, default=None)
-    parser.add_argument("--max-length", type=int, default=None, help="tokens per prompt + completion")
-    parser.add_argument("--resume", action="store_true", default=None,
-                        help="continue the latest unfinished run of this method from its last checkpoint")
-    parser.add_argument("--quantize", choices=("auto", "none", "8bit", "4bit"), default=None,
-                        help="base model precision (auto: 4bit on CUDA, none on CPU)")
-    parser.add_argument("--adapter", choices=("lora", "dora", "full", "lm_head"), default=None,
-                        help="what is trained (default lora)")
-    parser.add_argument("--raters", choices=("human", "judge", "both"), default=None, help="whose votes count")
-    parser.add_argument("--min-agreement", type=_fraction, default=None,
-                        help="drop comparisons whose majority has a smaller share of the votes (0-1)")
-    parser.add_argument("--min-votes", type=int, default=None, help="drop comparisons with fewer votes")
-    parser.add_argument("--tie-policy", choices=("drop", "half"), default=None,
-                        help="reward model: drop ties, or train on both orders with margin 0")
-    parser.add_argument("--weighted", action="store_true", default=None, help="weight votes by each rater's weight")
-    parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--output-dir", default=None, help="where checkpoints and the adapter go")
-    parser.add_argument("--data", default=None, metavar="FILE",
-                        help="train on this parquet/JSONL file (TRL format) instead of the store's export")
-    parser.add_argument("--policy-name", default=None, help="name of the policy the run registers")
-    parser.add_argument("--from-policy", default=None, metavar="NAME",
-                        help="start from this stored policy ('latest': the newest trained one); it is the "
-                             "reference (DPO/KTO log-ratio, PPO KL) and the parent of the new policy")
-    parser.add_argument("--report-to", choices=("none", "tensorboard"), default=None,
-                        help="also log to TensorBoard (under the output directory)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--eval", nargs="?", const="", default=None, metavar="OPTIONS",
-                        help="then judge the new policy against its parent on the eval prompts, with "
-                             "`prefloop eval` options in one string, e.g. --eval=\"--backend rubric --prompts 50\"")
+    cli_only(parser, "--model", default=None,
+             help="base model: 'default' (embedded SmolLM2-135M-Instruct, unless the config says "
+                  "otherwise), a Hugging Face id or a path")
+    cli_only(parser, "--preset", default=AUTO_PRESET,
+             help="a preset name (alignment/training/presets/NAME.yaml) or a YAML path; "
+                  f"{AUTO_PRESET}: seed-qlora on CUDA, cpu-lora on CPU")
+    cli_only(parser, "--config", default=None, metavar="FILE", help="a YAML file over the preset")
+    cli_only(parser, "--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+             help="any setting, e.g. --set trainer.warmup_steps=10 (repeatable, last wins)")
     return parser
 
 
-def _method_flags(method: str, parser: argparse.ArgumentParser) -> None:
-    if method in ("dpo", "kto"):
-        parser.add_argument("--beta", type=float, default=None, help="how far the policy may move from the reference")
-    if method == "dpo":
-        parser.add_argument("--loss-type", type=_loss_types, default=None, metavar="TYPE[,TYPE]",
-                            help=f"TRL's DPO losses: {', '.join(DPO_LOSSES)}")
-        parser.add_argument("--label-smoothing", type=float, default=None, help="robust / exo_pair losses")
-    if method == "kto":
-        parser.add_argument("--desirable-weight", type=float, default=None,
-                            help="default: set from the class ratio")
-        parser.add_argument("--undesirable-weight", type=float, default=None,
-                            help="default: set from the class ratio")
-    if method == "reward":
-        parser.add_argument("--eval-fraction", type=_fraction, default=None,
-                            help="share of pairs held out for the accuracy report (default 0.1)")
+def _after_flags(parser: argparse.ArgumentParser) -> None:
+    cli_only(parser, "--no-progress", action="store_true", help="no progress bar")
+    cli_only(parser, "--eval", nargs="?", const="", default=None, metavar="OPTIONS",
+             help="then judge the new policy against its parent on the eval prompts, with "
+                  "`prefloop eval` options in one string, e.g. --eval=\"--backend rubric --prompts 50\"")
+
+
+def section_classes(method: str) -> dict[str, type]:
+    """The dataclass each settings section of `method` is built into (imports torch and TRL)."""
+    import importlib
+
+    from alignment.models.adapters import AdapterConfig
+    from alignment.models.spec import ModelSpec
+    from feedback_store.export import Selection
+
+    try:
+        from alignment.training.plan import RunOptions
+    except ImportError:
+        from alignment.training.job import RunOptions
+    config = importlib.import_module(f"alignment.training.{method}").METHOD.config_class
+    return {"model": ModelSpec, "adapter": AdapterConfig, "selection": Selection, "run": RunOptions,
+            "trainer": config, "METHOD": config}
+
+
+def preset_default(method: str, section: str, key: str) -> str | None:
+    """How a flag's default is written when shipped presets set the key: "preset's value" (with
+    the field's default after "else" when only some presets set it); None when none does."""
+    from alignment.training.presets import list_presets, load_preset
+
+    sections = ("trainer", method) if section in ("trainer", "METHOD") else (section,)
+    sets = [any(key in (preset.get(name) or {}) for name in sections)
+            for preset in (load_preset(name) for name in list_presets())]
+    if not any(sets):
+        return None
+    if all(sets):
+        return "preset's value"
+    return "preset's value, else {field}"
+
+
+def add_method_flags(method: str, parser: argparse.ArgumentParser) -> None:
+    """`prefloop train METHOD`'s flags, each from its section's dataclass field."""
+    classes = section_classes(method)
+
+    def add(group, entries):
+        for section, flag in entries:
+            cls = classes[section]
+            shown = preset_default(method, section, flag.field)
+            if shown is not None and "{field}" in shown:
+                field_text = format_default(field_default(get_field(cls, flag.field)))
+                shown = shown.format(field=field_text) if field_text else "preset's value"
+            add_flags(group, cls, [flag], overrides=True, shown=lambda _flag, text=shown: text)
+
+    add(parser, COMMON_FLAGS)
+    entries = METHOD_FLAGS[method]
     if method == "ppo":
-        reward = parser.add_argument_group("reward (one of)")
-        reward.add_argument("--reward-run", type=int, default=None, metavar="RUN_ID",
-                            help="a finished `prefloop train reward` run: its model scores the completions")
-        reward.add_argument("--reward-model", default=None, metavar="PATH",
-                            help="a saved reward model directory (a reward run's output)")
-        reward.add_argument("--reward-function", default=None, metavar="MODULE:FUNCTION",
-                            help="a rule-based reward, f(completions, prompts) -> list of floats")
-        ppo = parser.add_argument_group(
+        add(parser.add_argument_group("reward (one of)"), [e for e in entries if e[1].field in PPO_REWARD_FLAGS])
+        add(parser.add_argument_group(
             "PPO", "--max-steps counts PPO steps (one rollout batch each), --batch-size is the micro-batch of the "
             "gradient passes; more settings with --set ppo.KEY=VALUE (cliprange, cliprange_value, vf_coef, gamma, "
-            "lam, missing_eos_penalty, ...)")
-        ppo.add_argument("--kl-coef", type=float, default=None, help="per-token KL penalty to the reference (0.05)")
-        ppo.add_argument("--kl-target", type=float, default=None,
-                         help="adapt the KL coefficient towards this KL per completion (default: fixed)")
-        ppo.add_argument("--rollout-batch-size", type=int, default=None, help="completions per PPO step (16)")
-        ppo.add_argument("--mini-batch-size", type=int, default=None, help="completions per optimizer step (8)")
-        ppo.add_argument("--ppo-epochs", type=int, default=None, help="passes over each rollout batch (4)")
-        ppo.add_argument("--max-new-tokens", type=int, default=None, help="most tokens per completion (64)")
-        ppo.add_argument("--temperature", type=float, default=None, help="rollout sampling temperature (0.7)")
+            "lam, missing_eos_penalty, ...)"), [e for e in entries if e[1].field not in PPO_REWARD_FLAGS])
+    else:
+        add(parser, entries)
+    _after_flags(parser)
 
 
 def register(subparsers, common: argparse.ArgumentParser) -> None:
@@ -165,13 +212,14 @@ def register(subparsers, common: argparse.ArgumentParser) -> None:
         "train", help="train SFT / reward model / DPO / KTO / PPO from the stored preferences",
         description=__doc__.splitlines()[0],
     )
-    methods = parser.add_subparsers(dest="method", required=True, metavar="METHOD")
-    shared = _common_flags()
+    methods = parser.add_subparsers(dest="method", required=True, metavar="METHOD", action=LazySubParsersAction)
+    shared = _command_flags()
     for method in METHODS:
         sub = methods.add_parser(method.name, parents=[common, shared], help=method.summary,
                                  description=f"prefloop train {method.name}: {method.summary}")
-        _method_flags(method.name, sub)
         sub.set_defaults(handler=run_train)
+        # the flags' dataclasses import torch and TRL: only when this method is used
+        deferred(methods, sub, lambda p, name=method.name: add_method_flags(name, p))
 
 
 def overrides_from_args(args: argparse.Namespace) -> list[dict]:

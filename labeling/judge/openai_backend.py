@@ -44,7 +44,7 @@ _attempts: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar("ju
 @dataclass(frozen=True)
 class OpenAIJudgeConfig:
     model: str = field(metadata={"help": "model name sent to the endpoint"})
-    base_url: str | None = field(default=None, metadata={"help": "endpoint base URL, e.g. http://localhost:8000/v1 (default: OpenAI)"})
+    base_url: str | None = field(default=None, metadata={"help": "endpoint base URL, e.g. http://localhost:8000/v1; unset: OpenAI's"})
     api_key_env: Sequence[str] = field(default=API_KEY_ENVS, metadata={"help": "environment variables tried for the API key, in order"})
     timeout: float = field(default=60.0, metadata={"help": "seconds per HTTP attempt"})
     max_attempts: int = field(default=4, metadata={"help": "HTTP attempts per judgement, first try included"})

@@ -55,7 +55,7 @@ RULE_TEMPLATE_VERSION = "rule"  # rubric judges use no prompt template
 class JudgeRunConfig:
     template: str = field(default=DEFAULT_TEMPLATE, metadata={"help": "prompt template id (see `prefloop judge --list-templates`)"})
     criteria: str | None = field(default=None, metadata={"help": "judging criteria / short constitution replacing the template's default"})
-    concurrency: int | None = field(default=None, metadata={"help": "requests in flight (default: what the backend prefers)"})
+    concurrency: int | None = field(default=None, metadata={"help": "requests in flight; unset: what the backend prefers"})
     rpm: float | None = field(default=None, metadata={"help": "at most this many requests per minute"})
     tpm: float | None = field(default=None, metadata={"help": "at most this many tokens per minute (estimated before, settled after)"})
     limit: int | None = field(default=None, metadata={"help": "judge at most this many comparisons"})
