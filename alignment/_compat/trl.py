@@ -64,12 +64,12 @@ def dpo_loss(trainer, model, inputs: dict, return_outputs: bool):
 
 
 class RewardHooks:
-    """TRL RewardTrainer hooks, forwarded to prefloop's `measure_pairs(dataset, name, before=n)`."""
+    """TRL RewardTrainer hooks, forwarded to prefloop's `measure_pairs(dataset, name, before=n, max_length=m)`."""
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         before = len(dataset)
         dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
-        return self.measure_pairs(dataset, dataset_name, before=before)
+        return self.measure_pairs(dataset, dataset_name, before=before, max_length=args.max_length)
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()

@@ -144,8 +144,8 @@ class PackedRewardTrainer(compat_trl.RewardHooks, RewardTrainer):
             packing.add_packed_heads(packing.unwrap_peft(self.accelerator.unwrap_model(self.model)))
 
     # called from TRL's dataset preparation (alignment._compat.trl)
-    def measure_pairs(self, dataset, dataset_name: str, *, before: int):
-        no_pair_fits(before, len(dataset), dataset_name, self.args.max_length)
+    def measure_pairs(self, dataset, dataset_name: str, *, before: int, max_length: int | None):
+        no_pair_fits(before, len(dataset), dataset_name, max_length)
         if "length" not in dataset.column_names:
             # what group_by_length sorts on (TRL's reward rows have no input_ids to measure)
             dataset = dataset.map(lambda e: {"length": len(e["chosen_ids"]) + len(e["rejected_ids"])},
