@@ -79,7 +79,7 @@ def field_types(cls) -> dict[str, Any]:
     """The fields' annotations as types (string annotations evaluated in the class's module)."""
     try:
         return typing.get_type_hints(cls)
-    except Exception:  # an unresolvable annotation somewhere in a third-party class
+    except (NameError, TypeError, AttributeError):  # an unresolvable annotation in a third-party class
         import sys
 
         hints = {}
@@ -87,8 +87,8 @@ def field_types(cls) -> dict[str, Any]:
             annotation = f.type
             if isinstance(annotation, str):
                 try:
-                    annotation = eval(annotation, vars(sys.modules[cls.__module__]))  # noqa: S307 (own annotations)
-                except Exception:
+                    annotation = eval(annotation, vars(sys.modules[cls.__module__]))
+                except (NameError, TypeError, AttributeError, SyntaxError):
                     annotation = str
             hints[f.name] = annotation
         return hints
@@ -99,7 +99,7 @@ def _unwrap_optional(annotation) -> tuple[Any, bool]:
     if origin in (Union, types.UnionType):
         args = [a for a in typing.get_args(annotation) if a is not type(None)]
         if len(args) < len(typing.get_args(annotation)):
-            return (args[0] if len(args) == 1 else Union[tuple(args)]), True
+            return (args[0] if len(args) == 1 else annotation), True
     return annotation, False
 
 
@@ -211,7 +211,10 @@ class _LazyParsers(dict):
         return self._filled(super().__getitem__(name))
 
     def get(self, name, default=None):
-        return self[name] if name in self else default
+        try:
+            return self[name]
+        except KeyError:
+            return default
 
     def values(self):
         return [self._filled(parser) for parser in super().values()]

@@ -17,7 +17,14 @@ from __future__ import annotations
 import argparse
 
 from labeling.cli.common import CliError, open_store
-from labeling.cli.dataclass_flags import Flag, add_flags, deferred, field_default, format_default, get_field
+from labeling.cli.dataclass_flags import (
+    Flag,
+    add_flags,
+    deferred,
+    field_default,
+    format_default,
+    get_field,
+)
 
 
 def _prompt_count(value: str) -> int | None:

@@ -18,7 +18,14 @@ import argparse
 import json
 
 from labeling.cli.common import CliError, open_store
-from labeling.cli.dataclass_flags import Flag, add_flags, cli_only, field_default, format_default, get_field
+from labeling.cli.dataclass_flags import (
+    Flag,
+    add_flags,
+    cli_only,
+    field_default,
+    format_default,
+    get_field,
+)
 
 DEFAULT_RUBRIC = "no-refusal,shorter"
 LOCAL_CHOICE_TEMPLATE = "pairwise-verdict-v1"
