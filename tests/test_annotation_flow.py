@@ -37,8 +37,17 @@ class Page:
 
 
 PAGES = {
-    "pairs": Page("pairs", annotate.PAIRS, annotate.VoteExtras(None, "my reason"), "left", Vote, "INSERT INTO assignment"),
-    "cards": Page("cards", single.CARDS, single.RatingExtras("my comment"), "down", Rating, "NOT IN"),
+    "pairs": Page(
+        "pairs",
+        annotate.PAIRS,
+        annotate.VoteExtras(None, "my reason"),
+        "left",
+        Vote,
+        "INSERT INTO assignment",
+    ),
+    "cards": Page(
+        "cards", single.CARDS, single.RatingExtras("my comment"), "down", Rating, "NOT IN"
+    ),
 }
 
 
@@ -83,7 +92,9 @@ def test_a_double_submit_records_once_and_a_stale_key_records_nothing(state, pag
     sitting, again = page.flow.submit(state, sitting, bob, page.choice, key, page.extras)
     assert "Already saved" in again.status and len(page.rows(state)) == 1
     on_screen = sitting.item.key
-    sitting, stale = page.flow.submit(state, sitting, bob, page.choice, "a-key-from-another-tab", page.extras)
+    sitting, stale = page.flow.submit(
+        state, sitting, bob, page.choice, "a-key-from-another-tab", page.extras
+    )
     assert "nothing was saved" in stale.status and stale.key == on_screen == sitting.item.key
     assert len(page.rows(state)) == 1
 
@@ -92,16 +103,24 @@ def test_a_sitting_of_another_rater_or_page_is_not_used(state, page):
     bob, carol = caller_for(state, "bob"), caller_for(state, "carol")
     bobs, _ = page.flow.open(state, None, bob)
     sitting, screen = page.flow.submit(state, bobs, carol, page.choice, bobs.item.key, page.extras)
-    assert sitting is not bobs and sitting.rater_id == carol.id and "nothing was saved" in screen.status
+    assert (
+        sitting is not bobs
+        and sitting.rater_id == carol.id
+        and "nothing was saved" in screen.status
+    )
     other_page = PAGES["cards" if page.name == "pairs" else "pairs"]
     foreign, _ = other_page.flow.open(state, None, bob)
-    sitting, screen = page.flow.submit(state, foreign, bob, page.choice, foreign.item.key, page.extras)
+    sitting, screen = page.flow.submit(
+        state, foreign, bob, page.choice, foreign.item.key, page.extras
+    )
     assert isinstance(sitting, page.flow.mode.sitting_type) and "nothing was saved" in screen.status
     assert page.rows(state) == [] and other_page.rows(state) == []
 
 
 @pytest.mark.parametrize("store", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def test_a_save_and_the_next_item_are_one_transaction_and_retry_records_once(request, store, page, tmp_path):
+def test_a_save_and_the_next_item_are_one_transaction_and_retry_records_once(
+    request, store, page, tmp_path
+):
     """The database fails on the statement that takes the next item, after the judgement was
     written: neither is kept, the item and its key stay on screen, Retry saves once."""
     url = request.getfixturevalue(f"{store}_url")
@@ -126,16 +145,22 @@ def test_a_save_and_the_next_item_are_one_transaction_and_retry_records_once(req
         assert screen.key is None and screen.screen_html is None and not screen.clear_inputs
         assert sitting.item is item and sitting.failed_choice == page.choice
         if page.name == "cards":  # (a vote is written on the driver cursor, which has no events)
-            assert any(s.startswith("INSERT INTO rating") for s in seen[:-1]), "failed before the write"
+            assert any(s.startswith("INSERT INTO rating") for s in seen[:-1]), (
+                "failed before the write"
+            )
         assert page.rows(state) == []  # the judgement went with the failed next item
         with session_scope(engine) as s:  # and only the pair on screen is reserved
-            held = s.exec(select(Assignment.comparison_id).where(Assignment.rater_id == bob.id)).all()
+            held = s.exec(
+                select(Assignment.comparison_id).where(Assignment.rater_id == bob.id)
+            ).all()
         assert held == ([item.comparison_id] if page.name == "pairs" else [])
 
         broken[0] = False
         sitting, screen = page.flow.retry(state, sitting, bob, key, page.extras)
         assert "Saved" in screen.status and not screen.failed and sitting.item.key != key
-        sitting, screen = page.flow.retry(state, sitting, bob, key, page.extras)  # nothing left to retry
+        sitting, screen = page.flow.retry(
+            state, sitting, bob, key, page.extras
+        )  # nothing left to retry
         sitting, screen = page.flow.submit(state, sitting, bob, page.choice, key, page.extras)
         assert "Already saved" in screen.status
     finally:
@@ -144,7 +169,9 @@ def test_a_save_and_the_next_item_are_one_transaction_and_retry_records_once(req
     assert row.idempotency_key == key
     assert (row.rationale if page.name == "pairs" else row.comment) in ("my reason", "my comment")
     with session_scope(engine) as s:
-        assert s.exec(select(func.count()).select_from(Assignment)).one() == (1 if page.name == "pairs" else 0)
+        assert s.exec(select(func.count()).select_from(Assignment)).one() == (
+            1 if page.name == "pairs" else 0
+        )
 
 
 def test_skip_moves_on_and_skipped_items_come_back_on_request(state, page):
@@ -156,7 +183,9 @@ def test_skip_moves_on_and_skipped_items_come_back_on_request(state, page):
         sitting, screen = page.flow.skip(state, sitting, bob, sitting.item.key)
         assert "Skipped" in screen.status and screen.clear_inputs
     assert not screen.has_item and "pf-nothing" in screen.screen_html and sitting.skipped == seen
-    sitting, screen = page.flow.skip(state, sitting, bob, "a-stale-key")  # nothing on screen to skip
+    sitting, screen = page.flow.skip(
+        state, sitting, bob, "a-stale-key"
+    )  # nothing on screen to skip
     assert screen.status == "" and not screen.has_item
     sitting, screen = page.flow.open(state, sitting, bob, forget_skipped=True)
     assert screen.has_item and sitting.item.item_id in seen and not sitting.skipped
@@ -165,14 +194,16 @@ def test_skip_moves_on_and_skipped_items_come_back_on_request(state, page):
 
 def test_refused_text_stores_nothing_and_keeps_the_item(state, page):
     bob = caller_for(state, "bob")
-    sitting, screen = page.flow.open(state, None, bob)
+    sitting, _screen = page.flow.open(state, None, bob)
     events = PageEvents(state, page.flow, cleared=("",))
     outputs = events.run(
-        lambda caller: page.flow.submit(state, sitting, caller, page.choice, text_input("k" * 101, "key"), page.extras),
+        lambda caller: page.flow.submit(
+            state, sitting, caller, page.choice, text_input("k" * 101, "key"), page.extras
+        ),
         SimpleNamespace(username="bob"),
         sitting,
     )
-    held, html, key, progress, status, cleared = outputs
+    held, _html, key, _progress, status, cleared = outputs
     assert held is sitting and "Not saved: the key" in status
     assert not isinstance(key, str) and not isinstance(cleared, str)  # kept as they are on screen
     assert page.rows(state) == []

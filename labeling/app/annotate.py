@@ -13,13 +13,12 @@ from datetime import timedelta
 
 import gradio as gr
 
-from feedback_store.edits import HUMAN_EDIT_POLICY, EditError  # noqa: F401 (re-exported)
+from feedback_store.edits import EditError
 from feedback_store.models import Choice, Comparison, Response
 from feedback_store.queue import next_comparison_for, release
 from feedback_store.votes import VoteError, record_vote_and_next
 from labeling.app.annotation_flow import (
     FAST,
-    SAVED_KEYS_KEPT,  # noqa: F401 (re-exported)
     AnnotationFlow,
     Item,
     Mode,
@@ -123,7 +122,9 @@ class Pairs(Mode[Slot, VoteExtras]):
 
     sitting_type = Desk
     screen_type = PairScreen
-    stale_message = "That pair is no longer on your screen, so nothing was saved. Here is your current pair."
+    stale_message = (
+        "That pair is no longer on your screen, so nothing was saved. Here is your current pair."
+    )
     answer_noun = "answer"
 
     def _slot(self, assignment, session) -> Slot | None:
@@ -149,13 +150,17 @@ class Pairs(Mode[Slot, VoteExtras]):
         )
         return self._slot(assignment, session)
 
-    def save_and_deal(self, state, sitting, caller, slot: Slot, side: str, extras: VoteExtras, session):
+    def save_and_deal(
+        self, state, sitting, caller, slot: Slot, side: str, extras: VoteExtras, session
+    ):
         choice, strength = _canonical_choice(slot, side), _strength(side, extras.strength)
         edit_text = extras.edit_text if extras.edit_text and extras.edit_text.strip() else None
         # An edit improves the side marked better, or the side the edit was started from.
         edit_source = {"left": slot.left_id, "right": slot.right_id}.get(side, slot.edit_source_id)
         if edit_text is not None and edit_source is None:
-            raise EditError("to submit an edit, mark A or B as better, or start the edit from one of them")
+            raise EditError(
+                "to submit an edit, mark A or B as better, or start the edit from one of them"
+            )
         _, assignment = record_vote_and_next(
             slot.comparison_id,
             caller.id,
@@ -322,7 +327,9 @@ def build_annotate_tab(state) -> dict:
         return run(lambda caller: PAIRS.open(state, desk_value, caller), request)
 
     def on_again(desk_value, request: gr.Request):
-        return run(lambda caller: PAIRS.open(state, desk_value, caller, forget_skipped=True), request)
+        return run(
+            lambda caller: PAIRS.open(state, desk_value, caller, forget_skipped=True), request
+        )
 
     def make_vote(side: str):
         def on_vote(

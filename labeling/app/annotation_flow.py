@@ -111,7 +111,14 @@ class Mode(ABC, Generic[ItemT, ExtrasT]):
 
     @abstractmethod
     def save_and_deal(
-        self, state, sitting: Sitting[ItemT], caller: Caller, item: ItemT, choice: str, extras: ExtrasT, session
+        self,
+        state,
+        sitting: Sitting[ItemT],
+        caller: Caller,
+        item: ItemT,
+        choice: str,
+        extras: ExtrasT,
+        session,
     ) -> ItemT | None:
         """Record `choice` on `item` under `item.key` and return the next item, in `session`
         (one transaction). Input it cannot record raises one of `refusals` before any write
@@ -149,14 +156,23 @@ class AnnotationFlow(Generic[ItemT, ExtrasT]):
         return self.mode.sitting_type(rater_id=caller.id)
 
     def screen(
-        self, state, sitting: Sitting[ItemT], caller: Caller, session, status: str = "", *, clear_inputs: bool = False
+        self,
+        state,
+        sitting: Sitting[ItemT],
+        caller: Caller,
+        session,
+        status: str = "",
+        *,
+        clear_inputs: bool = False,
     ) -> Screen:
         progress = self.mode.progress_md(sitting.progress.current(caller.id, session))
         if sitting.item is None:
             html, key = self.mode.empty_html(sitting), ""
         else:
             html, key = self.mode.item_html(state, sitting.item, session), sitting.item.key
-        return self.mode.screen_type(status, html, key=key, progress_md=progress, clear_inputs=clear_inputs)
+        return self.mode.screen_type(
+            status, html, key=key, progress_md=progress, clear_inputs=clear_inputs
+        )
 
     def _deal(self, state, sitting: Sitting[ItemT], caller: Caller, session) -> None:
         sitting.item = self.mode.deal(state, sitting, caller, session)
@@ -174,13 +190,21 @@ class AnnotationFlow(Generic[ItemT, ExtrasT]):
             return sitting, self.screen(state, sitting, caller, session)
 
     def submit(
-        self, state, sitting: Sitting[ItemT] | None, caller: Caller, choice: str, key: str | None, extras: ExtrasT
+        self,
+        state,
+        sitting: Sitting[ItemT] | None,
+        caller: Caller,
+        choice: str,
+        key: str | None,
+        extras: ExtrasT,
     ) -> tuple[Sitting[ItemT], Screen]:
         """Record the caller's `choice` on the item on screen, once, and move to the next."""
         sitting = self.bind(sitting, caller)
         if key and key in sitting.saved_keys:
             with state.session() as session:
-                return sitting, self.screen(state, sitting, caller, session, status_html("Already saved.", Tone.info))
+                return sitting, self.screen(
+                    state, sitting, caller, session, status_html("Already saved.", Tone.info)
+                )
         item = sitting.item
         if item is None or key != item.key:
             with state.session() as session:
@@ -193,10 +217,17 @@ class AnnotationFlow(Generic[ItemT, ExtrasT]):
             # One transaction: the judgement and the next item. If any part fails nothing is
             # kept, and Retry (same key) does it all again.
             with state.session() as session:
-                sitting.item = self.mode.save_and_deal(state, sitting, caller, item, choice, extras, session)
+                sitting.item = self.mode.save_and_deal(
+                    state, sitting, caller, item, choice, extras, session
+                )
                 self.mode.count_saved(sitting.progress)
                 screen = self.screen(
-                    state, sitting, caller, session, status_html("Saved ✓", Tone.ok), clear_inputs=True
+                    state,
+                    sitting,
+                    caller,
+                    session,
+                    status_html("Saved ✓", Tone.ok),
+                    clear_inputs=True,
                 )
         except self.mode.refusals as error:
             # Nothing was written: the item stays on screen with the inputs as they were.
@@ -215,7 +246,12 @@ class AnnotationFlow(Generic[ItemT, ExtrasT]):
         return sitting, screen
 
     def retry(
-        self, state, sitting: Sitting[ItemT] | None, caller: Caller, key: str | None, extras: ExtrasT
+        self,
+        state,
+        sitting: Sitting[ItemT] | None,
+        caller: Caller,
+        key: str | None,
+        extras: ExtrasT,
     ) -> tuple[Sitting[ItemT], Screen]:
         """Resend the choice of the save that failed, with the same key (and the inputs now on screen)."""
         sitting = self.bind(sitting, caller)
@@ -235,7 +271,12 @@ class AnnotationFlow(Generic[ItemT, ExtrasT]):
                 sitting.failed_choice = None
                 self._deal(state, sitting, caller, session)
                 return sitting, self.screen(
-                    state, sitting, caller, session, status_html("Skipped.", Tone.info), clear_inputs=True
+                    state,
+                    sitting,
+                    caller,
+                    session,
+                    status_html("Skipped.", Tone.info),
+                    clear_inputs=True,
                 )
             return sitting, self.screen(state, sitting, caller, session)
 
@@ -295,7 +336,9 @@ class PageEvents:
         except AccessDenied as error:
             raise gr.Error(str(error)) from None
 
-    def run(self, action: Callable[[Caller], tuple[Any, Screen]], request: gr.Request, held=None) -> tuple:
+    def run(
+        self, action: Callable[[Caller], tuple[Any, Screen]], request: gr.Request, held=None
+    ) -> tuple:
         """Run `action` for the signed-in caller, one event of theirs at a time. Client text
         refused by ui.text_input stores nothing: the item and the inputs stay as they were."""
         caller = self.caller_of(request)
@@ -303,4 +346,6 @@ class PageEvents:
             try:
                 return self.updates(*action(caller))
             except TextRefused as refusal:
-                return self.updates(held, self.flow.mode.screen_type(status_html(str(refusal), Tone.error)))
+                return self.updates(
+                    held, self.flow.mode.screen_type(status_html(str(refusal), Tone.error))
+                )

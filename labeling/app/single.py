@@ -16,7 +16,6 @@ from feedback_store.queue import next_response_for
 from feedback_store.votes import VoteError, record_rating_and_next
 from labeling.app.annotation_flow import (
     FAST,
-    SAVED_KEYS_KEPT,  # noqa: F401 (re-exported)
     AnnotationFlow,
     Item,
     Mode,
@@ -93,7 +92,9 @@ class Cards(Mode[Card, RatingExtras]):
     def deal(self, state, sitting, caller, session) -> Card | None:
         return self._card(next_response_for(caller.id, session=session, exclude=sitting.skipped))
 
-    def save_and_deal(self, state, sitting, caller, card: Card, thumb: str, extras: RatingExtras, session):
+    def save_and_deal(
+        self, state, sitting, caller, card: Card, thumb: str, extras: RatingExtras, session
+    ):
         if thumb not in ("up", "down"):
             raise VoteError(f"unknown rating {thumb!r}")
         _, response = record_rating_and_next(
@@ -110,7 +111,8 @@ class Cards(Mode[Card, RatingExtras]):
     def item_html(self, state, card: Card, session) -> str:
         response = session.get(Response, card.response_id)
         return card_screen_html(
-            prompt_html(state, response.prompt_id, session), response_html(state, response.id, session)
+            prompt_html(state, response.prompt_id, session),
+            response_html(state, response.id, session),
         )
 
     def empty_html(self, sitting) -> str:
@@ -194,7 +196,9 @@ def build_single_tab(state) -> dict:
         return run(lambda caller: CARDS.open(state, tray_value, caller), request)
 
     def on_again(tray_value, request: gr.Request):
-        return run(lambda caller: CARDS.open(state, tray_value, caller, forget_skipped=True), request)
+        return run(
+            lambda caller: CARDS.open(state, tray_value, caller, forget_skipped=True), request
+        )
 
     def make_rate(thumb: str):
         def on_rate(tray_value, key, comment_value, request: gr.Request):
