@@ -39,8 +39,8 @@ from alignment.models.errors import ModelError
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
 TOKENIZER_MARKER = "tokenizer_config.json"
 CARD = "README.md"
-RUN_MANIFEST = "prefloop_run.json"  # what training writes beside the adapter (alignment.training.job.MANIFEST)
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+LATEST = "latest"  # alignment.training.runs.LATEST: the newest policy a training run registered
 
 
 @dataclass(frozen=True)
@@ -71,28 +71,32 @@ class ExportResult:
 
 
 def find_exportable(engine: Engine, name: str):
-    """The PolicyVersion `name` (or "latest") names; a ModelError listing the closest names if none."""
+    """The PolicyVersion `name` (or "latest") names; a ModelError listing the closest names if none.
+    An unknown name is answered from the store alone, before training's modules (and transformers,
+    which they import) are loaded: a typo costs a second, not the imports."""
     from sqlmodel import col, select
 
-    from alignment.training import runs
     from feedback_store.db import session_scope
     from feedback_store.models import PolicyVersion
+
+    if name != LATEST:
+        with session_scope(engine) as session:
+            known = list(session.exec(select(PolicyVersion.name).order_by(col(PolicyVersion.id).desc())))
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=5, cutoff=0.5)
+            if close:
+                hint = "closest: " + ", ".join(close)
+            elif known:
+                hint = "stored, newest first: " + ", ".join(known[:10]) + (", ..." if len(known) > 10 else "")
+            else:
+                hint = "no policy stored yet"
+            raise ModelError(f"no policy named {name!r} ({hint})")
+    from alignment.training import runs
 
     try:
         return runs.find_policy(engine, name)
     except LookupError as error:
-        if name == runs.LATEST:
-            raise ModelError(str(error)) from None
-        with session_scope(engine) as session:
-            known = list(session.exec(select(PolicyVersion.name).order_by(col(PolicyVersion.id).desc())))
-        close = difflib.get_close_matches(name, known, n=5, cutoff=0.5)
-        if close:
-            hint = "closest: " + ", ".join(close)
-        elif known:
-            hint = "stored, newest first: " + ", ".join(known[:10]) + (", ..." if len(known) > 10 else "")
-        else:
-            hint = "no policy stored yet"
-        raise ModelError(f"no policy named {name!r} ({hint})") from None
+        raise ModelError(str(error)) from None
 
 
 def lineage_records(engine: Engine, name: str) -> list[dict]:
