@@ -356,8 +356,11 @@ def count_rows(raters: RaterTable, votes: VoteColumns, *, session: Session) -> C
         ratings=count(Rating),
         raters=len(raters.ids),
         policies=count(PolicyVersion),
-        raters_by_kind={kind: int((kinds == kind).sum()) for kind in KINDS},
-        votes_by_kind={kind: int((voted_kinds == kind).sum()) for kind in KINDS},
+        # simulated raters are listed only where there are some
+        raters_by_kind={kind: int((kinds == kind).sum()) for kind in KINDS
+                        if kind in DEFAULT_KINDS or (kinds == kind).any()},
+        votes_by_kind={kind: int((voted_kinds == kind).sum()) for kind in KINDS
+                       if kind in DEFAULT_KINDS or (kinds == kind).any()},
     )
 
 
