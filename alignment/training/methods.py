@@ -25,6 +25,8 @@ METHODS: tuple[MethodInfo, ...] = (
     MethodInfo("dpo", "direct preference optimization on the policy (adapter off = reference)", loop=True),
     MethodInfo("kto", "KTO on thumbs-up/down ratings and on pairs", loop=True),
     MethodInfo("ppo", "PPO (RLHF): the policy samples on stored prompts, a reward run's model scores it", loop=True),
+    MethodInfo("orpo", "ORPO on preference pairs: SFT on the chosen plus an odds-ratio penalty, no reference model"),
+    MethodInfo("simpo", "SimPO on preference pairs: length-normalized margin with a target gap, no reference model"),
     MethodInfo("grpo", "GRPO (TRL): groups of samples per stored prompt, scored by a reward model, rule, function or judge"),
     MethodInfo("rloo", "RLOO (TRL): leave-one-out baseline over samples per stored prompt, any reward source as GRPO"),
 )
