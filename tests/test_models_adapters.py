@@ -246,3 +246,15 @@ def test_policy_pool_switches_adapters_on_one_base(tiny_dir, tmp_path):
 def test_bad_adapter_config_is_one_line(bad):
     with pytest.raises(ModelError):
         AdapterConfig(**bad)
+
+
+def test_native_bf16_is_read_from_the_cpu_flags(tmp_path):
+    from alignment.models.spec import cpu_has_native_bf16
+
+    amx = tmp_path / "amx"
+    amx.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx512f amx_bf16 amx_tile\n")
+    plain = tmp_path / "plain"
+    plain.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f\n")
+    assert cpu_has_native_bf16(str(amx)) is True
+    assert cpu_has_native_bf16(str(plain)) is False
+    assert cpu_has_native_bf16(str(tmp_path / "missing")) is False

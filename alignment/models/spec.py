@@ -12,6 +12,7 @@ the trainers agree on what "auto" means.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -100,12 +101,20 @@ def resolve_dtype(spec: ModelSpec) -> torch.dtype:
     return _cuda_half(device) if device.type == "cuda" else torch.float32
 
 
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes bfloat16 matmuls natively (AMX or AVX512-BF16, via oneDNN)."""
+BF16_CPU_FLAGS = frozenset({"amx_bf16", "avx512_bf16"})
+
+
+def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether this CPU computes bfloat16 matmuls natively (AMX or AVX512-BF16, which oneDNN
+    uses), read from the CPU's own flags rather than torch's private oneDNN probe."""
     try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
+        text = Path(cpuinfo).read_text(errors="replace")
+    except OSError:
+        return False  # not Linux: keep float32, always correct
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return not BF16_CPU_FLAGS.isdisjoint(line.split(":", 1)[-1].split())
+    return False
 
 
 def inference_dtype(spec: ModelSpec) -> str:
