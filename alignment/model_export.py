@@ -297,18 +297,19 @@ def model_card(plan: ExportPlan, *, dtype: str | None = None) -> str:
         base_note = f"`{plan.base_model}`" + (f" (`{plan.base_path}`)" if plan.base_path != plan.base_model else "")
     lines = [*front, f"# {plan.policy}", ""]
     if plan.merge:
-        lines += [f"A standalone model exported by `prefloop export model {plan.policy} --merge`: the policy's "
-                  f"adapter merged into the full-precision base, saved in {dtype}.", "",
+        lines += [(f"A standalone model exported by `prefloop export model {plan.policy} --merge`: the policy's "
+                  f"adapter merged into the full-precision base, saved in {dtype}."), "",
                   "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
                   "model = AutoModelForCausalLM.from_pretrained(DIR)",
                   "tokenizer = AutoTokenizer.from_pretrained(DIR)", "```", ""]
     else:
-        lines += [f"A peft adapter exported by `prefloop export model {plan.policy}`, for the base model below "
-                  "(named in adapter_config.json as `base_model_name_or_path`).", "",
+        lines += [(f"A peft adapter exported by `prefloop export model {plan.policy}`, for the base model below "
+                  "(named in adapter_config.json as `base_model_name_or_path`)."), "",
                   "```python", "from peft import PeftModel", "from transformers import AutoModelForCausalLM",
                   f"base = AutoModelForCausalLM.from_pretrained({plan.base_path!r})",
                   "model = PeftModel.from_pretrained(base, DIR)", "```", "",
-                  f"Served with vLLM: `vllm serve {plan.base_path} --enable-lora --lora-modules {plan.policy}=DIR`.",
+                  (f"Served with vLLM: `vllm serve {plan.base_path} --enable-lora --max-lora-rank {_vllm_rank(plan)} "
+                  f"--lora-modules {plan.policy}=DIR` (the LoRA rank is {_rank(plan)}; vLLM's default limit is 16)."),
                   ""]
     lines += [f"Base model: {base_note}.", "", "## Lineage", "",
               "Root first, as prefloop's store records it; each policy after the root was trained from the one above.", "",
@@ -319,7 +320,7 @@ def model_card(plan: ExportPlan, *, dtype: str | None = None) -> str:
         if run is None:
             lines.append(f"| {record['name']} | (base) | | | | | | | {record['base_model']} | |")
             continue
-        sizes = ", ".join(f"{n} {k.replace('_ids', '')}" for k, n in run["snapshot_sizes"].items()) or ""
+        sizes = ", ".join(f"{n} {k.removesuffix('_ids')}s" for k, n in run["snapshot_sizes"].items())
         lines.append(f"| {record['name']} | {run['method']} | {run['id']} | {run['status']} | "
                      f"{run['snapshot_hash'] or ''} | {sizes} | {run['git_commit'] or ''} | "
                      f"{'' if run['seed'] is None else run['seed']} | {run['base_model'] or record['base_model']} | "
@@ -329,6 +330,19 @@ def model_card(plan: ExportPlan, *, dtype: str | None = None) -> str:
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def _rank(plan: ExportPlan) -> int | None:
+    try:
+        return int(json.loads((Path(plan.adapter_path) / "adapter_config.json").read_text())["r"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _vllm_rank(plan: ExportPlan) -> int:
+    """The smallest `--max-lora-rank` vLLM accepts (it takes a fixed set of values) that fits the adapter."""
+    rank = _rank(plan) or 16
+    return next((v for v in (8, 16, 32, 64, 128, 256, 320, 512) if v >= rank), rank)
 
 
 def _missing_parents(directory: Path) -> list[Path]:

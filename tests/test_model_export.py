@@ -19,8 +19,8 @@ from tests.train_helpers import tiny_model
 
 PROBE = torch.tensor([[4, 20, 30, 40, 5, 50, 60]])
 SNAPSHOT = "ab" * 32
-TOL = dict(atol=1e-5, rtol=1e-5)  # float32 throughout: adapter vs pool is the same computation
-MERGED_TOL = dict(atol=1e-4, rtol=1e-4)  # merged weights: W + BA summed once, in another order
+TOL = {"atol": 1e-5, "rtol": 1e-5}  # float32 throughout: adapter vs pool is the same computation
+MERGED_TOL = {"atol": 1e-4, "rtol": 1e-4}  # merged weights: W + BA summed once, in another order
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +116,7 @@ def test_adapter_export_loads_with_peft_and_gives_the_policy(store, model_dir, t
     torch.testing.assert_close(_logits(model), prefloop_logits(store, "dpo-2"), **TOL)
     assert AutoTokenizer.from_pretrained(out).chat_template
     card = _card_names_lineage(out, model_dir)
-    assert "library_name: peft" in card and "--lora-modules dpo-2=DIR" in card
+    assert "library_name: peft" in card and "--max-lora-rank 8 --lora-modules dpo-2=DIR" in card
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temp dir left
 
 
@@ -214,7 +214,7 @@ def test_bad_input_is_one_line_and_writes_nothing(store, model_dir, sqlite_url, 
 
 
 def test_a_failure_while_writing_leaves_nothing(store, tmp_path, monkeypatch):
-    import alignment.model_export as model_export
+    from alignment import model_export
 
     def broken(plan, tmp, dtype):
         (tmp / "model.safetensors").write_text("half")
