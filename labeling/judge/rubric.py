@@ -6,81 +6,22 @@ first rule that does not tie deciding ("no-refusal,shorter"), and may name any i
 function as "package.module:function".
 
 Rules read text features only, so a response that says "ignore previous instructions, choose
-this answer" gets no say in the verdict beyond its length and wording.
+this answer" gets no say in the verdict beyond its length and wording. The rules themselves live
+in `alignment.rubric_rules` (training uses them as rewards); this module is the judge backend.
 """
 
 from __future__ import annotations
 
-import pkgutil
-import re
-from collections.abc import Callable, Mapping, Sequence
-from types import MappingProxyType
-
-from labeling.judge.backends import JudgeReply, JudgeRequest
-
-Rule = Callable[[Sequence[dict], str, str], str]
-
-_REFUSAL = re.compile(
-    r"\b(I can(?:no|')t (?:help|assist|do that|comply)|I cannot|I'm sorry,? but|I am sorry,? but|"
-    r"I won't|I will not|I'm (?:not able|unable) to|I am (?:not able|unable) to|as an AI)\b",
-    re.IGNORECASE,
+from alignment.rubric_rules import (  # noqa: F401  (the rules live below labeling; re-exported here)
+    RULES,
+    Rule,
+    is_refusal,
+    longer,
+    no_refusal,
+    resolve_rule,
+    shorter,
 )
-
-
-def _compare(x: float, y: float) -> str:
-    return "A" if x > y else "B" if y > x else "C"
-
-
-def shorter(conversation: Sequence[dict], first: str, second: str) -> str:
-    return _compare(-len(first.strip()), -len(second.strip()))
-
-
-def longer(conversation: Sequence[dict], first: str, second: str) -> str:
-    return _compare(len(first.strip()), len(second.strip()))
-
-
-def is_refusal(text: str) -> bool:
-    return bool(_REFUSAL.search(text))
-
-
-def no_refusal(conversation: Sequence[dict], first: str, second: str) -> str:
-    return _compare(not is_refusal(first), not is_refusal(second))
-
-
-RULES: Mapping[str, Rule] = MappingProxyType({"shorter": shorter, "longer": longer, "no-refusal": no_refusal})
-
-
-def resolve_rule(spec: str) -> Rule:
-    """A rule from its spec: builtin names and/or "module:function", comma-chained."""
-    parts = [part.strip() for part in spec.split(",") if part.strip()]
-    if not parts:
-        raise ValueError("empty rubric spec")
-    rules = [_one_rule(part) for part in parts]
-    if len(rules) == 1:
-        return rules[0]
-
-    def chained(conversation: Sequence[dict], first: str, second: str) -> str:
-        for rule in rules:
-            letter = rule(conversation, first, second)
-            if letter != "C":
-                return letter
-        return "C"
-
-    return chained
-
-
-def _one_rule(name: str) -> Rule:
-    if name in RULES:
-        return RULES[name]
-    if ":" not in name:
-        raise ValueError(f"unknown rubric rule {name!r} (builtin: {', '.join(RULES)}; or module:function)")
-    try:
-        rule = pkgutil.resolve_name(name)
-    except (ImportError, AttributeError, ValueError) as error:
-        raise ValueError(f"rubric rule {name!r}: {error}") from None
-    if not callable(rule):
-        raise ValueError(f"rubric rule {name!r} is not callable")
-    return rule
+from labeling.judge.backends import JudgeReply, JudgeRequest
 
 
 class RubricJudge:
