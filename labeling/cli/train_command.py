@@ -95,6 +95,14 @@ METHOD_FLAGS: dict[str, tuple[tuple[str, Flag], ...]] = {
         ("METHOD", Flag("undesirable_weight", help="loss weight of undesirable examples",
                         shown="set from the class counts (auto_class_weights)")),
     ),
+    "orpo": (
+        ("METHOD", Flag("beta", help="weight of the odds-ratio term against the chosen's NLL (the paper's lambda)")),
+    ),
+    "simpo": (
+        ("METHOD", Flag("beta", help="scale of the implicit reward, the average log-prob of a completion")),
+        ("METHOD", Flag("simpo_gamma", help="target reward margin between chosen and rejected")),
+        ("METHOD", Flag("cpo_alpha", help="weight of an NLL term on the chosen (0: pure SimPO, > 0: CPO-SimPO)")),
+    ),
     "reward": (
         ("METHOD", Flag("eval_fraction", type=_fraction)),
     ),
