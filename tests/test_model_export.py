@@ -225,3 +225,34 @@ def test_a_failure_while_writing_leaves_nothing(store, tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="disk full"):
         export_policy(store, "dpo-2", out, merge=True)
     assert not (tmp_path / "new").exists()
+
+
+def test_a_trained_chain_exports_as_it_generates(sqlite_url, model_dir, tmp_path):
+    """sft -> dpo --from-policy, trained for real: the dpo policy's adapter is the parent's and its own
+    joined along the rank; exported both ways it is the model prefloop samples from."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from alignment.training.job import TrainRequest, run_training
+    from tests.train_helpers import preference_store
+
+    engine = preference_store(sqlite_url, n_prompts=6, ratings=False)
+    fast = {"max_steps": 2, "save_steps": 2, "per_device_train_batch_size": 4, "learning_rate": 5e-2}
+    results = []
+    for method, parent in (("sft", None), ("dpo", "latest")):
+        run = {"runs_dir": str(tmp_path / "runs"), **({"from_policy": parent} if parent else {})}
+        results.append(run_training(TrainRequest(method, model=model_dir,
+                                                 overrides=[{"trainer": fast, "run": run}]),
+                                    engine=engine, progress=False))
+    name = results[-1].policy_name
+    adapter = export_policy(engine, name, tmp_path / "adapter")
+    merged = export_policy(engine, name, tmp_path / "merged", merge=True)
+    expected = prefloop_logits(engine, name)
+    assert not torch.allclose(_logits(AutoModelForCausalLM.from_pretrained(model_dir)), expected, atol=1e-4)
+    peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), adapter.out)
+    torch.testing.assert_close(_logits(peft), expected, **TOL)
+    torch.testing.assert_close(_logits(AutoModelForCausalLM.from_pretrained(merged.out)), expected, **MERGED_TOL)
+    card = (merged.out / "README.md").read_text()
+    assert f"| {results[0].policy_name} | sft | {results[0].run_id} | done |" in card
+    assert f"| {name} | dpo | {results[1].run_id} | done |" in card
+    assert card.index(f"| {results[0].policy_name} |") < card.index(f"| {name} |")
