@@ -205,6 +205,31 @@ def record_judgements(
     return inserted
 
 
+def add_usage(
+    run_id: int,
+    *,
+    requests: int,
+    failed: int = 0,
+    prompt_tokens: int = 0,
+    completion_tokens: int = 0,
+    session: Session,
+    price_prompt: float | None = None,
+    price_completion: float | None = None,
+) -> None:
+    """Add judge calls that vote on no stored comparison (a training reward's) to a run's ledger:
+    requests, failures, tokens and cost, as `record_judgements` counts them. Prices per 1M tokens."""
+    session.connection().execute(
+        _UPDATE_LEDGER,
+        dict(
+            run_id=run_id, requests=requests, decided=0, inconsistent=0, failed=failed,
+            prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+            priced=price_prompt is not None or price_completion is not None,
+            price_prompt=(price_prompt or 0.0) / 1e6,
+            price_completion=(price_completion or 0.0) / 1e6,
+        ),
+    )
+
+
 def _ledger_update():
     """One prepared statement adding a write's counts and tokens to its run (cost when priced)."""
     run = JudgeRun.__table__

@@ -1,0 +1,119 @@
+"""GRPO on TRL's GRPOTrainer: for each stored prompt the LoRA/DoRA policy samples a group of
+`num_generations` completions, a reward scores them, and each completion's advantage is its
+reward against its group's (no value model). The reward is any online source
+(online_rewards.py: a reward run or model, rubric rules, a Python function, the AI judge).
+
+Prefloop's part: the config adds the reward source, `max_length` (prompts longer than
+`max_length - max_completion_length` tokens are left out, with a note) and CPU-sized defaults
+(groups of 4, completions of at most 128 tokens); the trainer builds the reward from the config,
+refuses data without a `prompt` column, and guards every step's loss (NaN/inf stops the run).
+`beta` (TRL's default 0: no reference) > 0 keeps the policy near the base with the adapter
+off, or near the parent for `--from-policy`. Checkpoints, `--resume`, curves (reward,
+reward_std, rewards/<source>/mean, kl, completions/mean_length, ...) are the Trainer's own.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from trl import GRPOConfig as TRLGRPOConfig
+from trl import GRPOTrainer as TRLGRPOTrainer
+
+from alignment.training import online_rewards
+from alignment.training.common import GuardedTraining, MethodSpec, TrainingError
+
+log = logging.getLogger("prefloop.train")
+
+
+@dataclass
+class RewardSource:
+    """The reward flags shared by GRPO and RLOO (one of them; see online_rewards)."""
+
+    reward_run: int | None = field(
+        default=None, metadata={"help": "id of a finished `prefloop train reward` run whose model scores completions"}
+    )
+    reward_model: str | None = field(
+        default=None, metadata={"help": "a saved reward model directory (a reward run's output) instead of a run id"}
+    )
+    reward_rubric: str | None = field(
+        default=None,
+        metadata={"help": "rubric rules (shorter, longer, no-refusal, comma-chained, or module:function): "
+                          "a completion's reward is its win rate against its prompt's other completions"},
+    )
+    reward_function: str | None = field(
+        default=None,
+        metadata={"help": "MODULE:FUNCTION, f(prompts, completions, **columns) -> scores (TRL's signature)"},
+    )
+    reward_judge: bool = field(
+        default=False, metadata={"help": "score with the AI judge (an OpenAI-compatible server; see --judge-*)"}
+    )
+    max_length: int | None = field(
+        default=512, metadata={"help": "prompt + completion tokens; longer prompts are left out (with a note)"}
+    )
+
+
+@dataclass
+class GRPOConfig(RewardSource, TRLGRPOConfig):
+    """TRL's GRPOConfig plus the reward source; smaller defaults for a CPU."""
+
+    num_generations: int | None = field(default=4, metadata={"help": "completions sampled per prompt (a group)"})
+    max_completion_length: int | None = field(default=128, metadata={"help": "most tokens per completion"})
+    logging_steps: float = field(default=1, metadata={"help": "log every N steps"})
+
+
+class OnlineTrainer(GuardedTraining):
+    """What prefloop adds to TRL's GRPO and RLOO trainers: the reward from the config, the data
+    check, prompts too long for max_length left out."""
+
+    def __init__(self, model, args, train_dataset, processing_class, callbacks=None, reward_funcs=None, **kwargs):
+        if "prompt" not in train_dataset.column_names:
+            raise TrainingError(f"{type(self).__name__.removesuffix('Trainer')} samples completions to prompts: the "
+                                f"data needs a 'prompt' column (it has {', '.join(train_dataset.column_names)})")
+        train_dataset = _fitting_prompts(train_dataset, processing_class, args)
+        rewards = reward_funcs or online_rewards.build(args, processing_class, device=str(args.device))
+        super().__init__(model=model, reward_funcs=rewards, args=args, train_dataset=train_dataset,
+                         processing_class=processing_class, callbacks=callbacks, **kwargs)
+
+
+def _fitting_prompts(dataset, tokenizer, args):
+    limit = args.max_length
+    if not limit or not args.max_completion_length:
+        return dataset
+    budget = limit - args.max_completion_length
+    if budget < 1:
+        raise TrainingError(f"max_length {limit} leaves no room for a prompt beside max_completion_length "
+                            f"{args.max_completion_length}")
+
+    def length(example) -> int:
+        prompt = example["prompt"]
+        if isinstance(prompt, str) or tokenizer.chat_template is None:
+            return len(tokenizer(online_rewards.text_of(prompt))["input_ids"])
+        return len(tokenizer.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True,
+                                                 return_dict=True)["input_ids"])
+
+    kept = dataset.filter(lambda example: length(example) <= budget, desc="Prompts within max_length")
+    if len(kept) < len(dataset):
+        log.warning("%d prompts are longer than max_length - max_completion_length (%d tokens): left out",
+                    len(dataset) - len(kept), budget)
+    if len(kept) == 0:
+        raise TrainingError(f"every prompt is longer than max_length - max_completion_length ({budget} tokens)")
+    return kept
+
+
+class GRPOTrainer(OnlineTrainer, TRLGRPOTrainer):
+    pass
+
+
+def resolve(settings: dict, engine) -> dict:
+    return online_rewards.resolve(settings, engine, method="grpo")
+
+
+METHOD = MethodSpec(
+    name="grpo",
+    config_class=GRPOConfig,
+    trainer_class=GRPOTrainer,
+    export="prompts",
+    required_columns=(("prompt",),),
+    resolve=resolve,
+)
