@@ -1,4 +1,5 @@
-"""The admin page: prompts in, background jobs, exports, users, overlap and guidelines.
+"""The admin page: prompts in, background jobs, exports, users, overlap and guidelines, and the
+queue's order, gold pairs and rater quality (strategy, gold rate, quality threshold, weights).
 
 Every handler starts by resolving the caller from the server-side session and refusing
 non-admins, so hiding the tab is a convenience and the check holds for direct HTTP API
@@ -12,10 +13,15 @@ import gradio as gr
 
 from feedback_store.app_settings import (
     GUIDELINES_SETTING,
+    gold_rate,
     guidelines,
+    quality_threshold,
+    set_gold_rate,
+    set_quality_threshold,
     set_setting,
     set_target_overlap,
 )
+from feedback_store.queue_strategies import STRATEGIES, current_strategy
 from feedback_store.models import RaterKind, Role
 from feedback_store.queue import target_overlap
 from feedback_store.raters import create_user, get_rater, list_users
@@ -122,6 +128,111 @@ def move_prompts(state, caller: Caller, ids_text: str, split: str) -> str:
     except ValueError as error:
         raise AdminError(f"{error} (nothing moved)") from None
     return f"moved {changed} prompts to {split}; train {counts['train']}, eval {counts['eval']}"
+
+
+# ---- queue order, gold pairs, rater quality -------------------------------------------------
+# The Gradio handlers refuse non-admins first (admin_for); these check the caller again, so a
+# new handler that forgets cannot open them to an annotator.
+
+RATER_COLUMNS = ["name", "kind", "votes", "score", "source", "gold", "agreement", "weight", "suggested", "flagged"]
+
+
+def _require_admin(caller: Caller) -> None:
+    if not caller.is_admin:
+        raise AdminError(f"{caller.name} is not an admin")
+
+
+def run_queue_strategy(state, caller: Caller, strategy: str) -> str:
+    """Rewrite the open pairs' priorities by `strategy` (labeling.cli.queue_command.prioritize):
+    `uncertainty` scores them with the latest finished reward run, in this process."""
+    from labeling.cli.queue_command import prioritize
+
+    _require_admin(caller)
+    if strategy not in STRATEGIES:
+        raise AdminError(f"strategy must be one of {', '.join(STRATEGIES)}")
+    try:
+        return prioritize(state.engine, strategy)["message"]
+    except (ValueError, LookupError) as error:
+        raise AdminError(f"{strategy}: {error}") from None
+    except Exception as error:  # a reward model that will not load
+        if type(error).__name__ in ("ModelError", "TrainingError"):
+            raise AdminError(f"{strategy}: {error}") from None
+        raise
+
+
+def save_gold_rate(state, caller: Caller, rate) -> str:
+    _require_admin(caller)
+    try:
+        with state.session() as session:
+            set_gold_rate(float(rate), session=session)
+    except (TypeError, ValueError) as error:
+        raise AdminError(f"gold rate: {error}") from None
+    return f"gold rate set to {float(rate):g} (share of a person's pairs that are gold pairs)"
+
+
+def save_quality_threshold(state, caller: Caller, threshold) -> str:
+    _require_admin(caller)
+    try:
+        with state.session() as session:
+            set_quality_threshold(float(threshold), session=session)
+    except (TypeError, ValueError) as error:
+        raise AdminError(f"quality threshold: {error}") from None
+    return f"rater quality threshold set to {float(threshold):g}"
+
+
+def _fmt(value) -> str:
+    return "" if value is None or value != value else f"{value:.3f}"
+
+
+def rater_quality_table(state, caller: Caller) -> list[list]:
+    """One row per rater with votes (every kind): quality (feedback_store.rater_quality) and weight."""
+    from sqlmodel import select
+
+    from feedback_store.models import Rater
+    from feedback_store.rater_quality import rater_quality
+    from feedback_store.stats import KINDS, load_raters, load_votes
+
+    _require_admin(caller)
+    with state.session() as session:
+        table = load_raters(session=session)
+        rows = rater_quality(load_votes(table, session=session), table, kinds=KINDS,
+                             threshold=quality_threshold(session=session))
+        weights = dict(session.exec(select(Rater.name, Rater.weight)).all())
+    return [
+        [r.rater, r.kind, r.votes, _fmt(r.score), r.score_source or "", _fmt(r.gold_accuracy),
+         _fmt(r.majority_agreement), _fmt(weights.get(r.rater)), _fmt(r.suggested_weight),
+         "below" if r.below_threshold else ""]
+        for r in rows
+    ]
+
+
+def save_rater_weight(state, caller: Caller, name: str, weight) -> str:
+    """Set one rater's vote weight, as `prefloop raters weight NAME W` does."""
+    _require_admin(caller)
+    name = (name or "").strip()
+    try:
+        value = float(weight)
+    except (TypeError, ValueError):
+        raise AdminError("the weight must be a number >= 0") from None
+    if not 0 <= value < float("inf"):
+        raise AdminError("the weight must be a number >= 0")
+    with state.session() as session:
+        rater = get_rater(name, session=session)
+        if rater is None:
+            raise AdminError(f"no rater named {name!r}")
+        rater.weight = value
+        session.add(rater)
+    return f"{name}: weight {value:g}"
+
+
+def auto_rater_weights(state, caller: Caller) -> str:
+    """Every scored rater's weight from its quality, as `prefloop raters weight --auto` does."""
+    from feedback_store.rater_quality import auto_weights
+
+    _require_admin(caller)
+    with state.session() as session:
+        weights = auto_weights(session=session)
+    return f"{len(weights)} raters weighted from their quality (clip(2 * score - 1, 0, 1))"
 
 
 def start_job(state, caller: Caller, command: str, arguments: str) -> Job:
@@ -240,6 +351,65 @@ def build_admin_tab(state) -> dict:
             split_button = gr.Button("Move", scale=1, elem_id="pf-admin-split")
         split_result = gr.Markdown("")
 
+    with gr.Accordion("Queue order, gold pairs and rater quality", open=False):
+        with gr.Row():
+            strategy = gr.Dropdown(list(STRATEGIES), value="fewest-votes", scale=3, elem_id="pf-admin-strategy",
+                                   label="Which pair a person sees next (rewrites the open pairs' priorities; "
+                                         "re-run as votes come in)")
+            strategy_button = gr.Button("Prioritize", scale=1, elem_id="pf-admin-prioritize")
+        with gr.Row():
+            gold_box = gr.Number(label="Gold rate: share of a person's pairs that are gold (0-1)",
+                                 minimum=0, maximum=1, elem_id="pf-admin-gold-rate")
+            gold_button = gr.Button("Save gold rate")
+            threshold_box = gr.Number(label="Rater quality threshold (0-1): flag raters below it",
+                                      minimum=0, maximum=1, elem_id="pf-admin-threshold")
+            threshold_button = gr.Button("Save threshold")
+        # Filled on demand (Dawid-Skene over every vote is not free): "Show raters' quality".
+        raters_table = gr.Dataframe(headers=RATER_COLUMNS, interactive=False, elem_id="pf-admin-raters")
+        with gr.Row():
+            weight_name = gr.Textbox(label="Rater", scale=2, elem_id="pf-admin-weight-name")
+            weight_value = gr.Number(label="Weight (>= 0; 0 silences the rater)", minimum=0, scale=1)
+            weight_button = gr.Button("Set weight", scale=1, elem_id="pf-admin-weight")
+            auto_button = gr.Button("Weights from quality", scale=1)
+            raters_refresh = gr.Button("Show raters' quality", scale=1, elem_id="pf-admin-raters-refresh")
+        quality_result = gr.Markdown("")
+
+    def on_strategy(value, request: gr.Request):
+        caller = admin(request)
+        return attempt(lambda: run_queue_strategy(state, caller, value))
+
+    def on_gold_rate(value, request: gr.Request):
+        caller = admin(request)
+        return attempt(lambda: save_gold_rate(state, caller, value))
+
+    def on_threshold(value, request: gr.Request):
+        caller = admin(request)
+        message = attempt(lambda: save_quality_threshold(state, caller, value))
+        return rater_quality_table(state, caller), message
+
+    def on_weight(name, value, request: gr.Request):
+        caller = admin(request)
+        message = attempt(lambda: save_rater_weight(state, caller, name, value))
+        return rater_quality_table(state, caller), message
+
+    def on_auto_weights(request: gr.Request):
+        caller = admin(request)
+        message = attempt(lambda: auto_rater_weights(state, caller))
+        return rater_quality_table(state, caller), message
+
+    def on_raters(request: gr.Request):
+        caller = admin(request)
+        return rater_quality_table(state, caller)
+
+    strategy_button.click(on_strategy, [strategy], [quality_result], api_name="admin_prioritize")
+    gold_button.click(on_gold_rate, [gold_box], [quality_result], api_name="admin_set_gold_rate")
+    threshold_button.click(on_threshold, [threshold_box], [raters_table, quality_result],
+                           api_name="admin_set_quality_threshold")
+    weight_button.click(on_weight, [weight_name, weight_value], [raters_table, quality_result],
+                        api_name="admin_set_rater_weight")
+    auto_button.click(on_auto_weights, [], [raters_table, quality_result], api_name="admin_auto_weights")
+    raters_refresh.click(on_raters, [], [raters_table], api_name="admin_rater_quality")
+
     def on_split(ids_text, split, request: gr.Request):
         caller = admin(request)
         return attempt(lambda: move_prompts(state, caller, ids_text, split))
@@ -310,18 +480,22 @@ def build_admin_tab(state) -> dict:
         try:
             caller = admin_for(state, request.username)
         except AccessDenied:
-            return [], gr.update(), gr.update(), gr.Timer(active=False), gr.update(choices=[])
+            return ([], gr.update(), gr.update(), gr.Timer(active=False), gr.update(choices=[]),
+                    gr.update(), gr.update(), gr.update())
         with state.session() as session:
             current_overlap, current_guidelines = (
                 target_overlap(session=session),
                 guidelines(session=session),
             )
+            current = (current_strategy(session=session), gold_rate(session=session),
+                       quality_threshold(session=session))
         return (
             users_table(state, caller),
             current_overlap,
             current_guidelines,
             gr.Timer(active=True),
             gr.update(choices=job_choices()),
+            *current,
         )
 
     import_button.click(on_import, [upload], [import_result], api_name="admin_import")
@@ -351,7 +525,8 @@ def build_admin_tab(state) -> dict:
     guidelines_button.click(
         on_guidelines, [guidelines_box], [settings_result], api_name="admin_set_guidelines"
     )
-    return {"load": (on_load, [], [users, overlap, guidelines_box, timer, job_select])}
+    return {"load": (on_load, [], [users, overlap, guidelines_box, timer, job_select, strategy, gold_box,
+                                   threshold_box])}
 
 
 def guidelines_html(state) -> str:

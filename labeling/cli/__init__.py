@@ -16,6 +16,7 @@ from labeling.cli import (
     generate_command,
     judge_command,
     loop_command,
+    queue_command,
     serve_command,
     simulate_command,
     stats_command,
@@ -38,6 +39,7 @@ COMMAND_MODULES = [
     train_command,
     loop_command,
     simulate_command,
+    queue_command,
     serve_command,
     demo_command,
 ]

@@ -1,0 +1,274 @@
+"""Which pair a person sees next: queue-order strategies, written as `Comparison.priority`.
+
+The queue (feedback_store.queue) serves the highest priority first, then the fewest human
+votes, then the oldest pair. A strategy does not change the queue: it rewrites the priorities
+of the open ordinary pairs once, when it is run (`prefloop queue prioritize --by STRATEGY`, or
+the admin tab); re-run it as votes come in (an active order goes stale as it is answered).
+
+Priority bands (higher first):
+
+- > 0: raised on purpose: the judge's doubts (10, `prefloop judge --route-doubts` and the
+  `judge-doubt` strategy), a loop round waiting for labels (5, loops.LOOP_PRIORITY), anything
+  an admin raised. No strategy lowers these, except `fewest-votes` with `reset_raised=True`.
+- 0: the default: pairs no strategy has ranked (e.g. added since the last run) come first
+  among the ordinary ones, in fewest-votes order.
+- -1 ... -(DEPTH + 1): a strategy's ranking, position i at -(1 + min(i, DEPTH)); the
+  positions past DEPTH share one level and fall back on fewest-votes order among themselves.
+- -(DEPTH + 2): pairs the strategy found useless (e.g. two responses of the same policy for
+  `arena`).
+- gold.GOLD_PRIORITY (-1,000,000): gold pairs, never touched here.
+
+Strategies:
+
+- `fewest-votes` (the default order): every ordinary pair back to 0, so fewest votes first.
+  Raised priorities (> 0) are kept: they are explicit requests (a waiting loop round, the
+  judge's doubts); `reset_raised=True` drops them to 0 as well.
+- `uncertainty`: pairs ranked by |margin|, smallest first, where the margin is a reward
+  model's score difference (or a policy's DPO implicit reward difference). The store does not
+  score anything: the caller (alignment.queue_scoring, through `prefloop queue prioritize`)
+  hands `order_by_margin` {comparison id: margin}.
+- `judge-doubt`: what `prefloop judge --route-doubts` does, from the judge calls already
+  stored: `judge_call_pairs` gives each judged pair's two calls, the caller decides which are
+  doubts (labeling.judge.runner.decide / is_doubt) and `raise_priority` puts them at 10.
+- `arena`: as Chatbot Arena samples its battles: pairs of policies whose Bradley-Terry
+  rating intervals (feedback_store.leaderboard, bootstrap) overlap most come first. A policy
+  pair's weight is the length of the overlap of the two intervals in Elo points (a policy
+  with no rating yet overlaps everything: weight `UNRATED_WEIGHT`); its comparisons are then
+  interleaved in proportion to the weights (the k-th comparison of a pair of weight w gets
+  the key k / w, lowest first: a deterministic version of sampling pairs in proportion to w).
+  Pairs of policies whose intervals do not overlap at all follow, round-robin; pairs within
+  one policy, which say nothing about the ratings, come last.
+
+The chosen strategy is also stored as the app setting `queue_strategy` (shown by the admin tab).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+from sqlalchemy import and_, bindparam, case, func, select, update
+from sqlalchemy.orm import aliased
+from sqlmodel import Session
+
+from feedback_store.models import Comparison, JudgeCall, JudgeRun, Response
+
+STRATEGIES = ("fewest-votes", "uncertainty", "judge-doubt", "arena")
+STRATEGY_SETTING = "queue_strategy"
+DEFAULT_STRATEGY = "fewest-votes"
+DEPTH = 10_000  # ranked positions with a level of their own
+USELESS_PRIORITY = -(DEPTH + 2)
+DOUBT_PRIORITY = 10  # as labeling.judge.runner.JudgeRunConfig.doubt_priority
+UNRATED_WEIGHT = 1e6  # a policy without a rating overlaps every interval
+
+
+@dataclass(frozen=True)
+class OpenPair:
+    comparison_id: int
+    human_votes: int
+    policy_a: int
+    policy_b: int
+
+
+def _gold_priority() -> int:
+    from feedback_store.gold import GOLD_PRIORITY
+
+    return GOLD_PRIORITY
+
+
+def _ordinary():
+    """Ordinary pairs (not gold) in the strategy band (priority <= 0)."""
+    return and_(Comparison.gold_winner.is_(None), Comparison.priority <= 0, Comparison.priority > _gold_priority())
+
+
+def open_pairs(*, session: Session, overlap: int | None = None) -> list[OpenPair]:
+    """Ordinary pairs in the strategy band that still want human votes, fewest votes first."""
+    from feedback_store.queue import target_overlap
+
+    overlap = overlap or target_overlap(session=session)
+    a, b = aliased(Response), aliased(Response)
+    rows = session.execute(
+        select(Comparison.id, Comparison.human_votes, a.policy_id, b.policy_id)
+        .join(a, a.id == Comparison.response_a_id)
+        .join(b, b.id == Comparison.response_b_id)
+        .where(_ordinary(), Comparison.human_votes < overlap)
+        .order_by(Comparison.human_votes, Comparison.id)
+    ).all()
+    return [OpenPair(*row) for row in rows]
+
+
+def set_strategy(name: str, *, session: Session) -> None:
+    from feedback_store.app_settings import set_setting
+
+    check_strategy(name)
+    set_setting(STRATEGY_SETTING, name, session=session)
+
+
+def current_strategy(*, session: Session) -> str:
+    from feedback_store.app_settings import get_setting
+
+    return str(get_setting(STRATEGY_SETTING, DEFAULT_STRATEGY, session=session))
+
+
+def check_strategy(name: str) -> str:
+    if name not in STRATEGIES:
+        raise ValueError(f"unknown queue strategy {name!r} (known: {', '.join(STRATEGIES)})")
+    return name
+
+
+def write_order(ranked: Sequence[int], *, session: Session, useless: Iterable[int] = ()) -> int:
+    """Give `ranked` comparisons (best first) their band positions and `useless` ones the
+    bottom of the band; only ordinary pairs in the band are changed. Returns rows written."""
+    rows = [{"cid": cid, "p": -(1 + min(i, DEPTH))} for i, cid in enumerate(ranked)]
+    rows += [{"cid": cid, "p": USELESS_PRIORITY} for cid in useless]
+    if not rows:
+        return 0
+    table = Comparison.__table__
+    statement = (
+        update(table)
+        .where(table.c.id == bindparam("cid"), table.c.gold_winner.is_(None), table.c.priority <= 0,
+               table.c.priority > _gold_priority())
+        .values(priority=bindparam("p"))
+    )
+    session.connection().execute(statement, rows)
+    return len(rows)
+
+
+# ---- the strategies -------------------------------------------------------------------------
+
+
+def fewest_votes(*, session: Session, reset_raised: bool = False) -> int:
+    """Every ordinary pair back to priority 0 (raised ones too with `reset_raised`). Returns rows changed."""
+    table = Comparison.__table__
+    band = and_(table.c.gold_winner.is_(None), table.c.priority > _gold_priority(), table.c.priority != 0)
+    if not reset_raised:
+        band = and_(band, table.c.priority < 0)
+    result = session.connection().execute(update(table).where(band).values(priority=0))
+    set_strategy("fewest-votes", session=session)
+    return result.rowcount
+
+
+def order_by_margin(margins: Mapping[int, float], *, session: Session) -> int:
+    """`uncertainty`: open pairs ranked by |margin| (closest to zero first). Pairs without a
+    margin (NaN or missing) keep their priority. Returns the number of pairs ranked."""
+    wanted = {p.comparison_id for p in open_pairs(session=session)}
+    scored = [(abs(float(m)), cid) for cid, m in margins.items() if cid in wanted and m == m]
+    scored.sort()
+    write_order([cid for _, cid in scored], session=session)
+    set_strategy("uncertainty", session=session)
+    return len(scored)
+
+
+def raise_priority(comparison_ids: Sequence[int], *, session: Session, priority: int = DOUBT_PRIORITY) -> int:
+    """`judge-doubt`: these pairs at `priority` (never lowering one), as --route-doubts does."""
+    from feedback_store.loops import prioritize_for_humans
+
+    ids = sorted(set(comparison_ids))
+    for start in range(0, len(ids), 900):  # bound parameters per IN (...), under every limit
+        prioritize_for_humans(ids[start:start + 900], session=session, priority=priority)
+    set_strategy("judge-doubt", session=session)
+    return len(ids)
+
+
+def judge_call_pairs(*, session: Session, open_only: bool = True) -> dict[tuple[int, int], dict]:
+    """{(judge rater id, comparison id): {"ab": JudgeCall, "ba": JudgeCall}}: each judge's
+    latest successful call in each order, for pairs (still open, by default) it answered in both."""
+    wanted = {p.comparison_id for p in open_pairs(session=session)} if open_only else None
+    rows = session.execute(
+        select(JudgeRun.rater_id, JudgeCall)
+        .join(JudgeRun, JudgeRun.id == JudgeCall.judge_run_id)
+        .where(JudgeCall.status == "ok")
+        .order_by(JudgeCall.id)
+    ).all()
+    calls: dict[tuple[int, int], dict] = defaultdict(dict)
+    for rater_id, call in rows:
+        if wanted is None or call.comparison_id in wanted:
+            calls[(rater_id, call.comparison_id)][call.order] = call  # later calls win
+    return {key: both for key, both in calls.items() if set(both) == {"ab", "ba"}}
+
+
+@dataclass(frozen=True)
+class ArenaOrder:
+    ranked: list[int]  # comparison ids, first served first
+    useless: list[int]  # same-policy pairs
+    weights: dict[tuple[str, str], float]  # policy pair -> interval overlap (Elo points)
+
+
+def arena_weights(intervals: Mapping[str, tuple[float, float]], policies: Iterable[str]) -> dict[tuple[str, str], float]:
+    """Overlap length of the two rating intervals per policy pair (sorted names); a policy
+    missing from `intervals` (no rating yet, or a NaN interval) overlaps everything."""
+    names = sorted(set(policies))
+    weights = {}
+    for i, p in enumerate(names):
+        for q in names[i + 1:]:
+            lp, hp = intervals.get(p, (math.nan, math.nan))
+            lq, hq = intervals.get(q, (math.nan, math.nan))
+            if any(v != v for v in (lp, hp, lq, hq)):
+                weights[(p, q)] = UNRATED_WEIGHT
+            else:
+                weights[(p, q)] = max(0.0, min(hp, hq) - max(lp, lq))
+    return weights
+
+
+def arena_order(pairs: Sequence[OpenPair], policy_names: Mapping[int, str],
+                intervals: Mapping[str, tuple[float, float]]) -> ArenaOrder:
+    """The `arena` ranking of these open pairs, from the policies' rating intervals."""
+    by_policy_pair: dict[tuple[str, str], list[int]] = defaultdict(list)
+    useless = []
+    for pair in pairs:  # already fewest votes first
+        p, q = policy_names[pair.policy_a], policy_names[pair.policy_b]
+        if p == q:
+            useless.append(pair.comparison_id)
+        else:
+            by_policy_pair[tuple(sorted((p, q)))].append(pair.comparison_id)
+    weights = arena_weights(intervals, {n for key in by_policy_pair for n in key})
+    keyed = []
+    for key, ids in by_policy_pair.items():
+        w = weights[key]
+        for k, cid in enumerate(ids):
+            keyed.append(((0, (k + 1) / w) if w > 0 else (1, k), cid))
+    keyed.sort()
+    return ArenaOrder([cid for _, cid in keyed], useless, weights)
+
+
+def rating_intervals(*, session: Session, kinds: Sequence[str] | None = None, n_bootstrap: int = 200,
+                     seed: int = 0) -> tuple[dict[int, str], dict[str, tuple[float, float]]]:
+    """Policy names by id and each rated policy's (ci_low, ci_high), from the leaderboard of
+    the votes of `kinds` (default: the leaderboard's own, all but simulated); gold votes left out."""
+    from feedback_store.leaderboard import LeaderboardConfig
+    from feedback_store.models import PolicyVersion
+    from feedback_store.stats import StatsConfig, leaderboard_stats, load_raters, load_votes
+
+    config = StatsConfig(leaderboard=LeaderboardConfig(n_bootstrap=n_bootstrap, seed=seed),
+                         **({"leaderboard_kinds": tuple(kinds)} if kinds is not None else {}))
+    raters = load_raters(session=session)
+    votes = load_votes(raters, session=session).without_gold()
+    names = dict(session.execute(select(PolicyVersion.id, PolicyVersion.name)).all())
+    board = leaderboard_stats(votes, raters, names, config)
+    return names, {r.policy: (r.ci_low, r.ci_high) for r in board.ratings}
+
+
+def arena(*, session: Session, kinds: Sequence[str] | None = None, n_bootstrap: int = 200,
+          seed: int = 0) -> ArenaOrder:
+    """`arena`: rank the open pairs by their policies' interval overlap and write the order."""
+    names, intervals = rating_intervals(session=session, kinds=kinds, n_bootstrap=n_bootstrap, seed=seed)
+    order = arena_order(open_pairs(session=session), names, intervals)
+    write_order(order.ranked, session=session, useless=order.useless)
+    set_strategy("arena", session=session)
+    return order
+
+
+def priority_counts(*, session: Session) -> dict[str, int]:
+    """How many ordinary pairs are raised (> 0), at the default (0), ranked (< 0): for reports."""
+    table = Comparison.__table__
+    level = case((table.c.priority > 0, 1), (table.c.priority < 0, -1), else_=0)
+    rows = session.connection().execute(
+        select(level, func.count()).where(table.c.gold_winner.is_(None)).group_by(level)
+    ).all()
+    names = {1: "raised", 0: "default", -1: "ranked"}
+    counts = {name: 0 for name in names.values()}
+    for sign, n in rows:
+        counts[names[int(sign)]] = int(n)
+    return counts
