@@ -285,7 +285,7 @@ def read_data_file(path: str):
         raise TrainingError(f"--data {path}: expected a .parquet or .jsonl file")
     try:
         return load_dataset(kind, data_files=str(file), split="train")
-    except Exception as error:  # datasets raises many types for unreadable files
+    except Exception as error:  # noqa: BLE001  (datasets raises many types for unreadable files)
         raise TrainingError(f"--data {path}: cannot read it ({str(error).splitlines()[0]})") from None
 
 
