@@ -1,10 +1,12 @@
-"""`prefloop train {sft,reward,dpo,kto,ppo}`: train from exactly the preferences in the store.
+"""`prefloop train {sft,reward,dpo,kto,ppo,grpo,rloo,...}`: train from exactly the preferences in the store.
 
     prefloop train dpo --max-steps 50
     prefloop train reward --model default --eval-fraction 0.2
     prefloop train dpo --preset seed-qlora --loss-type ipo --beta 0.5 --raters human --min-agreement 0.75
     prefloop train sft --data my_sft.parquet
     prefloop train ppo --reward-run 4 --max-steps 100   # RLHF on the stored prompts, scored by run 4's model
+    prefloop train grpo --reward-rubric shorter --num-generations 4   # groups of samples per stored prompt
+    prefloop train rloo --reward-judge --judge-base-url http://localhost:8000/v1 --judge-model Qwen/Qwen2.5-7B-Instruct
     prefloop train dpo --resume                  # the latest unfinished dpo run, from its last checkpoint
     prefloop train dpo --from-policy sft-3       # start from policy sft-3, which is also the reference
     accelerate launch --config_file configs/accelerate/ddp.yaml -m labeling.cli train dpo
@@ -120,6 +122,25 @@ METHOD_FLAGS: dict[str, tuple[tuple[str, Flag], ...]] = {
     ),
 }
 PPO_REWARD_FLAGS = ("reward_run", "reward_model", "reward_function")
+# GRPO and RLOO: any online reward source (alignment/training/online_rewards.py)
+ONLINE_REWARD_FLAGS = (
+    ("METHOD", Flag("reward_run", metavar="RUN_ID")),
+    ("METHOD", Flag("reward_model", metavar="PATH")),
+    ("METHOD", Flag("reward_rubric", metavar="RULES")),
+    ("METHOD", Flag("reward_function", metavar="MODULE:FUNCTION")),
+    ("METHOD", Flag("reward_judge")),
+)
+ONLINE_FLAGS = (
+    ("METHOD", Flag("num_generations", help="completions sampled per prompt (a group)")),
+    ("METHOD", Flag("max_completion_length", help="most tokens per completion")),
+    ("METHOD", Flag("temperature", help="sampling temperature")),
+    ("METHOD", Flag("beta", help="KL coefficient to the reference (the base, or the --from-policy parent)")),
+    ("METHOD", Flag("num_iterations", help="optimisation passes over each generated batch")),
+)
+METHOD_FLAGS["grpo"] = ONLINE_REWARD_FLAGS + ONLINE_FLAGS
+METHOD_FLAGS["rloo"] = ONLINE_REWARD_FLAGS + ONLINE_FLAGS
+ONLINE_METHODS = ("grpo", "rloo")
+REWARD_FLAG_FIELDS = PPO_REWARD_FLAGS + ("reward_rubric", "reward_judge")
 
 
 def _settings_of(entries) -> dict[str, tuple[str, str]]:
@@ -165,10 +186,7 @@ def section_classes(method: str) -> dict[str, type]:
     from alignment.models.spec import ModelSpec
     from feedback_store.export import Selection
 
-    try:
-        from alignment.training.plan import RunOptions
-    except ImportError:
-        from alignment.training.job import RunOptions
+    from alignment.training.plan import RunOptions
     config = importlib.import_module(f"alignment.training.{method}").METHOD.config_class
     return {"model": ModelSpec, "adapter": AdapterConfig, "selection": Selection, "run": RunOptions,
             "trainer": config, "METHOD": config}
@@ -204,7 +222,16 @@ def add_method_flags(method: str, parser: argparse.ArgumentParser) -> None:
 
     add(parser, COMMON_FLAGS)
     entries = METHOD_FLAGS[method]
-    if method == "ppo":
+    if method in ONLINE_METHODS:
+        add(parser.add_argument_group("reward (one of)"), [e for e in entries if e[1].field in REWARD_FLAG_FIELDS])
+        add(parser.add_argument_group(
+            method.upper(), "--max-steps counts optimizer steps; --batch-size completions per step (a multiple of "
+            f"--num-generations); more settings with --set {method}.KEY=VALUE"),
+            [e for e in entries if e[1].field not in REWARD_FLAG_FIELDS])
+        add_judge_reward_flags(parser.add_argument_group(
+            "judge reward (with --reward-judge)", "an OpenAI-compatible server, asked as `prefloop judge` asks it "
+            "(templates, rate limits, retries, cost ledger); the API key from the environment"))
+    elif method == "ppo":
         add(parser.add_argument_group("reward (one of)"), [e for e in entries if e[1].field in PPO_REWARD_FLAGS])
         add(parser.add_argument_group(
             "PPO", "--max-steps counts PPO steps (one rollout batch each), --batch-size is the micro-batch of the "
@@ -213,6 +240,59 @@ def add_method_flags(method: str, parser: argparse.ArgumentParser) -> None:
     else:
         add(parser, entries)
     _after_flags(parser)
+
+
+def add_judge_reward_flags(group) -> None:
+    """`--judge-*`: `prefloop judge`'s options for the judge reward, from the same dataclasses."""
+    from labeling.judge.online import MODES
+    from labeling.judge.openai_backend import OpenAIJudgeConfig
+    from labeling.judge.runner import JudgeRunConfig
+
+    add_flags(group, OpenAIJudgeConfig, [
+        Flag("model", flag="--judge-model", help="the model name the judge's endpoint serves"),
+        Flag("base_url", flag="--judge-base-url"),
+        Flag("api_key_env", flag="--judge-api-key-env", action="append", metavar="VAR"),
+        Flag("timeout", flag="--judge-timeout"),
+        Flag("max_attempts", flag="--judge-max-attempts"),
+        Flag("max_tokens", flag="--judge-max-tokens"),
+    ])
+    add_flags(group, JudgeRunConfig, [
+        Flag("template", flag="--judge-template"),
+        Flag("criteria", flag="--judge-criteria"),
+        Flag("concurrency", flag="--judge-concurrency"),
+        Flag("rpm", flag="--judge-rpm"),
+        Flag("tpm", flag="--judge-tpm"),
+        Flag("price_prompt", flag="--judge-price-prompt"),
+        Flag("price_completion", flag="--judge-price-completion"),
+    ])
+    cli_only(group, "--judge-mode", choices=MODES, default="compare",
+             help="compare: a prompt's completions against each other (win rate); reference: each against the "
+                  "data's 'reference' column")
+
+
+def judge_reward(args: argparse.Namespace, engine):
+    """The judge reward `--reward-judge` asks for, built from the --judge-* flags (None without it)."""
+    if not getattr(args, "reward_judge", None):
+        return None
+    from labeling.judge.online import JudgeReward
+    from labeling.judge.openai_backend import API_KEY_ENVS, OpenAIJudge, OpenAIJudgeConfig
+    from labeling.judge.runner import JudgeRunConfig
+
+    if not args.judge_model:
+        raise CliError("--reward-judge needs --judge-model (the model name the judge's endpoint serves)")
+    try:
+        config = OpenAIJudgeConfig(model=args.judge_model, base_url=args.judge_base_url,
+                                   api_key_env=tuple(args.judge_api_key_env or API_KEY_ENVS),
+                                   timeout=args.judge_timeout, max_attempts=args.judge_max_attempts,
+                                   max_tokens=args.judge_max_tokens, max_connections=args.judge_concurrency or 16)
+        config.api_key()
+        run_config = JudgeRunConfig(template=args.judge_template, criteria=args.judge_criteria,
+                                    concurrency=args.judge_concurrency, rpm=args.judge_rpm, tpm=args.judge_tpm,
+                                    price_prompt=args.judge_price_prompt,
+                                    price_completion=args.judge_price_completion, progress=False)
+        return JudgeReward(OpenAIJudge(config), run_config, engine=engine, mode=args.judge_mode)
+    except ValueError as error:
+        raise CliError(f"--reward-judge: {error}") from None
 
 
 def register(subparsers, common: argparse.ArgumentParser) -> None:
@@ -264,12 +344,22 @@ def run_train(args: argparse.Namespace) -> int:
             raise CliError("--eval judges a trained policy; a reward run trains none")
         eval_args = parse_eval_options(args.eval)
     engine = open_store(args)
+    judge = judge_reward(args, engine)
+    status = "failed"
     try:
-        result = run_training(request, engine=engine, progress=not args.no_progress)
+        with use_judge(judge):
+            result = run_training(request, engine=engine, progress=not args.no_progress)
+        status = "done"
     except (TrainingError, PresetError, ModelError) as error:
         raise CliError(str(error)) from None
     except ValueError as error:  # e.g. a Selection value out of range
         raise CliError(str(error).splitlines()[0]) from None
+    except KeyboardInterrupt:
+        status = "aborted"
+        raise
+    finally:
+        if judge is not None:
+            judge.close(status)
     if not result.main:  # another rank of an accelerate/torchrun launch: rank 0 reports
         return 0
     for note in result.notes:
@@ -277,6 +367,8 @@ def run_train(args: argparse.Namespace) -> int:
     shown = {k: v for k, v in result.metrics.items()
              if k in ("train_loss", "final_loss", "final_rewards/accuracies", "eval_accuracy", "final_reward",
                       "final_kl", "global_step", "train_runtime")}
+    if args.method in ONLINE_METHODS:
+        shown.update(_reward_curve(engine, result.run_id))
     print(f"run {result.run_id} {result.status}: " + ", ".join(f"{k}={_fmt(v)}" for k, v in shown.items()))
     print(f"output: {result.output_path}")
     if result.policy_name:
@@ -286,6 +378,25 @@ def run_train(args: argparse.Namespace) -> int:
 
         return evaluate(engine, result.policy_name, eval_args)
     return 0
+
+
+def _reward_curve(engine, run_id: int) -> dict:
+    """First and last logged mean reward of an online run (its `reward` curve)."""
+    from alignment.training.runs import run_metrics
+
+    values = [m.value for m in run_metrics(engine, run_id) if m.name == "reward"]
+    return {"first_reward": values[0], "last_reward": values[-1]} if values else {}
+
+
+def use_judge(judge):
+    """The judge reward handed down to the run (alignment may not import labeling)."""
+    import contextlib
+
+    if judge is None:
+        return contextlib.nullcontext()
+    from alignment.training.online_rewards import use_judge as handing_down
+
+    return handing_down(judge)
 
 
 def _fmt(value) -> str:
