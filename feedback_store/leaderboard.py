@@ -17,6 +17,12 @@ Ratings are shown on the Elo scale: rating = 400 / ln(10) * s + offset, with the
 named anchor policy) at 1000. Confidence intervals come from a bootstrap over votes: all
 resamples are drawn at once as multinomial counts over vote kinds (equivalent to resampling
 rows) and fitted together by a batched Newton iteration.
+
+With `LeaderboardConfig(style_control=True)` and the two responses' style features per vote,
+each rating also gets a style-controlled one (feedback_store.style: Arena's logistic
+regression on the policy difference plus length and markdown covariates), on the same Elo
+scale and anchor, with its own bootstrap interval, and the board lists the fitted style
+coefficients.
 """
 
 from __future__ import annotations
@@ -44,6 +50,10 @@ class LeaderboardConfig:
         default=1000.0,
         metadata={"help": "sd of the Gaussian prior on ratings, Elo points; keeps a policy that always wins finite"},
     )
+    style_control: bool = field(
+        default=False,
+        metadata={"help": "also fit style-controlled ratings (length and markdown covariates, as Chatbot Arena)"},
+    )
 
 
 @dataclass(frozen=True)
@@ -53,6 +63,26 @@ class PolicyRating:
     ci_low: float
     ci_high: float
     n: int  # votes that compared this policy with another one
+    # Style-controlled rating and interval (feedback_store.style); None unless style control is on.
+    controlled_rating: float | None = None
+    controlled_ci_low: float | None = None
+    controlled_ci_high: float | None = None
+
+    def to_dict(self) -> dict:
+        """The rating's fields; the controlled ones only when style control computed them."""
+        return {k: v for k, v in self.__dict__.items() if not (k.startswith("controlled_") and v is None)}
+
+
+@dataclass(frozen=True)
+class StyleControl:
+    """The style covariates' fitted coefficients (logit per standard deviation of (a-b)/(a+b))."""
+
+    covariates: list  # of feedback_store.style.StyleCoefficient
+    length_unit: str
+    n: int  # votes in the fit
+
+    def to_dict(self) -> dict:
+        return {"covariates": [c.to_dict() for c in self.covariates], "length_unit": self.length_unit, "n": self.n}
 
 
 @dataclass(frozen=True)
@@ -64,15 +94,19 @@ class Leaderboard:
     games: list[list[int]]  # games[i][j]: votes between policies i and j
     win_rate: list[list[float | None]]  # row's wins over column, ties as half; None where never compared
     predicted_win_rate: list[list[float]]  # the same under the fitted Bradley-Terry model
+    style: StyleControl | None = None  # the style coefficients, when style control is on
 
     def to_dict(self) -> dict:
-        return {
-            "ratings": [r.__dict__ for r in self.ratings],
+        result = {
+            "ratings": [r.to_dict() for r in self.ratings],
             "policies": self.policies,
             "games": self.games,
             "win_rate": self.win_rate,
             "predicted_win_rate": self.predicted_win_rate,
         }
+        if self.style is not None:
+            result["style_control"] = self.style.to_dict()
+        return result
 
 
 def outcome_scores(choices) -> np.ndarray:
@@ -178,9 +212,15 @@ def bradley_terry_leaderboard(
     choices,
     policy_names: list[str] | None = None,
     config: LeaderboardConfig = LeaderboardConfig(),
+    style_first=None,
+    style_second=None,
 ) -> Leaderboard:
     """Leaderboard from votes: for each vote the two policies (as names, or indexes into
     `policy_names`) and the choice ('a' = the first won, 'b', 'tie', 'both_bad').
+
+    With `config.style_control`, `style_first` and `style_second` are each vote's two responses'
+    style features, (n_votes, len(feedback_store.style.STYLE_FEATURES)) arrays (see
+    style.style_feature_table), and every rating also gets a style-controlled one.
 
     Votes of a policy against itself carry no information and are dropped; policies left
     with no votes are not ranked."""
@@ -199,6 +239,11 @@ def bradley_terry_leaderboard(
     score = outcome_scores(choices)
     informative = first_idx != second_idx
     first_idx, second_idx, score = first_idx[informative], second_idx[informative], score[informative]
+    if config.style_control:
+        if style_first is None or style_second is None:
+            raise ValueError("style control needs the style features of both responses of every vote")
+        style_first = np.asarray(style_first, dtype=float).reshape(len(first), -1)[informative]
+        style_second = np.asarray(style_second, dtype=float).reshape(len(first), -1)[informative]
 
     # Rank only the policies that played someone else, re-indexed 0..P-1.
     present = np.unique(np.concatenate([first_idx, second_idx]))
@@ -235,8 +280,11 @@ def bradley_terry_leaderboard(
         rate = np.where(games > 0, wins / np.where(games > 0, games, 1), np.nan)
     predicted = 1.0 / (1.0 + np.exp(-(scores[:, None] - scores[None, :])))
     order = np.argsort(-ratings, kind="stable")
+    controlled, style = (None, None) if not config.style_control else _style_controlled(
+        first_idx, second_idx, score, style_first, style_second, p, l2, anchor_index, config)
     rows = [
-        PolicyRating(names[i], float(ratings[i]), float(low[i]), float(high[i]), int(round(n_votes[i])))
+        PolicyRating(names[i], float(ratings[i]), float(low[i]), float(high[i]), int(round(n_votes[i])),
+                     *((None, None, None) if controlled is None else (float(c[i]) for c in controlled)))
         for i in order
     ]
     return Leaderboard(
@@ -245,4 +293,33 @@ def bradley_terry_leaderboard(
         games=np.rint(games).astype(int).tolist(),
         win_rate=[[None if np.isnan(v) else float(v) for v in row] for row in rate],
         predicted_win_rate=predicted.tolist(),
+        style=style,
     )
+
+
+def _style_controlled(first, second, score, style_first, style_second, p, l2, anchor_index, config):
+    """(ratings, ci_low, ci_high) controlled for style, on the Elo scale, and the coefficients."""
+    from feedback_store.style import (
+        LENGTH_UNIT,
+        STYLE_FEATURES,
+        StyleCoefficient,
+        fit_style_controlled,
+        normalized_differences,
+    )
+
+    covariates = normalized_differences(style_first, style_second)
+    fit = fit_style_controlled(first, second, score, covariates, p, l2=l2, n_bootstrap=config.n_bootstrap,
+                               rng=np.random.default_rng([config.seed, 1]))
+    ratings = _to_elo(fit.scores, anchor_index)
+    tail = (1 - config.confidence) / 2 * 100
+    if fit.boot_scores is not None:
+        low, high = np.percentile(_to_elo(fit.boot_scores, anchor_index), [tail, 100 - tail], axis=0)
+        beta_low, beta_high = np.percentile(fit.boot_beta, [tail, 100 - tail], axis=0)
+    else:
+        low = high = np.full(p, np.nan)
+        beta_low = beta_high = np.full(len(fit.beta), np.nan)
+    coefficients = [
+        StyleCoefficient(name, float(fit.beta[j]), float(beta_low[j]), float(beta_high[j]), float(fit.sd[j]))
+        for j, name in enumerate(STYLE_FEATURES)
+    ]
+    return (ratings, low, high), StyleControl(coefficients, LENGTH_UNIT, len(score))

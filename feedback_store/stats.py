@@ -15,6 +15,11 @@ apart in `votes_by_kind`. Votes on gold pairs (feedback_store.gold) count only f
 (feedback_store.rater_quality: accuracy on gold), never for agreement, position bias,
 throughput, the leaderboard or judge-vs-human.
 
+The leaderboard can be style-controlled (`LeaderboardConfig(style_control=True)`, `prefloop
+stats --style-control`: feedback_store.style), is also given per prompt tag
+(`leaderboard_by_tag`, raw ratings), and `length_bias` says how often the longer response wins,
+for judge votes and for human votes on the same comparisons (those voted by both).
+
 NaN marks an undefined statistic in the dataclasses; `Stats.to_dict()` turns it into None.
 """
 
@@ -22,11 +27,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from datetime import timezone
+from datetime import UTC
 
 import numpy as np
 from scipy.stats import binom
-from sqlalchemy import Float, case, func, select
+from sqlalchemy import Float, String, case, cast, func, select
 from sqlalchemy.orm import aliased
 from sqlmodel import Session
 
@@ -39,7 +44,6 @@ from feedback_store.agreement import (
 from feedback_store.app_settings import quality_threshold
 from feedback_store.evaluations import EvaluationSummary, list_evaluations
 from feedback_store.leaderboard import Leaderboard, LeaderboardConfig, bradley_terry_leaderboard
-from feedback_store.rater_quality import RaterQuality, rater_quality
 from feedback_store.models import (
     Comparison,
     PolicyVersion,
@@ -50,6 +54,7 @@ from feedback_store.models import (
     Response,
     Vote,
 )
+from feedback_store.rater_quality import RaterQuality, rater_quality
 
 CHOICES = ("a", "b", "tie", "both_bad")
 JUDGE_CATEGORIES = ("a", "b", "tie")  # both_bad folded into tie
@@ -133,10 +138,10 @@ class VoteColumns:
     def __len__(self) -> int:
         return len(self.comparison)
 
-    def without_gold(self) -> "VoteColumns":
+    def without_gold(self) -> VoteColumns:
         return self.subset(self.gold < 0) if len(self) else self
 
-    def subset(self, mask: np.ndarray) -> "VoteColumns":
+    def subset(self, mask: np.ndarray) -> VoteColumns:
         return VoteColumns(**{name: value[mask] for name, value in self.__dict__.items()})
 
 
@@ -152,7 +157,7 @@ def _epoch_seconds(column, dialect: str):
 
 def _python_epoch_seconds(values) -> np.ndarray:
     return np.array(
-        [(v if v.tzinfo else v.replace(tzinfo=timezone.utc)).timestamp() for v in values], dtype=float
+        [(v if v.tzinfo else v.replace(tzinfo=UTC)).timestamp() for v in values], dtype=float
     )
 
 
@@ -300,6 +305,29 @@ class JudgeVsHuman:
 
 
 @dataclass(frozen=True)
+class LongerWins:
+    rater: str  # 'judge' / 'human' (every vote of that kind), or a judge's name
+    votes: int  # decisive votes (a or b) on pairs whose two responses differ in length
+    longer_wins: int
+    rate: float  # longer_wins / votes
+    p_value: float  # two-sided binomial test against 0.5
+    ties: int  # tie / both-bad votes on those pairs, not counted in the rate
+
+
+@dataclass(frozen=True)
+class LengthBias:
+    """How often the longer response wins, on comparisons voted by both a judge and a human
+    (the same pairs for both, so the rates are comparable); lengths in characters."""
+
+    n_comparisons: int  # comparisons voted by both kinds whose responses differ in length
+    equal_length: int  # comparisons voted by both kinds left out: responses of the same length
+    judge: LongerWins
+    human: LongerWins
+    by_judge: list[LongerWins]
+    length_unit: str = "characters"
+
+
+@dataclass(frozen=True)
 class Stats:
     counts: Counts
     agreement: Agreement
@@ -309,10 +337,15 @@ class Stats:
     judge_vs_human: JudgeVsHuman
     evaluations: list[EvaluationSummary] = field(default_factory=list)  # `prefloop eval` results, oldest first
     raters: list[RaterQuality] = field(default_factory=list)  # annotator quality (feedback_store.rater_quality)
+    leaderboard_by_tag: dict[str, Leaderboard] = field(default_factory=dict)  # raw ratings per prompt tag
+    length_bias: LengthBias | None = None
 
     def to_dict(self) -> dict:
-        """A JSON-ready dict: `leaderboard` is the list of ratings; the matrices sit in `win_rate`."""
+        """A JSON-ready dict: `leaderboard` is the list of ratings (with `controlled_rating` and its
+        interval when style control is on, the style coefficients then in `leaderboard_style_control`);
+        the matrices sit in `win_rate`; `leaderboard_by_tag` maps each prompt tag to its ratings."""
         board = self.leaderboard.to_dict()
+        style = board.pop("style_control", None)
         result = {
             "counts": asdict(self.counts),
             "agreement": asdict(self.agreement),
@@ -323,7 +356,12 @@ class Stats:
             "judge_vs_human": asdict(self.judge_vs_human),
             "evaluations": [evaluation.to_dict() for evaluation in self.evaluations],
             "raters": [row.to_dict() for row in self.raters],
+            "leaderboard_by_tag": {tag: [row.to_dict() for row in tagged.ratings]
+                                   for tag, tagged in self.leaderboard_by_tag.items()},
+            "length_bias": asdict(self.length_bias) if self.length_bias is not None else None,
         }
+        if style is not None:
+            result["leaderboard_style_control"] = style
         return _json_safe(result)
 
 
@@ -425,16 +463,16 @@ def agreement_stats(votes: VoteColumns, raters: RaterTable, config: StatsConfig 
         m, fleiss_rows, fleiss = 0, counts[:0], math.nan
     return Agreement(
         categories=list(CHOICES),
-        raters=int(len(np.unique(votes.rater))),
-        items_multi=int(len(multi)),
+        raters=len(np.unique(votes.rater)),
+        items_multi=len(multi),
         percent_agreement=float(percent_agreement_from_confusion(confusions.sum(axis=0))),
         pairwise=pairwise,
         mean_pairwise_kappa=mean_kappa,
         fleiss_kappa=fleiss,
-        fleiss_items=int(len(fleiss_rows)),
+        fleiss_items=len(fleiss_rows),
         fleiss_raters_per_item=m,
         krippendorff_alpha=krippendorff_alpha_from_counts(counts),
-        krippendorff_items=int(len(multi)),
+        krippendorff_items=len(multi),
     )
 
 
@@ -523,11 +561,11 @@ def judge_vs_human_stats(votes: VoteColumns, raters: RaterTable) -> JudgeVsHuman
     ).reshape(len(judges), c, c)
     by_judge = [
         _judge_agreement(
-            raters.names[r], confusions[j], int(len(np.unique(votes.comparison[pair_judge[judge_of_pair == j]])))
+            raters.names[r], confusions[j], len(np.unique(votes.comparison[pair_judge[judge_of_pair == j]]))
         )
         for j, r in enumerate(judges)
     ]
-    overall = _judge_agreement("all", confusions.sum(axis=0), int(len(np.unique(votes.comparison[pair_judge]))))
+    overall = _judge_agreement("all", confusions.sum(axis=0), len(np.unique(votes.comparison[pair_judge])))
     return JudgeVsHuman(
         categories=list(JUDGE_CATEGORIES),
         n_comparisons=overall.n_comparisons,
@@ -539,18 +577,120 @@ def judge_vs_human_stats(votes: VoteColumns, raters: RaterTable) -> JudgeVsHuman
     )
 
 
+def load_style_features(*, session: Session) -> tuple[np.ndarray, np.ndarray]:
+    """(response ids ascending, their style features (n, len(STYLE_FEATURES))) for every response."""
+    from feedback_store.style import style_feature_table
+
+    rows = session.execute(select(Response.id, Response.text).order_by(Response.id)).all()
+    return np.array([r[0] for r in rows], dtype=np.int64), style_feature_table([r[1] for r in rows])
+
+
+def _lookup(ids: np.ndarray, table: np.ndarray, wanted: np.ndarray) -> np.ndarray:
+    return table[np.searchsorted(ids, wanted)]
+
+
 def leaderboard_stats(votes: VoteColumns, raters: RaterTable, policy_names: dict[int, str],
-                      config: StatsConfig = StatsConfig()) -> Leaderboard:
+                      config: StatsConfig = StatsConfig(), style: tuple[np.ndarray, np.ndarray] | None = None
+                      ) -> Leaderboard:
+    """`style`: load_style_features's (ids, features), needed when config.leaderboard.style_control."""
     if len(votes):
         votes = votes.subset(raters.of_kinds(config.leaderboard_kinds)[votes.rater])
     ids = np.array(sorted(policy_names), dtype=np.int64)
+    style_first = style_second = None
+    if config.leaderboard.style_control:
+        if style is None:
+            raise ValueError("style control needs the responses' style features (load_style_features)")
+        style_first = _lookup(*style, votes.response_a)
+        style_second = _lookup(*style, votes.response_b)
     return bradley_terry_leaderboard(
         np.searchsorted(ids, votes.policy_a),
         np.searchsorted(ids, votes.policy_b),
         np.array(CHOICES)[votes.choice],
         [policy_names[i] for i in ids],
         config.leaderboard,
+        style_first,
+        style_second,
     )
+
+
+def load_comparison_tags(*, session: Session) -> dict[int, list[str]]:
+    """Comparison id -> its prompt's tags, for the comparisons whose prompt has any."""
+    query = (
+        select(Comparison.id, Prompt.tags)
+        .join(Prompt, Prompt.id == Comparison.prompt_id)
+        # JSON has no equality in PostgreSQL: compare its text (both stores keep it as written, "[]")
+        .where(Prompt.tags.is_not(None), cast(Prompt.tags, String) != "[]")
+    )
+    result = {}
+    for comparison_id, tags in session.execute(query).all():
+        if isinstance(tags, list) and tags:
+            result[int(comparison_id)] = [str(tag) for tag in tags]
+    return result
+
+
+def leaderboard_by_tag_stats(votes: VoteColumns, raters: RaterTable, policy_names: dict[int, str],
+                             tags: dict[int, list[str]], config: StatsConfig = StatsConfig()
+                             ) -> dict[str, Leaderboard]:
+    """A raw (not style-controlled) leaderboard per prompt tag, from the votes on that tag's
+    comparisons; a prompt with several tags counts for each. Tags with no ranking left out."""
+    by_tag: dict[str, list[int]] = {}
+    for comparison_id, comparison_tags in tags.items():
+        for tag in dict.fromkeys(comparison_tags):
+            by_tag.setdefault(tag, []).append(comparison_id)
+    raw = StatsConfig(**{**config.__dict__, "leaderboard": LeaderboardConfig(
+        **{**config.leaderboard.__dict__, "style_control": False})})
+    boards = {}
+    for tag in sorted(by_tag):
+        board = leaderboard_stats(votes.subset(np.isin(votes.comparison, by_tag[tag])), raters, policy_names, raw)
+        if board.ratings:
+            boards[tag] = board
+    return boards
+
+
+def _longer_wins(name: str, decisive_longer: np.ndarray, ties: int) -> LongerWins:
+    n, k = len(decisive_longer), int(decisive_longer.sum())
+    return LongerWins(rater=name, votes=n, longer_wins=k, rate=k / n if n else math.nan,
+                      p_value=float(two_sided_fair_coin_p(k, n)) if n else math.nan, ties=ties)
+
+
+def length_bias_stats(votes: VoteColumns, raters: RaterTable, lengths: tuple[np.ndarray, np.ndarray] | None
+                      ) -> LengthBias:
+    """How often the longer response wins, for judge votes and for human votes, on the comparisons
+    both kinds voted on (gold pairs are already out of `votes`). `lengths`: (response ids
+    ascending, their lengths), needed only where such comparisons exist."""
+    is_judge = raters.of_kinds({RaterKind.judge.value})[votes.rater] if len(votes) else np.zeros(0, bool)
+    is_human = raters.of_kinds({RaterKind.human.value})[votes.rater] if len(votes) else np.zeros(0, bool)
+    shared = np.intersect1d(votes.comparison[is_judge], votes.comparison[is_human])
+    on_shared = np.isin(votes.comparison, shared) & (is_judge | is_human)
+    if len(shared) and lengths is not None:
+        length_a = _lookup(*lengths, votes.response_a)
+        length_b = _lookup(*lengths, votes.response_b)
+    else:
+        length_a = length_b = np.zeros(len(votes))
+    differ = length_a != length_b
+    equal_length = len(np.unique(votes.comparison[on_shared & ~differ]))
+    counted = on_shared & differ
+    decisive = counted & (votes.choice >= 0) & (votes.choice <= 1)
+    tie = counted & (votes.choice >= 2)
+    longer_won = np.where(votes.choice == 0, length_a > length_b, length_b > length_a)
+
+    def row(name: str, mask: np.ndarray) -> LongerWins:
+        return _longer_wins(name, longer_won[decisive & mask], int((tie & mask).sum()))
+
+    judges = np.unique(votes.rater[counted & is_judge])
+    return LengthBias(
+        n_comparisons=len(np.unique(votes.comparison[counted])),
+        equal_length=equal_length,
+        judge=row("judge", is_judge),
+        human=row("human", is_human),
+        by_judge=[row(raters.names[r], votes.rater == r) for r in judges],
+    )
+
+
+def load_lengths(*, session: Session) -> tuple[np.ndarray, np.ndarray]:
+    """(response ids ascending, their lengths in characters), computed by the database."""
+    rows = session.execute(select(Response.id, func.length(Response.text)).order_by(Response.id)).all()
+    return np.array([r[0] for r in rows], dtype=np.int64), np.array([r[1] or 0 for r in rows], dtype=np.int64)
 
 
 def compute_stats(*, session: Session, config: StatsConfig = StatsConfig()) -> Stats:
@@ -560,17 +700,26 @@ def compute_stats(*, session: Session, config: StatsConfig = StatsConfig()) -> S
     listed = votes.subset(raters.of_kinds(config.rater_kinds)[votes.rater]) if len(votes) else votes
     # Judge-vs-human compares judges with humans only; simulated votes are neither.
     policy_names = dict(session.execute(select(PolicyVersion.id, PolicyVersion.name)).all())
+    style = load_style_features(session=session) if config.leaderboard.style_control else None
+    judges = raters.of_kinds({RaterKind.judge.value})[votes.rater] if len(votes) else np.zeros(0, bool)
+    humans = raters.of_kinds({RaterKind.human.value})[votes.rater] if len(votes) else np.zeros(0, bool)
+    lengths = None
+    if len(np.intersect1d(votes.comparison[judges], votes.comparison[humans])):
+        lengths = (style[0], style[1][:, 0].astype(np.int64)) if style is not None else load_lengths(session=session)
     return Stats(
         counts=count_rows(raters, all_votes, session=session),
         agreement=agreement_stats(votes, raters, config),
         position_bias=position_bias_stats(listed, raters),
         throughput=throughput_stats(listed, raters, config),
-        leaderboard=leaderboard_stats(votes, raters, policy_names, config),
+        leaderboard=leaderboard_stats(votes, raters, policy_names, config, style),
         judge_vs_human=judge_vs_human_stats(votes, raters),
         evaluations=list_evaluations(session=session),
         raters=rater_quality(all_votes, raters, kinds=config.rater_kinds, min_gold=config.min_gold,
                              threshold=(config.quality_threshold if config.quality_threshold is not None
                                         else quality_threshold(session=session))),
+        leaderboard_by_tag=leaderboard_by_tag_stats(votes, raters, policy_names, load_comparison_tags(session=session),
+                                                    config),
+        length_bias=length_bias_stats(votes, raters, lengths),
     )
 
 

@@ -14,8 +14,9 @@ matplotlib.use("Agg")  # headless; the figures are rendered to images for the pa
 from matplotlib.figure import Figure  # noqa: E402
 
 from feedback_store.evaluations import LineageNode, lineage  # noqa: E402
+from feedback_store.leaderboard import LeaderboardConfig  # noqa: E402
 from feedback_store.run_curves import RunCurves, recent_run_curves  # noqa: E402
-from feedback_store.stats import Stats, compute_stats  # noqa: E402
+from feedback_store.stats import Stats, StatsConfig, compute_stats  # noqa: E402
 from labeling.app.auth import AccessDenied, admin_for  # noqa: E402
 
 PLOTS = ("leaderboard", "win_rate", "agreement", "annotators", "judge", "training", "lineage")
@@ -49,23 +50,34 @@ def _finite(value: float | None) -> bool:
 
 
 def leaderboard_plot(stats: Stats) -> Figure:
+    """Raw ratings (filled) and, when style control is on, the style-controlled ones (hollow,
+    just below), each with its 95% interval; the style coefficients in the legend."""
     ratings = stats.leaderboard.ratings
+    style = stats.leaderboard.style
     title = "Bradley-Terry leaderboard (Elo scale, 95% bootstrap CI)"
     if not ratings:
         return _nothing_yet(title, "Needs votes between at least two policies.")
-    figure = _figure(height=max(2.2, 0.45 * len(ratings) + 1.2))
+    figure = _figure(height=max(2.2, 0.45 * len(ratings) + 1.2) + (0.4 if style is not None else 0))
     axes = figure.subplots()
     rows = list(reversed(ratings))  # best at the top
     y = range(len(rows))
-    centers = [r.rating for r in rows]
-    has_ci = all(_finite(r.ci_low) and _finite(r.ci_high) for r in rows)
-    if has_ci:
-        errors = [[r.rating - r.ci_low for r in rows], [r.ci_high - r.rating for r in rows]]
-        axes.errorbar(
-            centers, y, xerr=errors, fmt="o", color=_ACCENT, ecolor=_MUTED, capsize=4, lw=2
-        )
-    else:
-        axes.plot(centers, y, "o", color=_ACCENT)
+
+    def draw(centers, lows, highs, offset, **style_args):
+        ys = [i + offset for i in y]
+        if all(_finite(v) for v in (*lows, *highs)):
+            errors = [[c - lo for c, lo in zip(centers, lows)], [hi - c for c, hi in zip(centers, highs)]]
+            axes.errorbar(centers, ys, xerr=errors, fmt="o", ecolor=_MUTED, capsize=4, lw=2, **style_args)
+        else:
+            axes.plot(centers, ys, "o", **style_args)
+
+    draw([r.rating for r in rows], [r.ci_low for r in rows], [r.ci_high for r in rows], 0.0,
+         color=_ACCENT, label="raw")
+    if style is not None and all(r.controlled_rating is not None for r in rows):
+        terms = ", ".join(f"{c.name} {c.coefficient:+.2f}" for c in style.covariates if _finite(c.coefficient))
+        draw([r.controlled_rating for r in rows], [r.controlled_ci_low for r in rows],
+             [r.controlled_ci_high for r in rows], -0.25, color=_ACCENT, mfc="white",
+             label=f"style-controlled ({terms or 'no style differences'})")
+        axes.legend(fontsize=7, loc="lower right")
     axes.set_yticks(list(y), [f"{r.policy}  (n={r.n})" for r in rows])
     axes.axvline(1000, color=_MUTED, lw=0.8, ls="--")
     axes.set_xlabel("rating")
@@ -281,7 +293,9 @@ def lineage_plot(nodes: list[LineageNode]) -> Figure:
 
 def dashboard_figures(state) -> dict[str, Figure]:
     with state.read_session() as session:
-        stats = compute_stats(session=session)
+        # Style-controlled ratings beside the raw ones (feedback_store.style); an admin's refresh
+        # can afford the extra fit.
+        stats = compute_stats(session=session, config=StatsConfig(leaderboard=LeaderboardConfig(style_control=True)))
         runs = recent_run_curves(session=session)
         tree = lineage(session=session)
     return {

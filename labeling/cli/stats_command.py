@@ -1,11 +1,17 @@
 """`prefloop stats [--json]`: counts, agreement, position bias, throughput, leaderboard, judge vs human,
 and per-rater quality (`raters`: gold accuracy, leave-one-out agreement, left-pick rate, median
-time, Dawid-Skene accuracy and confusion; feedback_store.rater_quality)."""
+time, Dawid-Skene accuracy and confusion; feedback_store.rater_quality).
+
+`--style-control` adds style-controlled ratings beside the raw ones (feedback_store.style) and the
+fitted style coefficients; `--by-tag` prints a leaderboard per prompt tag (always in --json, as
+`leaderboard_by_tag`); the length-bias line (how often the longer response wins, judge vs human
+votes on the same pairs) is always shown."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 
 
 def register(subparsers, common: argparse.ArgumentParser) -> None:
@@ -25,6 +31,11 @@ def register(subparsers, common: argparse.ArgumentParser) -> None:
     parser.add_argument("--quality-threshold", type=float, default=None, metavar="T",
                         help="flag raters whose quality score is below T "
                              "(default: the admin setting, `prefloop raters threshold`, else 0.7)")
+    parser.add_argument("--style-control", action="store_true",
+                        help="also rate the policies with length and markdown controlled for (Chatbot Arena's style "
+                             "control): a controlled rating beside each raw one, and the style coefficients")
+    parser.add_argument("--by-tag", action="store_true",
+                        help="print a leaderboard per prompt tag too (the JSON always has leaderboard_by_tag)")
     parser.add_argument("--min-overlap", type=int, default=5, metavar="N",
                         help="comparisons two raters must share to list their Cohen's kappa (default: 5)")
     parser.set_defaults(handler=run_stats)
@@ -47,7 +58,8 @@ def run_stats(args: argparse.Namespace) -> int:
             agreement_kinds=("human",) + extra,
             rater_kinds=("human", "judge", "import") + extra,
             quality_threshold=args.quality_threshold,
-            leaderboard=LeaderboardConfig(n_bootstrap=args.bootstrap, seed=args.seed, anchor=args.anchor),
+            leaderboard=LeaderboardConfig(n_bootstrap=args.bootstrap, seed=args.seed, anchor=args.anchor,
+                                          style_control=args.style_control),
         )
     except ValueError as error:
         raise CliError(str(error)) from None
@@ -60,7 +72,7 @@ def run_stats(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(stats.to_dict(), ensure_ascii=False, allow_nan=False))
     else:
-        render(stats)
+        render(stats, by_tag=args.by_tag)
     return 0
 
 
@@ -70,7 +82,24 @@ def _fmt(value, digits: int = 3) -> str:
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
-def render(stats) -> None:
+def _leaderboard_table(board, title: str):
+    from rich.table import Table
+
+    controlled = any(row.controlled_rating is not None for row in board.ratings)
+    table = Table(title=title)
+    columns = ["#", "policy", "rating", "95% CI"] + (["controlled", "95% CI (controlled)"] if controlled else [])
+    for column in columns + ["votes"]:
+        table.add_column(column, justify="left" if column == "policy" else "right")
+    for rank, row in enumerate(board.ratings, 1):
+        cells = [str(rank), row.policy, f"{row.rating:.0f}", f"{_fmt(row.ci_low, 0)} – {_fmt(row.ci_high, 0)}"]
+        if controlled:
+            cells += [_fmt(row.controlled_rating, 0),
+                      f"{_fmt(row.controlled_ci_low, 0)} – {_fmt(row.controlled_ci_high, 0)}"]
+        table.add_row(*cells, str(row.n))
+    return table
+
+
+def render(stats, *, by_tag: bool = False) -> None:
     """The same figures as --json, as rich tables."""
     from rich.console import Console
     from rich.table import Table
@@ -83,13 +112,24 @@ def render(stats) -> None:
         f"[bold]ratings[/] {counts.ratings}  [bold]raters[/] {counts.raters}  [bold]policies[/] {counts.policies}"
     )
 
-    board = Table(title="Leaderboard (Bradley-Terry, Elo scale, 95% bootstrap CI)")
-    for column in ("#", "policy", "rating", "95% CI", "votes"):
-        board.add_column(column, justify="left" if column == "policy" else "right")
-    for rank, row in enumerate(stats.leaderboard.ratings, 1):
-        board.add_row(str(rank), row.policy, f"{row.rating:.0f}",
-                      f"{_fmt(row.ci_low, 0)} – {_fmt(row.ci_high, 0)}", str(row.n))
-    console.print(board if stats.leaderboard.ratings else "[dim]leaderboard: no votes between two different policies[/]")
+    board = stats.leaderboard
+    styled = board.style is not None
+    title = ("Leaderboard (Bradley-Terry, Elo scale, 95% bootstrap CI" +
+             ("; controlled: with length and markdown held equal)" if styled else ")"))
+    console.print(_leaderboard_table(board, title) if board.ratings
+                  else "[dim]leaderboard: no votes between two different policies[/]")
+    if styled and board.ratings:
+        terms = ", ".join(
+            f"{c.name} {_fmt(c.coefficient, 2)} [{_fmt(c.ci_low, 2)}, {_fmt(c.ci_high, 2)}]"
+            if not math.isnan(c.coefficient) else f"{c.name} – (never differs)"
+            for c in board.style.covariates)
+        console.print(f"[bold]Style coefficients[/] (logit per sd of (a−b)/(a+b), length in "
+                      f"{board.style.length_unit}; {board.style.n} votes): {terms}")
+    if by_tag:
+        if not stats.leaderboard_by_tag:
+            console.print("[dim]leaderboard by tag: no tagged prompts with votes between two policies[/]")
+        for tag, tagged in stats.leaderboard_by_tag.items():
+            console.print(_leaderboard_table(tagged, f"Leaderboard for tag {tag!r}"))
 
     agreement = stats.agreement
     console.print(
@@ -114,6 +154,15 @@ def render(stats) -> None:
         f"agreement {_fmt(judge.percent_agreement)}, Cohen's kappa {_fmt(judge.kappa)}, "
         f"agreement where both decisive {_fmt(judge.decisive_agreement)}"
     )
+
+    bias = stats.length_bias
+    if bias is not None and bias.n_comparisons:
+        console.print(
+            f"[bold]Length bias[/] (the longer response's win rate, decisive votes, on {bias.n_comparisons} "
+            f"comparisons voted by a judge and a human; {bias.equal_length} of equal length left out): "
+            + "; ".join(f"{row.rater} {_fmt(row.rate)} ({row.longer_wins}/{row.votes}, p {_fmt(row.p_value)})"
+                        for row in [bias.judge, bias.human, *bias.by_judge])
+        )
 
     if stats.evaluations:
         evaluations = Table(title="Evaluations on eval prompts (win rate: ties count half, 95% Wilson CI)")
