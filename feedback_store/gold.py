@@ -17,22 +17,26 @@ the real answer), `gold_kind` and source "gold:<kind>".
 What keeps gold pairs out of everything else: exports skip comparisons with a gold winner
 and ratings of gold-policy responses (feedback_store.export); statistics leave gold votes out
 of agreement, position bias, throughput, the leaderboard and judge-vs-human, and use them only
-for the per-rater accuracy of feedback_store.rater_quality. Until the queue serves them
-itself, they are stored at `GOLD_PRIORITY`, the bottom of the ordinary queue.
+for the per-rater accuracy of feedback_store.rater_quality. The ordinary queue
+(feedback_store.queue) never serves them; they are stored at `GOLD_PRIORITY`, which queue
+strategies leave alone. The single-response page never deals a degraded copy.
 
-Serving (for feedback_store.queue / the app): `gold_due(rater_id, session=...)` says whether
-this rater's next pair should be a gold one: at the admin-set rate `gold_rate` (app setting
-`GOLD_RATE_SETTING`, default 1 in 20), drawn at random per call so a rater cannot count to the
-next one, and only while a gold pair the rater has not voted on exists. `next_gold_for`
-reserves one like `next_comparison_for` does (an `Assignment` with a random left side), so
-`pair_view` and `record_vote` treat it like any other pair.
+Serving: `next_pair_for` is how the pairwise page deals (a vote's next pair included,
+feedback_store.votes.record_vote_and_next): the rater's live reservation if any (a reload shows
+the same pair), else a gold pair when `gold_due` says so, else the ordinary queue's next pair.
+`gold_due(rater_id, session=...)` says whether this rater's next pair should be a gold one: at
+the admin-set rate `gold_rate` (app setting `GOLD_RATE_SETTING`, default 1 in 20), drawn at
+random per call so a rater cannot count to the next one, and only while a gold pair the rater
+has not voted on exists. `next_gold_for` reserves one like `next_comparison_for` does (an
+`Assignment` with a random left side), so `pair_view`, `record_vote` and the page treat it like
+any other pair: nothing on the rater's screen tells them apart.
 """
 
 from __future__ import annotations
 
 import random
 import re
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -41,12 +45,23 @@ from sqlmodel import Session, col, select
 
 from feedback_store.app_settings import DEFAULT_GOLD_RATE, GOLD_RATE_SETTING, gold_rate  # noqa: F401
 from feedback_store.catalog import add_comparison, add_response, get_or_create_policy
-from feedback_store.models import Assignment, Comparison, PolicyVersion, Prompt, Response, Vote, utcnow
+from feedback_store.models import (
+    GOLD_POLICY,
+    AppSetting,
+    Assignment,
+    Comparison,
+    PolicyVersion,
+    Prompt,
+    Response,
+    Vote,
+    utcnow,
+)
+from feedback_store.queue import DEFAULT_RESERVATION, held_assignment, ordinary_open, reserve_next_open
 from feedback_store.splits import TRAIN
 
-GOLD_POLICY = "gold:degraded"
+__all__ = ["GOLD_POLICY"]  # re-exported: its home is feedback_store.models (the queue needs it too)
 GOLD_SOURCE_PREFIX = "gold:"
-GOLD_PRIORITY = -1_000_000  # the bottom of the ordinary queue, until the queue leaves gold pairs out
+GOLD_PRIORITY = -1_000_000  # below every queue strategy's band (the ordinary queue never serves gold pairs)
 DEGRADATIONS = ("truncated", "other_prompt", "shuffled", "refusal")
 REFUSAL_TEXT = "I'm sorry, but I can't help with that."
 MIN_WORDS = 8
@@ -186,24 +201,33 @@ def gold_comparisons(*, session: Session) -> list[Comparison]:
 # ---- serving gold pairs ----------------------------------------------------------------------
 
 
-def _open_gold(rater_id: int):
+def _open_gold(rater_id: int, exclude: Collection[int] = ()):
     voted = exists().where(Vote.comparison_id == Comparison.id, Vote.rater_id == rater_id)
-    return (
-        sa_select(Comparison.id, Comparison.response_a_id, Comparison.response_b_id)
-        .where(col(Comparison.gold_winner).is_not(None), ~voted)
-        .order_by(Comparison.id)
+    query = sa_select(Comparison.id, Comparison.response_a_id, Comparison.response_b_id).where(
+        col(Comparison.gold_winner).is_not(None), ~voted
     )
+    if exclude:
+        query = query.where(col(Comparison.id).not_in(list(exclude)))
+    return query.order_by(Comparison.id)
 
 
-def gold_due(rater_id: int, session: Session, *, rng: random.Random | None = None) -> bool:
+# Read on every deal of the pairwise page: one Core statement, no ORM load.
+_GOLD_RATE = sa_select(AppSetting.value).where(AppSetting.key == GOLD_RATE_SETTING)
+
+
+def gold_due(
+    rater_id: int, session: Session, *, rng: random.Random | None = None, exclude: Collection[int] = ()
+) -> bool:
     """Should this rater's next pair be a gold pair? True with probability `gold_rate` per call,
-    and only while a gold pair this rater has not voted on exists (a rate of 0 turns it off)."""
-    rate = gold_rate(session=session)
+    and only while a gold pair this rater has not voted on (nor skipped: `exclude`) exists (a
+    rate of 0 turns it off)."""
+    value = session.connection().execute(_GOLD_RATE).scalar()
+    rate = DEFAULT_GOLD_RATE if value is None else float(value)
     if rate <= 0:
         return False
     if (rng or random.SystemRandom()).random() >= rate:
         return False
-    return session.execute(sa_select(_open_gold(rater_id).exists())).scalar()
+    return session.execute(sa_select(_open_gold(rater_id, exclude).exists())).scalar()
 
 
 def next_gold_for(
@@ -212,23 +236,25 @@ def next_gold_for(
     *,
     rng: random.Random | None = None,
     reservation: timedelta = GOLD_RESERVATION,
+    exclude: Collection[int] = (),
 ) -> Assignment | None:
     """Reserve a gold pair this rater has not voted on (a random one, with a random left side)
     and return its assignment, as `next_comparison_for` does; None when none is left. A live
     reservation of this rater for a gold pair is returned again (a reload shows the same pair).
-    Gold pairs have no overlap limit: every rater may see each one once."""
+    Gold pairs have no overlap limit: every rater may see each one once. `exclude`: pairs the
+    rater skipped in this sitting."""
     rng = rng or random.SystemRandom()
     now = utcnow()
     held = session.exec(
         select(Assignment)
         .join(Comparison, Comparison.id == Assignment.comparison_id)
         .where(Assignment.rater_id == rater_id, Assignment.reserved_until > now,
-               col(Comparison.gold_winner).is_not(None))
+               col(Comparison.gold_winner).is_not(None), col(Assignment.comparison_id).not_in(list(exclude)))
         .order_by(Assignment.id)
     ).first()
     if held is not None:
         return held
-    candidates = session.execute(_open_gold(rater_id)).all()
+    candidates = session.execute(_open_gold(rater_id, exclude)).all()
     if not candidates:
         return None
     chosen = rng.choice(candidates)
@@ -244,6 +270,31 @@ def next_gold_for(
     }
     new_id = session.execute(insert(Assignment.__table__).returning(Assignment.__table__.c.id), values).scalar_one()
     return Assignment(id=new_id, **values)
+
+
+def next_pair_for(
+    rater_id: int,
+    *,
+    session: Session,
+    reservation: timedelta = DEFAULT_RESERVATION,
+    rng: random.Random | None = None,
+    exclude: Collection[int] = (),
+) -> Assignment | None:
+    """The pairwise page's next pair for a rater: their live reservation if any (a reload shows
+    the same pair), else a gold pair when `gold_due` says so, else the ordinary queue's next
+    pair. Gold pairs are mixed into ordinary work, never dealt alone: with no ordinary pair open
+    for the rater, no gold pair either (None), or a gold pair would stand out as the one pair
+    that came after "nothing left". The assignment looks the same whichever it is."""
+    held = held_assignment(rater_id, session=session, exclude=exclude)
+    if held is not None:
+        return held
+    if gold_due(rater_id, session, rng=rng, exclude=exclude) and ordinary_open(
+        rater_id, session=session, exclude=exclude
+    ):
+        gold = next_gold_for(rater_id, session, rng=rng, reservation=reservation, exclude=exclude)
+        if gold is not None:
+            return gold
+    return reserve_next_open(rater_id, session=session, reservation=reservation, rng=rng, exclude=exclude)
 
 
 def gold_vote_count(rater_id: int, *, session: Session) -> int:

@@ -118,13 +118,35 @@ class Response(SQLModel, table=True):
     created_at: datetime = Field(default_factory=utcnow)
 
 
+# A comparison the ordinary queue may serve: no gold pair, none the judge settled. The
+# predicate of ix_comparison_queue and, word for word, part of the queue's statement.
+QUEUE_INDEX_WHERE = "gold_winner IS NULL AND settled_by IS NULL"
+GOLD_INDEX_WHERE = "gold_winner IS NOT NULL"
+
+# The policy of gold pairs' degraded copies (feedback_store.gold): never dealt as a card.
+GOLD_POLICY = "gold:degraded"
+
+
 class Comparison(SQLModel, table=True):
     """An unordered pair of responses to one prompt, stored with response_a_id < response_b_id."""
 
     __table_args__ = (
         UniqueConstraint("response_a_id", "response_b_id"),
-        # The annotation queue walks this index in order and stops at the first free pair.
-        Index("ix_comparison_queue", text("priority DESC"), "human_votes", "id"),
+        # The annotation queue walks this index in order and stops at the first free pair. It is
+        # partial: gold pairs and pairs the judge settled are never in the ordinary queue, so
+        # the walk does not pass them (the queue's statement repeats the predicate word for
+        # word, which is what lets SQLite's planner use a partial index).
+        Index(
+            "ix_comparison_queue", text("priority DESC"), "human_votes", "id",
+            sqlite_where=text(QUEUE_INDEX_WHERE), postgresql_where=text(QUEUE_INDEX_WHERE),
+        ),
+        # Gold pairs only: a full index on gold_winner would offer SQLite's planner (which has no
+        # statistics unless ANALYZE ran) the queue's `gold_winner IS NULL` as an indexed
+        # equality, and it would take that over the queue's ordered walk.
+        Index(
+            "ix_comparison_gold_winner", "gold_winner",
+            sqlite_where=text(GOLD_INDEX_WHERE), postgresql_where=text(GOLD_INDEX_WHERE),
+        ),
     )
 
     id: Optional[int] = Field(default=None, primary_key=True)
@@ -143,10 +165,17 @@ class Comparison(SQLModel, table=True):
         default=None,
         sa_column=Column(
             String, CheckConstraint("gold_winner IN ('a', 'b')", name="ck_comparison_gold_winner"),
-            nullable=True, index=True,
+            nullable=True,
         ),
     )
     gold_kind: Optional[str] = None  # how the loser was degraded: truncated | other_prompt | shuffled | refusal
+    # Judge-first (`prefloop judge --judge-first`): the id of the judge rater whose confident
+    # verdict (both orders agree, confidence at or above the threshold) counts as this pair's
+    # label, so the pair left the human queue; NULL while people should see it. A human vote
+    # cast anyway (a reservation held when it was settled) is stored and counted as usual.
+    # No foreign key: SQLite drops a column in place only when no constraint names it, and a
+    # rebuild of `comparison`, which every vote references, is what the migrations avoid.
+    settled_by: Optional[int] = None
     created_at: datetime = Field(default_factory=utcnow)
 
 

@@ -8,6 +8,7 @@ counted twice, whatever the interleaving of retries, tabs and processes.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import timedelta
@@ -20,6 +21,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlmodel import Session, select
 
 from feedback_store import driver_sql
+from feedback_store.gold import next_pair_for
 from feedback_store.models import (
     Assignment,
     Choice,
@@ -32,7 +34,7 @@ from feedback_store.models import (
     VoteRevision,
     utcnow,
 )
-from feedback_store.queue import DEFAULT_RESERVATION, next_comparison_for, next_response_for
+from feedback_store.queue import DEFAULT_RESERVATION, next_response_for
 from feedback_store.text import text_problem
 
 STRENGTHS = {1: "slightly better", 2: "clearly better"}
@@ -295,10 +297,13 @@ def record_vote_and_next(
     edit_source_id: int | None = None,
     exclude: Collection[int] = (),
     reservation: timedelta = DEFAULT_RESERVATION,
+    rng: random.Random | None = None,
 ) -> tuple[Vote, Assignment | None]:
     """Record the vote (and the edit that came with it, see feedback_store.edits.store_edit),
     then reserve the rater's next comparison, all in `session`: call it inside one
-    session_scope. Returns the vote and the next assignment (None when nothing is open)."""
+    session_scope. Returns the vote and the next assignment (None when nothing is open). The
+    next pair is dealt as the page deals (feedback_store.gold.next_pair_for): a gold pair at
+    the gold rate, else the ordinary queue's; `rng` draws the gold pairs and the left side."""
     from feedback_store.edits import EditError, edit_key, store_edit  # edits records votes
 
     vote = record_vote(
@@ -316,7 +321,7 @@ def record_vote_and_next(
         if edit_source_id is None:
             raise EditError("an edit needs the response it improves")
         store_edit(edit_source_id, rater_id, edit_text, session=session, idempotency_key=edit_key(idempotency_key))
-    return vote, next_comparison_for(rater_id, session=session, exclude=exclude, reservation=reservation)
+    return vote, next_pair_for(rater_id, session=session, exclude=exclude, reservation=reservation, rng=rng)
 
 
 def record_rating_and_next(

@@ -119,7 +119,7 @@ def test_a_vote_its_edit_and_the_next_reservation_are_one_unit_of_work(engine, w
     assert count(engine, Vote) == 2 and edits(engine) == 1
     assert count(engine, Assignment, Assignment.rater_id == bob) == 1
 
-    fail_next(monkeypatch, "next_comparison_for")  # the failure comes after the vote and the edit
+    fail_next(monkeypatch, "next_pair_for")  # the failure comes after the vote and the edit
     with pytest.raises(OperationalError), session_scope(engine) as s:
         record_vote_and_next(
             comparisons[2].id,

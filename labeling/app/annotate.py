@@ -6,6 +6,7 @@ the left) and what it records (a vote, with an edit if any: feedback_store.votes
 record_vote_and_next, one transaction with the next reservation), and lays the page out.
 """
 
+import random
 import time
 import uuid
 from dataclasses import dataclass
@@ -14,8 +15,9 @@ from datetime import timedelta
 import gradio as gr
 
 from feedback_store.edits import EditError
+from feedback_store.gold import next_pair_for
 from feedback_store.models import Choice, Comparison, Response
-from feedback_store.queue import next_comparison_for, release
+from feedback_store.queue import release
 from feedback_store.votes import VoteError, record_vote_and_next
 from labeling.app.annotation_flow import (
     FAST,
@@ -118,7 +120,12 @@ def _strength(side: str, strength: str | None) -> int | None:
 
 
 class Pairs(Mode[Slot, VoteExtras]):
-    """Deals reserved pairs, records votes (and edits)."""
+    """Deals reserved pairs, records votes (and edits).
+
+    Dealing mixes gold pairs in at the admin-set gold rate (feedback_store.gold.next_pair_for):
+    a gold pair is reserved, shown and voted on exactly like any other, so nothing the page
+    sends tells it apart. `rng` draws the gold pairs and the left side (None: the system's
+    random source; tests pass a seeded one)."""
 
     sitting_type = Desk
     screen_type = PairScreen
@@ -126,6 +133,9 @@ class Pairs(Mode[Slot, VoteExtras]):
         "That pair is no longer on your screen, so nothing was saved. Here is your current pair."
     )
     answer_noun = "answer"
+
+    def __init__(self, rng: random.Random | None = None) -> None:
+        self.rng = rng
 
     def _slot(self, assignment, session) -> Slot | None:
         if assignment is None:
@@ -142,11 +152,12 @@ class Pairs(Mode[Slot, VoteExtras]):
         )
 
     def deal(self, state, sitting, caller, session) -> Slot | None:
-        assignment = next_comparison_for(
+        assignment = next_pair_for(
             caller.id,
             session=session,
             exclude=sitting.skipped,
             reservation=timedelta(seconds=state.config.reservation_s),
+            rng=self.rng,
         )
         return self._slot(assignment, session)
 
@@ -175,6 +186,7 @@ class Pairs(Mode[Slot, VoteExtras]):
             edit_source_id=edit_source,
             exclude=sitting.skipped,
             reservation=timedelta(seconds=state.config.reservation_s),
+            rng=self.rng,
         )
         return self._slot(assignment, session)
 

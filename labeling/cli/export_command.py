@@ -45,6 +45,8 @@ def register(subparsers, common: argparse.ArgumentParser) -> None:
     parser.add_argument("--both-bad", choices=("kto_negatives", "drop"), default="kto_negatives",
                         help="KTO export: 'both bad' pairs give two undesirable rows, or are dropped")
     parser.add_argument("--weighted", action="store_true", help="weight votes by each rater's weight")
+    parser.add_argument("--include-simulated", action="store_true",
+                        help="also count votes of simulated raters (`prefloop simulate`); left out by default")
     parser.set_defaults(handler=run_export)
 
 
@@ -68,6 +70,7 @@ def run_export(args: argparse.Namespace) -> int:
             tie_policy=args.tie_policy,
             both_bad_policy=args.both_bad,
             weighted=args.weighted,
+            include_simulated=args.include_simulated,
         )
     except ValueError as error:
         raise CliError(str(error)) from None

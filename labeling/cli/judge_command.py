@@ -4,6 +4,7 @@
     prefloop judge --backend openai --base-url http://localhost:8000/v1 --model Qwen/Qwen2.5-7B-Instruct
     prefloop judge --backend local                      # the embedded default model, batched
     prefloop judge --backend rubric --rubric no-refusal,shorter
+    prefloop judge --backend openai --model gpt-4o-mini --logprobs --judge-first   # people see only doubts
 
 The API key is read from an environment variable (--api-key-env, default PREFLOOP_JUDGE_API_KEY
 then OPENAI_API_KEY), never from a flag. Rerunning resumes: decided comparisons are skipped.
@@ -44,6 +45,7 @@ def register(subparsers, common: argparse.ArgumentParser) -> None:
     cli_only(p, "--list-templates", action="store_true", help="list the prompt templates and exit")
     add_flags(p, JudgeRunConfig, [Flag("limit")])
     add_flags(p, JudgeRunConfig, [Flag("route_doubts"), Flag("doubt_confidence"), Flag("doubt_priority")])
+    add_flags(p, JudgeRunConfig, [Flag("judge_first"), Flag("judge_first_threshold")])
     cli_only(p, "--no-progress", action="store_true", help="no progress bar")
     cli_only(p, "--json", action="store_true", help="print the run summary as JSON")
     p.set_defaults(handler=run_judge_command)
@@ -95,6 +97,7 @@ def run_judge_command(args: argparse.Namespace) -> int:
         return 0
     config = judge_run_config(args, limit=args.limit, route_doubts=args.route_doubts,
                               doubt_confidence=args.doubt_confidence, doubt_priority=args.doubt_priority,
+                              judge_first=args.judge_first, judge_first_threshold=args.judge_first_threshold,
                               progress=not args.no_progress)
     engine = open_store(args)
     backend = build_backend(args)
@@ -203,7 +206,8 @@ def format_summary(s) -> str:
         f"judge run {s.run_id} ({s.rater}): {s.status} in {s.elapsed_s:.1f} s"
         + (f" ({s.requests / s.elapsed_s:.1f} requests/s)" if s.requests and s.elapsed_s > 0 else ""),
         f"  comparisons {s.comparisons}: decided {s.decided} (inconsistent {s.inconsistent}), "
-        f"undecided after a failure {s.failed}" + (f", routed to humans {s.doubts}" if s.doubts else ""),
+        f"undecided after a failure {s.failed}" + (f", routed to humans {s.doubts}" if s.doubts else "")
+        + (f", settled by the judge (out of the human queue) {s.settled}" if s.settled else ""),
         f"  requests {s.requests} ({s.attempts} attempts, retries included)"
         + (", failures: " + ", ".join(f"{k} {v}" for k, v in sorted(s.failures.items())) if s.failures else ""),
         f"  tokens: prompt {s.prompt_tokens}, completion {s.completion_tokens}"

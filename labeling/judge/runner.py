@@ -14,6 +14,15 @@ the others finished meanwhile, while the requests go on. On
 Ctrl-C or SIGTERM the workers stop, every answered call is still written, and the run is
 marked aborted: only requests in flight are lost. A rerun skips voted comparisons and
 reuses answered orders of undecided ones, so nothing is asked twice.
+
+Judge-first (`judge_first`): a comparison the judge decided with confidence counts as
+labelled and leaves the human queue (`comparison.settled_by`, written with its vote), so only
+doubtful pairs reach people. Confident: both orders name the same winner, A or B (a tie,
+agreed or from orders that disagree, is left to people), and, where the backend gives
+logprobs, the verdict's confidence (the mean of the two orders', as stored on the vote) is at
+least `judge_first_threshold`. A rerun with judge-first also settles what this judge decided
+confidently in earlier runs. A human vote on a settled pair (one reserved before it was
+settled) is stored and counted as usual. `route_doubts` works as before, with or without it.
 """
 
 from __future__ import annotations
@@ -42,6 +51,7 @@ from feedback_store.judge_runs import (
     start_judge_run,
 )
 from feedback_store.models import Choice, JudgeRun, RunStatus
+from feedback_store.queue import settle_comparisons, settle_judge_votes
 from feedback_store.raters import get_or_create_judge
 from labeling.judge.backends import JudgeBackend, JudgeCallError, JudgeRequest
 from labeling.judge.parsing import ORDERS, VerdictParseError, parse_verdict, to_choice, verdict_confidence
@@ -67,6 +77,13 @@ class JudgeRunConfig:
     route_doubts: bool = field(default=False, metadata={"help": "raise the human-queue priority of inconsistent or low-confidence comparisons"})
     doubt_confidence: float = field(default=0.75, metadata={"help": "a verdict below this confidence counts as a doubt"})
     doubt_priority: int = field(default=10, metadata={"help": "queue priority given to doubtful comparisons"})
+    judge_first: bool = field(default=False, metadata={"help": (
+        "a pair the judge decided with confidence (both orders name the same winner and, where logprobs give "
+        "one, confidence >= --judge-first-threshold) counts as labelled and leaves the human queue: only "
+        "doubtful pairs reach people")})
+    judge_first_threshold: float = field(default=0.8, metadata={"help": (
+        "judge-first: the least confidence (0-1, from logprobs) of a verdict that settles a pair; "
+        "verdicts without logprobs settle on agreement alone")})
     page_size: int = field(default=256, metadata={"help": "comparisons loaded from the store at a time"})
     write_interval_s: float = field(default=0.05, metadata={"help": "finished comparisons are written at most this long after their answer"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
@@ -76,6 +93,8 @@ class JudgeRunConfig:
             raise ValueError(f"concurrency must be at least 1 (got {self.concurrency})")
         if self.limit is not None and self.limit < 0:
             raise ValueError(f"limit must not be negative (got {self.limit})")
+        if not 0.0 <= self.judge_first_threshold <= 1.0:
+            raise ValueError(f"judge_first_threshold must be between 0 and 1 (got {self.judge_first_threshold})")
         for name in ("rpm", "tpm", "price_prompt", "price_completion", "write_interval_s"):
             value = getattr(self, name)
             if value is not None and value < 0:
@@ -94,6 +113,7 @@ class JudgeRunSummary:
     inconsistent: int
     failed: int  # comparisons left undecided by a failed call
     doubts: int  # comparisons routed to humans
+    settled: int  # judge-first: comparisons taken out of the human queue (earlier runs' included)
     failures: dict  # call status -> count
     prompt_tokens: int
     completion_tokens: int
@@ -111,6 +131,7 @@ class _Plan:
     rater: str
     pending: list[int]
     reused: dict[tuple[int, str], CallRecord]
+    settled_before: int = 0  # judge-first: earlier confident votes of this judge, settled now
 
 
 def decide(calls: Mapping[str, CallRecord]) -> Decision | None:
@@ -127,6 +148,14 @@ def decide(calls: Mapping[str, CallRecord]) -> Decision | None:
         inconsistent=True,
         rationale=f"inconsistent across orders: {ab.verdict.value} with a shown first, {ba.verdict.value} with b shown first",
     )
+
+
+def is_confident(decision: Decision | None, threshold: float) -> bool:
+    """Judge-first: does this decision settle its pair? Both orders named the same winner (A or
+    B; ties go to people) and its confidence, where known, is at least `threshold`."""
+    if decision is None or decision.inconsistent or decision.choice not in (Choice.a, Choice.b):
+        return False
+    return decision.confidence is None or decision.confidence >= threshold
 
 
 def is_doubt(decision: Decision | None, threshold: float) -> bool:
@@ -169,13 +198,19 @@ def _prepare(engine: Engine, backend: JudgeBackend, config: JudgeRunConfig) -> _
         wanted = set(pending)
         reused = {key: call for key, call in reusable_calls(rater.id, session=session).items() if key[0] in wanted}
         run = start_judge_run(rater.id, backend.kind, backend.model_id, version, settings, session=session)
-        return _Plan(run.id, rater.id, rater.name, pending, reused)
+        settled_before = 0
+        if config.judge_first:
+            settled_before = settle_judge_votes(
+                rater.id, session=session, threshold=config.judge_first_threshold, among=config.comparison_ids
+            )
+        return _Plan(run.id, rater.id, rater.name, pending, reused, settled_before)
 
 
 @dataclass
 class _Stats:
     attempts: int = 0
     doubts: int = 0
+    settled: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
     failures: Counter = field(default_factory=Counter)  # call status -> count
@@ -196,6 +231,7 @@ def _summarize(engine: Engine, plan: _Plan, stats: _Stats, elapsed: float) -> Ju
             inconsistent=run.n_inconsistent,
             failed=run.n_failed,
             doubts=stats.doubts,
+            settled=plan.settled_before + stats.settled,
             failures=dict(stats.failures),
             prompt_tokens=run.prompt_tokens,
             completion_tokens=run.completion_tokens,
@@ -222,14 +258,17 @@ class _StoreWriter:
     def __init__(self, engine: Engine, plan: _Plan, config: JudgeRunConfig):
         self._engine, self._plan, self._config = engine, plan, config
         self._pending: list[Judgement] = []
+        self._settle: list[int] = []  # judge-first: pending comparisons that leave the human queue
         self._scheduled = False
         self.error: BaseException | None = None
         self.transactions = 0
 
     def submit(self, comparison_id: int, calls: Mapping[str, CallRecord], decision: Decision | None,
-               *, failed: bool, doubt: bool = False) -> None:
+               *, failed: bool, doubt: bool = False, settle: bool = False) -> None:
         new = [c for order, c in sorted(calls.items()) if (comparison_id, order) not in self._plan.reused]
         self._pending.append(Judgement(comparison_id, new, decision, failed=failed, doubt=doubt))
+        if settle:
+            self._settle.append(comparison_id)
         if not self._scheduled:
             self._scheduled = True
             asyncio.get_running_loop().call_later(self._config.write_interval_s, self.flush)
@@ -237,6 +276,7 @@ class _StoreWriter:
     def flush(self) -> None:
         self._scheduled = False
         group, self._pending = self._pending, []
+        settle, self._settle = self._settle, []
         if not group or self.error is not None:  # after a failure, stop writing: the run reports it
             return
         try:
@@ -250,6 +290,8 @@ class _StoreWriter:
                     price_prompt=self._config.price_prompt,
                     price_completion=self._config.price_completion,
                 )
+                if settle:  # with its vote, in the same transaction
+                    settle_comparisons(settle, self._plan.rater_id, session=session)
             self.transactions += 1
         except Exception as error:  # noqa: BLE001 - raised by the workers and at the end
             self.error = error
@@ -303,10 +345,12 @@ async def _execute(
     def finish(comparison_id: int, calls: dict[str, CallRecord]) -> None:
         decision = decide(calls)
         doubt = config.route_doubts and is_doubt(decision, config.doubt_confidence)
+        settle = config.judge_first and is_confident(decision, config.judge_first_threshold)
         stats.doubts += int(doubt)
+        stats.settled += int(settle)
         stats.outcomes["decided" if decision else "failed"] += 1
         stats.outcomes["inconsistent"] += int(bool(decision and decision.inconsistent))
-        writer.submit(comparison_id, calls, decision, failed=decision is None, doubt=doubt)
+        writer.submit(comparison_id, calls, decision, failed=decision is None, doubt=doubt, settle=settle)
 
     async def call(pair: PairTexts, order: str) -> CallRecord:
         first, second = (pair.text_a, pair.text_b) if order == "ab" else (pair.text_b, pair.text_a)
