@@ -117,3 +117,20 @@ def test_a_plan_is_frozen(store, model_dir, tmp_path):
     with pytest.raises(TypeError):
         plan.trainer["max_steps"] = 100  # a read-only view of the resolved settings
     assert isinstance(plan.output_dir, Path)
+
+
+def test_resume_finds_the_unfinished_run_by_its_output_dir(store, model_dir, tmp_path):
+    """`--resume --output-dir D` (and `prefloop loop`, which resumes a round's run by its
+    directory) continues the run writing to D, and no other."""
+    chosen = str(tmp_path / "chosen")
+    new, rows = plan_run(request_for(model_dir, tmp_path, output_dir=chosen), engine=store)
+    training_data(new, rows)  # the snapshot a resume reads back
+    other, _ = plan_run(request_for(model_dir, tmp_path), engine=store)  # newer, elsewhere
+    for plan in (new, other):
+        runs.fail_run(store, plan.run_id, "interrupted", status=RunStatus.aborted)
+
+    assert runs.latest_unfinished_run(store, "dpo", chosen).id == new.run_id
+    assert runs.latest_unfinished_run(store, "dpo").id == other.run_id
+    assert runs.latest_unfinished_run(store, "dpo", str(tmp_path / "nowhere")) is None
+    resumed, _ = plan_run(request_for(model_dir, tmp_path, output_dir=chosen, resume=True), engine=store)
+    assert resumed.run_id == new.run_id and resumed.resumed

@@ -5,7 +5,7 @@
                                        overrides=[{"trainer": {"max_steps": 50}}]), engine=engine)
 
 Modules: one per method with its config class beside it (sft.py, reward.py, dpo.py, kto.py on
-TRL's trainers; ppo.py, prefloop's own, with ppo_math.py and ppo_reward.py; each exports METHOD); job.py runs one training end to end; runs.py keeps the
+TRL's trainers; ppo.py, prefloop's own, with ppo_math.py and ppo_reward.py; each exports METHOD); plan.py decides a run before it trains (a frozen RunPlan, made by plan_run for new and resumed runs alike); job.py runs a plan end to end; runs.py keeps the
 TrainingRun row, its metric curves and the lineage; presets/ holds the preset YAML files and reads them;
 packing.py builds the prefix-shared padding-free batches of the pairwise trainers; common.py
 holds what they share (the non-finite-loss guard, the machine-specific settings).

@@ -30,6 +30,7 @@ from typing import Any
 
 from sqlalchemy.engine import Engine
 
+from alignment._compat import transformers as compat_transformers
 from alignment.training import lineage, presets, runs
 from alignment.training.common import (
     NonFiniteGuard,
@@ -232,7 +233,7 @@ def _build_trainer(plan: RunPlan, dataset, notes: Notes, *, engine: Engine, prog
     # The trainer.
     if method.adjust is not None:
         trainer_settings = method.adjust(trainer_settings, dataset)
-    flash = str(getattr(model.config, "_attn_implementation", "")).startswith("flash")
+    flash = str(compat_transformers.attn_implementation(model) or "").startswith("flash")
     trainer_settings, device_notes = device_settings(trainer_settings, method=method.name,
                                                      cuda=torch.cuda.is_available(), flash_attention=flash)
     for note in device_notes:
@@ -316,7 +317,7 @@ def _plain_attention(model) -> None:
     from alignment.training.packing import PACKED_ATTENTION, unwrap_peft
 
     base = unwrap_peft(model)
-    if getattr(base.config, "_attn_implementation", None) == PACKED_ATTENTION:
+    if compat_transformers.attn_implementation(base) == PACKED_ATTENTION:
         base.set_attn_implementation("sdpa")
 
 

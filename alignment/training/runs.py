@@ -67,11 +67,15 @@ def latest_unfinished_run(engine: Engine, kind: str, output_dir: str | None = No
             .order_by(col(TrainingRun.id).desc())
         )
         for run in session.exec(query):
-            if output_dir is None or Path(run.config.get("run", {}).get("output_dir", "")).resolve() == Path(
-                output_dir
-            ).resolve():
+            if output_dir is None or _run_output_dir(run) == Path(output_dir).resolve():
                 return run
     return None
+
+
+def _run_output_dir(run: TrainingRun) -> Path | None:
+    """Where a run writes: its resolved settings keep it under settings.run.output_dir."""
+    saved = (run.config.get("settings") or {}).get("run") or {}
+    return Path(saved["output_dir"]).resolve() if saved.get("output_dir") else None
 
 
 def update_config(engine: Engine, run_id: int, config: dict) -> None:
