@@ -242,8 +242,9 @@ def bradley_terry_leaderboard(
     if config.style_control:
         if style_first is None or style_second is None:
             raise ValueError("style control needs the style features of both responses of every vote")
-        style_first = np.asarray(style_first, dtype=float).reshape(len(first), -1)[informative]
-        style_second = np.asarray(style_second, dtype=float).reshape(len(first), -1)[informative]
+        style_first, style_second = (
+            np.asarray(x, dtype=float).reshape(len(first), -1)[informative] if len(first)
+            else np.zeros((0, np.shape(x)[-1] if np.ndim(x) == 2 else 0)) for x in (style_first, style_second))
 
     # Rank only the policies that played someone else, re-indexed 0..P-1.
     present = np.unique(np.concatenate([first_idx, second_idx]))

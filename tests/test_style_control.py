@@ -161,6 +161,9 @@ def test_style_control_needs_the_features_and_ignores_covariates_that_never_diff
                                       config=LeaderboardConfig(n_bootstrap=20, style_control=True),
                                       style_first=same, style_second=same)
     assert all(np.isnan(c.coefficient) for c in board.style.covariates)
+    empty = bradley_terry_leaderboard([], [], [], config=LeaderboardConfig(style_control=True),
+                                      style_first=np.zeros((0, 4)), style_second=np.zeros((0, 4)))
+    assert empty.ratings == [] and empty.style is None
     for row in board.ratings:  # nothing to control for: the controlled rating is the raw one
         assert row.controlled_rating == pytest.approx(row.rating, abs=0.5)
 
