@@ -22,35 +22,9 @@ from trl import GRPOTrainer as TRLGRPOTrainer
 
 from alignment.training import online_rewards
 from alignment.training.common import GuardedTraining, MethodSpec, TrainingError
+from alignment.training.online_rewards import RewardSource  # declared there (generation uses it without TRL)
 
 log = logging.getLogger("prefloop.train")
-
-
-@dataclass
-class RewardSource:
-    """The reward flags shared by GRPO and RLOO (one of them; see online_rewards)."""
-
-    reward_run: int | None = field(
-        default=None, metadata={"help": "id of a finished `prefloop train reward` run whose model scores completions"}
-    )
-    reward_model: str | None = field(
-        default=None, metadata={"help": "a saved reward model directory (a reward run's output) instead of a run id"}
-    )
-    reward_rubric: str | None = field(
-        default=None,
-        metadata={"help": "rubric rules (shorter, longer, no-refusal, comma-chained, or module:function): "
-                          "a completion's reward is its win rate against its prompt's other completions"},
-    )
-    reward_function: str | None = field(
-        default=None,
-        metadata={"help": "MODULE:FUNCTION, f(prompts, completions, **columns) -> scores (TRL's signature)"},
-    )
-    reward_judge: bool = field(
-        default=False, metadata={"help": "score with the AI judge (an OpenAI-compatible server; see --judge-*)"}
-    )
-    max_length: int | None = field(
-        default=512, metadata={"help": "prompt + completion tokens; longer prompts are left out (with a note)"}
-    )
 
 
 @dataclass

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from alignment.training.common import TrainingError
@@ -32,6 +33,35 @@ RewardFunc = Callable[..., list[float]]
 SOURCES = ("reward_run", "reward_model", "reward_rubric", "reward_function", "reward_judge")
 FLAGS = {name: "--" + name.replace("_", "-") for name in SOURCES}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
+
+
+@dataclass
+class RewardSource:
+    """The reward flags shared by GRPO, RLOO and `prefloop generate --best-of` (one of them; see above).
+    Declared here, beside the rewards, so that generation need not import TRL; grpo.py re-exports it."""
+
+    reward_run: int | None = field(
+        default=None, metadata={"help": "id of a finished `prefloop train reward` run whose model scores completions"}
+    )
+    reward_model: str | None = field(
+        default=None, metadata={"help": "a saved reward model directory (a reward run's output) instead of a run id"}
+    )
+    reward_rubric: str | None = field(
+        default=None,
+        metadata={"help": "rubric rules (shorter, longer, no-refusal, comma-chained, or module:function): "
+                          "a completion's reward is its win rate against its prompt's other completions"},
+    )
+    reward_function: str | None = field(
+        default=None,
+        metadata={"help": "MODULE:FUNCTION, f(prompts, completions, **columns) -> scores (TRL's signature)"},
+    )
+    reward_judge: bool = field(
+        default=False, metadata={"help": "score with the AI judge (an OpenAI-compatible server; see --judge-*)"}
+    )
+    max_length: int | None = field(
+        default=512, metadata={"help": "prompt + completion tokens; longer prompts are left out (with a note)"}
+    )
+
 
 _judge: list[RewardFunc] = []  # the judge reward the command line installed for this run (use_judge)
 
