@@ -115,7 +115,16 @@ class Response(SQLModel, table=True):
     # A human edit of another response (the app's "edit the better answer").
     edited_from_id: Optional[int] = Field(default=None, foreign_key="response.id")
     author_rater_id: Optional[int] = Field(default=None, foreign_key="rater.id")
+    # A response kept as an SFT example by a machine selection, and how: 'best-of-n'
+    # (`prefloop generate --best-of N`: the best of N samples under a reward, whose score is
+    # `reward_score`). NULL for ordinary samples, which are what comparisons pair.
+    sft_source: Optional[str] = None
+    reward_score: Optional[float] = None
     created_at: datetime = Field(default_factory=utcnow)
+
+
+# How `prefloop generate --best-of N` marks the answers it keeps (Response.sft_source).
+BEST_OF_N = "best-of-n"
 
 
 # A comparison the ordinary queue may serve: no gold pair, none the judge settled. The
