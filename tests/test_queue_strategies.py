@@ -182,6 +182,12 @@ def test_arena_ranks_unrated_policies_first_and_interleaves_by_weight():
     assert order.ranked[6:] == [0, 1, 2, 3]
 
 
+def test_the_cli_lists_the_stores_strategies():
+    from labeling.cli import queue_command
+
+    assert queue_command.STRATEGIES == qs.STRATEGIES and queue_command.DOUBT_PRIORITY == qs.DOUBT_PRIORITY
+
+
 def test_an_unknown_strategy_is_refused(engine):
     with pytest.raises(ValueError, match="unknown queue strategy"):
         prioritize(engine, "random")

@@ -20,7 +20,10 @@ import argparse
 import json
 from collections.abc import Sequence
 
-from feedback_store.queue_strategies import DOUBT_PRIORITY, STRATEGIES
+# As feedback_store.queue_strategies has them (a test checks): importing the store here would
+# slow every `prefloop` command down.
+STRATEGIES = ("fewest-votes", "uncertainty", "judge-doubt", "arena")
+DOUBT_PRIORITY = 10
 
 
 def register(subparsers, common: argparse.ArgumentParser) -> None:
