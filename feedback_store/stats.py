@@ -689,8 +689,11 @@ def length_bias_stats(votes: VoteColumns, raters: RaterTable, lengths: tuple[np.
 
 def load_lengths(*, session: Session) -> tuple[np.ndarray, np.ndarray]:
     """(response ids ascending, their lengths in characters), computed by the database."""
-    rows = session.execute(select(Response.id, func.length(Response.text)).order_by(Response.id)).all()
-    return np.array([r[0] for r in rows], dtype=np.int64), np.array([r[1] or 0 for r in rows], dtype=np.int64)
+    result = session.connection().execute(select(Response.id, func.length(Response.text)).order_by(Response.id))
+    rows = result.cursor.fetchall()  # plain numbers: the DBAPI's tuples, without SQLAlchemy's Row objects
+    result.close()
+    table = np.array(rows, dtype=np.int64).reshape(len(rows), 2)
+    return table[:, 0].copy(), table[:, 1].copy()
 
 
 def compute_stats(*, session: Session, config: StatsConfig = StatsConfig()) -> Stats:
