@@ -37,6 +37,7 @@ class MeasuredPairs:
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        if getattr(self.args, "train_sampling_strategy", None) == "group_by_length" and self.train_dataset is not None:
-            if "length" not in self.train_dataset.column_names:
-                self.train_dataset = self.train_dataset.map(pair_length, desc="Measuring pairs")
+        dataset = self.train_dataset
+        grouped = getattr(self.args, "train_sampling_strategy", None) == "group_by_length"
+        if grouped and dataset is not None and "length" not in dataset.column_names:
+            self.train_dataset = dataset.map(pair_length, desc="Measuring pairs")
