@@ -187,3 +187,23 @@ def test_a_gold_pair_and_an_ordinary_pair_send_the_same_shape(state):
             assert _shape(g) == _shape(o)
         sent = " ".join(str(v) for v in gold_event[1:]).lower()
         assert "gold" not in sent and "degraded" not in sent
+
+
+def test_export_counts_simulated_votes_only_when_asked(sqlite_url, tmp_path, capsys):
+    from labeling.cli import main as cli_main
+
+    engine = engine_for(sqlite_url)
+    with session_scope(engine) as s:
+        ordinary, _ = make_store(s, 20, 0)
+        sim = Rater(name="sim-1", kind=RaterKind.simulated)
+        s.add(sim)
+        s.flush()
+        for cid in ordinary:
+            record_vote(cid, sim.id, "a", session=s)
+    counts = {}
+    for extra in ([], ["--include-simulated"]):
+        out = tmp_path / f"dpo{len(extra)}.jsonl"
+        assert cli_main(["export", "dpo", "--db", sqlite_url, "--out", str(out), *extra]) == 0
+        counts[bool(extra)] = len(out.read_text().splitlines())
+    assert counts[False] == 0 and counts[True] > 0  # (eval prompts are held out either way)
+    assert "wrote" in capsys.readouterr().out
