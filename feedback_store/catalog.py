@@ -158,11 +158,16 @@ def add_comparison(
 
 
 def prompts_without_responses(
-    policy_id: int, *, session: Session, limit: int | None = None, split: str | None = None
+    policy_id: int, *, session: Session, limit: int | None = None, split: str | None = None,
+    sft_source: str | None = None,
 ) -> list[Prompt]:
     """Prompts (of one split, if given) this policy has not answered yet: what a resumed
-    `generate` still has to do."""
-    answered = select(Response.prompt_id).where(Response.policy_id == policy_id)
+    `generate` still has to do. Answers are ordinary samples; with `sft_source` ('best-of-n'),
+    answers kept as that kind of SFT example instead (a resumed `generate --best-of`)."""
+    answered = select(Response.prompt_id).where(
+        Response.policy_id == policy_id,
+        col(Response.sft_source).is_(None) if sft_source is None else Response.sft_source == sft_source,
+    )
     query = select(Prompt).where(col(Prompt.id).not_in(answered)).order_by(Prompt.id)
     if split is not None:
         query = query.where(Prompt.split == check_split(split))

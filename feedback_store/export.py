@@ -8,7 +8,9 @@ the model's chat template itself.
 - reward (RewardTrainer): prompt / chosen / rejected / margin (the trainer subtracts
   `margin` inside its log-sigmoid when the column exists)
 - KTO    (KTOTrainer):    prompt / completion / label (bool)
-- SFT    (SFTTrainer):    prompt / completion (the loss covers the completion only)
+- SFT    (SFTTrainer):    prompt / completion (the loss covers the completion only), from human
+  edits, clear winners of comparisons and best-of-n answers (`prefloop generate --best-of N`:
+  the best of N samples under a reward, `score` its reward); `Selection.sft_source` picks them
 - prompts (PPO rollouts): prompt / prompt_id / source, every stored prompt (no votes involved)
 
 How several votes on one comparison become one row is `Selection`: votes are filtered by
@@ -42,6 +44,7 @@ from sqlmodel import Session, col
 from feedback_store.gold import GOLD_POLICY
 from feedback_store.hashing import canonical_json, sha256_text
 from feedback_store.models import (
+    BEST_OF_N,
     Choice,
     Comparison,
     PolicyVersion,
@@ -114,8 +117,18 @@ class Selection:
         },
     )
 
+    sft_source: Literal["all", "labels", "best-of-n"] = field(
+        default="all",
+        metadata={
+            "help": "SFT examples from: labels (human edits and clear comparison winners), best-of-n (answers "
+            "`prefloop generate --best-of` kept under a reward: rejection-sampling fine-tuning), or all. "
+            "Best-of-n answers have no votes: rater and vote selections do not apply to them"
+        },
+    )
+
     def __post_init__(self) -> None:
         for name, allowed in (
+            ("sft_source", ("all", "labels", "best-of-n")),
             ("rater_kinds", ("human", "judge", "both")),
             ("import_as", ("human", "judge", "exclude")),
             ("method", ("majority",)),
@@ -308,7 +321,7 @@ def _features(kind: str):
         "rejected_policy": Value("string"),
     }
     single = {
-        "source": Value("string"),  # "comparison" | "rating" (KTO); "edit" | "winner" (SFT)
+        "source": Value("string"),  # "comparison" | "rating" (KTO); "edit" | "winner" | "best-of-n" (SFT)
         "comparison_id": Value("int64"),
         "response_id": Value("int64"),
         "policy": Value("string"),
@@ -318,7 +331,7 @@ def _features(kind: str):
         "reward": {"prompt": chat, "chosen": chat, "rejected": chat, "margin": Value("float64"), **pair,
                    **provenance},
         "kto": {"prompt": chat, "completion": chat, "label": Value("bool"), **single, **provenance},
-        "sft": {"prompt": chat, "completion": chat, **single, **provenance},
+        "sft": {"prompt": chat, "completion": chat, **single, **provenance, "score": Value("float64")},
         "prompts": {"prompt": chat, "prompt_id": Value("int64"), "source": Value("string")},
     }[kind]
     return Features(spec)
@@ -492,7 +505,39 @@ def _rating_rows(*, session: Session, selection: Selection) -> list[dict]:
 
 def export_sft(*, session: Session, selection: Selection = Selection()):
     """prompt / completion from human edits (the edit is the completion), then from clear winners:
-    comparisons decided with at least `sft_min_agreement` of the votes (default unanimous)."""
+    comparisons decided with at least `sft_min_agreement` of the votes (default unanimous), then
+    best-of-n answers (`score`: the reward they were kept under; None for the others), each
+    response once. `selection.sft_source` takes the labels, the best-of-n answers, or all."""
+    rows = _label_rows(session=session, selection=selection) if selection.sft_source != "best-of-n" else []
+    seen = {row["response_id"] for row in rows}
+    if selection.sft_source != "labels":
+        rows += [row for row in _best_of_n_rows(session=session) if row["response_id"] not in seen]
+    for row in rows:
+        row.setdefault("score", None)
+    return _dataset("sft", rows)
+
+
+def _best_of_n_rows(*, session: Session) -> list[dict]:
+    """Answers `prefloop generate --best-of` kept (train prompts, in response id order)."""
+    kept = _core_rows(
+        session,
+        select(Response.id, Response.prompt_id, Response.text, PolicyVersion.name, Response.reward_score)
+        .join(PolicyVersion, PolicyVersion.id == Response.policy_id)
+        .join(Prompt, Prompt.id == Response.prompt_id)
+        .where(Response.sft_source == BEST_OF_N, Prompt.split == TRAIN, PolicyVersion.name != GOLD_POLICY)
+        .order_by(Response.id),
+    )
+    prompts = _prompts({k[1] for k in kept}, session=session)
+    rows = []
+    for rid, prompt_id, text, policy, score in kept:
+        row = _single_row(prompts[prompt_id], text, None, BEST_OF_N, None, rid, policy, None, None, None)
+        row["score"] = score
+        rows.append(row)
+    return rows
+
+
+def _label_rows(*, session: Session, selection: Selection) -> list[dict]:
+    """The SFT rows from labels: edits, then the winners of clear comparisons."""
     rows = _edit_rows(session=session, selection=selection)
     outcomes = aggregate_votes(session=session, selection=selection)
     keep = outcomes.mask((A, B), selection.min_votes, max(selection.min_agreement, selection.sft_min_agreement))
@@ -510,7 +555,7 @@ def export_sft(*, session: Session, selection: Selection = Selection()):
         seen.add(rid)
         rows.append(_single_row(pair.prompt, text, None, "winner", cid, rid, policy, int(outcomes.n_votes[i]),
                                 float(outcomes.agreement[i]), outcomes.rater_kinds[i]))
-    return _dataset("sft", rows)
+    return rows
 
 
 def _edit_rows(*, session: Session, selection: Selection) -> list[dict]:

@@ -197,7 +197,7 @@ SETTABLE = {
     ),
     "selection": _names(
         "rater_kinds import_as method min_votes min_agreement tie_policy both_bad_policy "
-        "weighted sft_min_agreement"
+        "weighted sft_min_agreement sft_source"
     ),
     "run": _names("min_examples policy_name from_policy resume"),
     "trainer": _HYPERPARAMETERS,

@@ -47,6 +47,9 @@ def register(subparsers, common: argparse.ArgumentParser) -> None:
     parser.add_argument("--weighted", action="store_true", help="weight votes by each rater's weight")
     parser.add_argument("--include-simulated", action="store_true",
                         help="also count votes of simulated raters (`prefloop simulate`); left out by default")
+    parser.add_argument("--sft-source", choices=("all", "labels", "best-of-n"), default="all",
+                        help="SFT export: examples from labels (human edits, clear comparison winners), best-of-n "
+                             "(answers `prefloop generate --best-of` kept under a reward), or all (default: all)")
     parser.set_defaults(handler=run_export)
 
 
@@ -57,6 +60,8 @@ def run_export(args: argparse.Namespace) -> int:
         raise CliError(f"unexpected argument {args.name!r}: only `export model NAME` takes a name")
     if args.merge or args.dtype != "auto":
         raise CliError("--merge and --dtype apply to `export model` only")
+    if args.sft_source != "all" and args.kind != "sft":
+        raise CliError("--sft-source applies to `export sft` only")
     from feedback_store.db import read_scope
     from feedback_store.export import Selection, check_output_path, export, write_dataset
 
@@ -71,6 +76,7 @@ def run_export(args: argparse.Namespace) -> int:
             both_bad_policy=args.both_bad,
             weighted=args.weighted,
             include_simulated=args.include_simulated,
+            sft_source=args.sft_source,
         )
     except ValueError as error:
         raise CliError(str(error)) from None

@@ -3,13 +3,20 @@
     prefloop generate --policy default --prompts 20 --samples 2
     prefloop generate --policy default,dpo-3 --max-new-tokens 128 --seed 1
     prefloop generate --backend openai --base-url http://127.0.0.1:8000/v1 --model Qwen/Qwen2.5-7B-Instruct
+    prefloop generate --best-of 8 --reward-run 4          # keep the best of 8 under reward run 4 (SFT examples)
+    prefloop generate --best-of 4 --reward-rubric shorter # ... under rubric rules; then `prefloop train sft`
 
 Rerunning the same command resumes: prompts every policy has answered are skipped. An empty
 store first receives the bundled default prompt set.
 
-The flags are the fields of GenerationJob and SamplingConfig, help and defaults included
-(labeling/cli/dataclass_flags.py); they are added when `generate` is used, since those classes
-import torch.
+With --best-of N and one reward flag (the fields of online_rewards.RewardSource, as for
+`prefloop train grpo`), each prompt gets N samples in one batched pass and only the best under the
+reward is stored, as an SFT example with its score (rejection sampling; alignment/generation.py):
+`prefloop train sft` trains on them (`--sft-source best-of-n` for those alone).
+
+The flags are the fields of GenerationJob, SamplingConfig, BestOfN and RewardSource, help and
+defaults included (labeling/cli/dataclass_flags.py); they are added when `generate` is used,
+since those classes import torch.
 """
 
 from __future__ import annotations
@@ -59,9 +66,11 @@ def register(subparsers, common: argparse.ArgumentParser) -> None:
 
 
 def _add_flags(parser: argparse.ArgumentParser) -> None:
-    """The flags: fields of GenerationJob and SamplingConfig (alignment/generation.py, sampling.py)."""
-    from alignment.generation import GenerationJob, SamplingConfig
+    """The flags: fields of GenerationJob, SamplingConfig and BestOfN (alignment/generation.py,
+    sampling.py) and the reward's RewardSource (alignment/training/online_rewards.py)."""
+    from alignment.generation import BestOfN, GenerationJob, SamplingConfig
     from alignment.models.spec import QUANTIZE_MODES
+    from alignment.training.online_rewards import RewardSource
 
     policies = format_default(field_default(get_field(GenerationJob, "policies")))
     add_flags(parser, GenerationJob, [
@@ -83,12 +92,19 @@ def _add_flags(parser: argparse.ArgumentParser) -> None:
         Flag("quantize", choices=QUANTIZE_MODES),
     ])
     add_flags(parser, SamplingConfig, [Flag("batch_size")])
+    add_flags(parser, BestOfN, [Flag("n", flag="--best-of", metavar="N", unset=True)])
+    add_flags(parser, RewardSource, [
+        Flag("reward_run", metavar="RUN_ID"),
+        Flag("reward_model", metavar="DIR"),
+        Flag("reward_rubric", metavar="RULES"),
+        Flag("reward_function", metavar="MODULE:FUNCTION"),
+    ])
 
 
 def run_generate(args: argparse.Namespace) -> int:
     engine = open_store(args)
 
-    from alignment.generation import GenerationJob, SamplingConfig, run_generation
+    from alignment.generation import BEST_OF_REWARDS, BestOfN, GenerationJob, SamplingConfig, run_generation
     from alignment.models import ModelError
     from feedback_store.db import session_scope
     from labeling.data import ensure_default_prompts
@@ -102,8 +118,18 @@ def run_generate(args: argparse.Namespace) -> int:
         if args.backend == "openai" and not args.model:
             raise CliError("--backend openai needs --model (the served model) or --policy")
         policies = (args.model,) if args.backend == "openai" else ("default",)
+    rewards = [name for name in BEST_OF_REWARDS if getattr(args, name) is not None]
+    if args.best_of is None and rewards:
+        raise CliError(f"--{rewards[0].replace('_', '-')} is the reward of --best-of N: give --best-of too")
+    if args.best_of is not None and args.samples is not None:
+        raise CliError("--best-of N samples N answers per prompt: drop --samples")
     samples = args.samples if args.samples is not None else (2 if len(policies) == 1 else 1)
     try:
+        best_of = None
+        if args.best_of is not None:
+            from alignment.training.online_rewards import RewardSource
+
+            best_of = BestOfN(n=args.best_of, reward=RewardSource(**{name: getattr(args, name) for name in rewards}))
         sampling = SamplingConfig(
             max_new_tokens=args.max_new_tokens, temperature=args.temperature, samples=samples,
             seed=args.seed, batch_size=args.batch_size,
@@ -111,7 +137,7 @@ def run_generate(args: argparse.Namespace) -> int:
         job = GenerationJob(
             policies=policies, prompts=args.prompts, split=None if args.split == "all" else args.split,
             sampling=sampling, backend=args.backend,
-            model=args.model, base_url=args.base_url, quantize=args.quantize,
+            model=args.model, base_url=args.base_url, quantize=args.quantize, best_of=best_of,
         )
         with session_scope(engine) as session:
             added = ensure_default_prompts(session)

@@ -83,7 +83,9 @@ COMMON_FLAGS: tuple[tuple[str, Flag], ...] = (
                      help="also log to TensorBoard (under the output directory)")),
 )
 METHOD_FLAGS: dict[str, tuple[tuple[str, Flag], ...]] = {
-    "sft": (),
+    "sft": (
+        ("selection", Flag("sft_source")),
+    ),
     "dpo": (
         ("METHOD", Flag("beta", help="how far the policy may move from the reference")),
         ("METHOD", Flag("loss_type", type=_loss_types, metavar="TYPE[,TYPE]",
