@@ -61,7 +61,7 @@ def human(session, name: str) -> int:
 def test_the_ordinary_queue_never_serves_a_gold_pair(db_url):
     engine = engine_for(db_url)
     with session_scope(engine) as s:
-        ordinary, gold = make_store(s, 6, 4)
+        ordinary, _ = make_store(s, 6, 4)
         bob = human(s, "bob")
         set_gold_rate(1.0, session=s)  # the queue itself ignores the rate: it never deals gold
         assert open_comparisons(bob, session=s) == 6  # "pairs left" counts ordinary pairs only
@@ -76,7 +76,7 @@ def test_the_ordinary_queue_never_serves_a_gold_pair(db_url):
 def test_gold_pairs_are_dealt_at_the_gold_rate(sqlite_url):
     engine = engine_for(sqlite_url)
     with session_scope(engine) as s:
-        ordinary, gold = make_store(s, 400, 120)
+        _, gold = make_store(s, 400, 120)
         bob = human(s, "bob")
         set_gold_rate(0.2, session=s)
         rng = random.Random(11)
@@ -154,7 +154,7 @@ def _shape(value):
     """A value with the texts of the screen taken out: what is left must not depend on gold."""
     if isinstance(value, str):
         value = re.sub(r'(id="pf-(?:prompt|left|right)">).*?(</div>(?:</section>|<div class="pf-sides">))',
-                       r"\1TEXT\2", value, flags=re.S)
+                       r"\1TEXT\2", value, flags=re.DOTALL)
         value = re.sub(r"\b[0-9a-f]{32}\b", "KEY", value)  # the idempotency key
         value = re.sub(r"\d+", "N", value)  # counts
         return ("str", value)

@@ -125,7 +125,7 @@ def test_without_judge_first_nothing_leaves_the_queue_and_route_doubts_still_wor
 def test_threshold_and_the_command_line(sqlite_url, capsys, monkeypatch):
     engine = engine_for(sqlite_url)
     ids = setup_pairs(engine)
-    import labeling.cli.judge_command as judge_command
+    from labeling.cli import judge_command
 
     monkeypatch.setattr(judge_command, "build_backend", lambda args: ScriptedJudge(SCRIPT))
     code = cli_main(["judge", "--db", sqlite_url, "--backend", "rubric", "--judge-first",
