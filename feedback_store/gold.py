@@ -22,7 +22,7 @@ for the per-rater accuracy of feedback_store.rater_quality. The ordinary queue
 strategies leave alone. The single-response page never deals a degraded copy.
 
 Serving: `next_pair_for` is how the pairwise page deals (a vote's next pair included,
-feedback_store.votes.record_vote_and_next): the rater's live reservation if any (a reload shows
+feedback_store.sittings.record_vote_and_next): the rater's live reservation if any (a reload shows
 the same pair), else a gold pair when `gold_due` says so, else the ordinary queue's next pair.
 `gold_due(rater_id, session=...)` says whether this rater's next pair should be a gold one: at
 the admin-set rate `gold_rate` (app setting `GOLD_RATE_SETTING`, default 1 in 20), drawn at

@@ -7,7 +7,7 @@ import pytest
 from sqlalchemy.exc import OperationalError
 from sqlmodel import func, select
 
-from feedback_store import votes as votes_module
+from feedback_store import sittings as sittings_module
 from feedback_store.db import session_scope
 from feedback_store.edits import HUMAN_EDIT_POLICY, EditError, store_edit
 from feedback_store.models import (
@@ -20,12 +20,8 @@ from feedback_store.models import (
     Vote,
 )
 from feedback_store.raters import get_or_create_local_user
-from feedback_store.votes import (
-    VoteError,
-    record_rating_and_next,
-    record_vote,
-    record_vote_and_next,
-)
+from feedback_store.sittings import record_rating_and_next, record_vote_and_next
+from feedback_store.votes import VoteError, record_vote
 from tests.store_factories import make_comparisons
 
 
@@ -98,7 +94,7 @@ def fail_next(monkeypatch, name: str) -> None:
     def broken(*args, **kwargs):
         raise OperationalError("next item", {}, Exception("the database went away"))
 
-    monkeypatch.setattr(votes_module, name, broken)
+    monkeypatch.setattr(sittings_module, name, broken)
 
 
 def test_a_vote_its_edit_and_the_next_reservation_are_one_unit_of_work(engine, world, monkeypatch):

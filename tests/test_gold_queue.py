@@ -16,7 +16,8 @@ from feedback_store.db import engine_for, session_scope
 from feedback_store.gold import GOLD_POLICY, next_pair_for
 from feedback_store.models import Assignment, Comparison, Rater, RaterKind, Response, Vote
 from feedback_store.queue import next_comparison_for, next_response_for, open_comparisons
-from feedback_store.votes import record_vote, record_vote_and_next
+from feedback_store.sittings import record_vote_and_next
+from feedback_store.votes import record_vote
 from labeling.app import annotate
 from labeling.app.annotation_flow import AnnotationFlow, PageEvents
 from labeling.app.auth import caller_for

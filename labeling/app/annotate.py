@@ -18,7 +18,8 @@ from feedback_store.edits import EditError
 from feedback_store.gold import next_pair_for
 from feedback_store.models import Choice, Comparison, Response
 from feedback_store.queue import release
-from feedback_store.votes import VoteError, record_vote_and_next
+from feedback_store.sittings import record_vote_and_next
+from feedback_store.votes import VoteError
 from labeling.app.annotation_flow import (
     FAST,
     AnnotationFlow,

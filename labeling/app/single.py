@@ -13,7 +13,8 @@ import gradio as gr
 
 from feedback_store.models import Response
 from feedback_store.queue import next_response_for
-from feedback_store.votes import VoteError, record_rating_and_next
+from feedback_store.sittings import record_rating_and_next
+from feedback_store.votes import VoteError
 from labeling.app.annotation_flow import (
     FAST,
     AnnotationFlow,
