@@ -345,14 +345,20 @@ def _store_best(session, prompt, policy, chosen, params: dict, report: Generatio
     report.kept_score += scores[best]
 
 
-def _best_of_reward(engine, best_of: BestOfN):
-    """The reward's settings, checked (a run id resolved, rubric rules and functions found)
-    before any model loads: online_rewards.resolve, its errors as ModelError."""
+def check_best_of(engine, job: GenerationJob) -> dict:
+    """The settings of a best-of-n job's reward, checked before any model loads (sampling, not
+    greedy; a run id resolved, rubric rules and functions found: online_rewards.resolve), errors
+    as one-line ModelErrors. run_generation calls it; the command line calls it first too."""
     from dataclasses import asdict
 
     from alignment.training import online_rewards
     from alignment.training.common import TrainingError
 
+    best_of = job.best_of
+    if best_of is None:
+        raise ModelError("not a best-of-n job")
+    if job.sampling.temperature == 0:
+        raise ModelError("--best-of needs sampling: greedy decoding (--temperature 0) gives N identical answers")
     try:
         return online_rewards.resolve(asdict(best_of.reward), engine, method="best-of-n")
     except TrainingError as error:
@@ -392,9 +398,7 @@ def run_generation(engine, job: GenerationJob, *, show_progress: bool = True) ->
         raise ModelError("no policy to sample: pass --policy NAME")
     best_of, reward_settings = job.best_of, None
     if best_of is not None:
-        if job.sampling.temperature == 0:
-            raise ModelError("--best-of needs sampling: greedy decoding (--temperature 0) gives N identical answers")
-        reward_settings = _best_of_reward(engine, best_of)
+        reward_settings = check_best_of(engine, job)
         job = replace(job, sampling=replace(job.sampling, samples=best_of.n))
     with session_scope(engine) as session:
         selected = list_prompts(session=session, limit=job.prompts, split=job.split)

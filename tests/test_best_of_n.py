@@ -160,9 +160,9 @@ def test_cli_best_of_then_train_sft_on_the_kept_answers(sqlite_url, tiny_path, t
         (["--best-of", "3", "--reward-rubric", "shorter", "--samples", "2"], "drop --samples"),
         (["--best-of", "3", "--reward-rubric", "shorter", "--reward-run", "7"],
          "give one reward, not --reward-run and --reward-rubric"),
-        (["--best-of", "3", "--reward-run", "7"], "7"),
+        (["--best-of", "3", "--reward-run", "7"], "--reward-run 7: no training run with that id"),
         (["--best-of", "3", "--reward-model", "/nowhere"], "--reward-model /nowhere: not a prefloop reward model"),
-        (["--best-of", "3", "--reward-function", "nowhere_module:f"], "nowhere_module"),
+        (["--best-of", "3", "--reward-function", "nowhere_module:f"], "--reward-function nowhere_module:f: cannot import"),
         (["--best-of", "3", "--reward-rubric", "shorter", "--temperature", "0"], "--best-of needs sampling"),
     ],
 )
@@ -172,8 +172,9 @@ def test_bad_input_is_one_line_before_sampling(sqlite_url, tiny_path, capsys, mo
 
     monkeypatch.setattr(alignment.sampling, "generate_local", no_sampling)
     code = main(["generate", "--db", sqlite_url, "--policy", tiny_path, *argv])
-    err = capsys.readouterr().err.strip()
-    assert code == 2
+    out, err = capsys.readouterr()
+    err = err.strip()
+    assert code == 2 and "imported" not in out  # nothing written first (not even the default prompts)
     assert err.startswith("prefloop generate: error:") and message in err and "\n" not in err, err
     assert _rows(engine_for(sqlite_url), Response) == []
 

@@ -104,7 +104,14 @@ def _add_flags(parser: argparse.ArgumentParser) -> None:
 def run_generate(args: argparse.Namespace) -> int:
     engine = open_store(args)
 
-    from alignment.generation import BEST_OF_REWARDS, BestOfN, GenerationJob, SamplingConfig, run_generation
+    from alignment.generation import (
+        BEST_OF_REWARDS,
+        BestOfN,
+        GenerationJob,
+        SamplingConfig,
+        check_best_of,
+        run_generation,
+    )
     from alignment.models import ModelError
     from feedback_store.db import session_scope
     from labeling.data import ensure_default_prompts
@@ -139,6 +146,8 @@ def run_generate(args: argparse.Namespace) -> int:
             sampling=sampling, backend=args.backend,
             model=args.model, base_url=args.base_url, quantize=args.quantize, best_of=best_of,
         )
+        if best_of is not None:
+            check_best_of(engine, job)  # a bad reward fails before anything is written
         with session_scope(engine) as session:
             added = ensure_default_prompts(session)
         if added:
