@@ -258,3 +258,32 @@ def test_single_user_mode_needs_no_sign_in(sqlite_url, tmp_path):
         local = get_rater("local", session=session)
         assert local.role == Role.admin and local.password_hash is None
         assert [v.rater_id for v in session.exec(select(Vote)).all()] == [local.id]
+
+
+NEW_ADMIN_EVENTS = {"admin_prioritize", "admin_set_gold_rate", "admin_set_quality_threshold", "admin_rater_quality",
+                    "admin_set_rater_weight", "admin_auto_weights"}
+
+
+def test_queue_gold_and_quality_events_are_admin_events(state):
+    """The admin tab's queue-order, gold-rate, threshold and weight events are named admin_* (so the
+    gateway's admin rule and tests/reliability/test_access.py cover them) and refuse annotators."""
+    from labeling.app.server import build_app
+
+    blocks = build_app(state)
+    names = {getattr(fn, "api_name", None) for fn in blocks.fns.values()}
+    assert NEW_ADMIN_EVENTS <= names
+    alice, bob = caller_for(state, "alice"), caller_for(state, "bob")
+    admin.save_gold_rate(state, alice, 0.1)
+    admin.save_quality_threshold(state, alice, 0.6)
+    assert admin.save_rater_weight(state, alice, "carol", 0.5) == "carol: weight 0.5"
+    assert "fewest-votes" in admin.run_queue_strategy(state, alice, "fewest-votes")
+    for action, args in ((admin.save_gold_rate, (0.9,)), (admin.save_quality_threshold, (0.9,)),
+                         (admin.save_rater_weight, ("bob", 9)), (admin.run_queue_strategy, ("arena",)),
+                         (admin.rater_quality_table, ()), (admin.auto_rater_weights, ())):
+        with pytest.raises(admin.AdminError, match="not an admin"):
+            action(state, bob, *args)
+    from feedback_store.app_settings import gold_rate, quality_threshold
+
+    with session_scope(state.engine) as session:
+        assert gold_rate(session=session) == 0.1 and quality_threshold(session=session) == 0.6
+        assert get_rater("bob", session=session).weight == 1.0
