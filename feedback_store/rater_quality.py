@@ -38,7 +38,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 from scipy.stats import norm
 
-CHOICES = ("a", "b", "tie", "both_bad")
+from feedback_store.vote_table import CHOICES
+
 DEFAULT_MIN_GOLD = 10
 
 
@@ -214,7 +215,7 @@ def auto_weights(*, session, kinds=("human", "judge", "import", "simulated"), mi
 
     from feedback_store.app_settings import quality_threshold
     from feedback_store.models import Rater
-    from feedback_store.stats import load_raters, load_votes
+    from feedback_store.vote_table import load_raters, load_votes
 
     table = load_raters(session=session)
     rows = rater_quality(load_votes(table, session=session), table, kinds=kinds,

@@ -21,9 +21,9 @@ from feedback_store.app_settings import (
     set_setting,
     set_target_overlap,
 )
-from feedback_store.queue_strategies import STRATEGIES, current_strategy
 from feedback_store.models import RaterKind, Role
 from feedback_store.queue import target_overlap
+from feedback_store.queue_strategies import STRATEGIES, current_strategy
 from feedback_store.raters import create_user, get_rater, list_users
 from labeling.app.auth import AccessDenied, Caller, admin_for
 from labeling.app.jobs import JOB_COMMANDS, Job
@@ -190,7 +190,8 @@ def rater_quality_table(state, caller: Caller) -> list[list]:
 
     from feedback_store.models import Rater
     from feedback_store.rater_quality import rater_quality
-    from feedback_store.stats import KINDS, load_raters, load_votes
+    from feedback_store.stats import KINDS
+    from feedback_store.vote_table import load_raters, load_votes
 
     _require_admin(caller)
     with state.session() as session:
