@@ -13,18 +13,12 @@ this answer" gets no say in the verdict beyond its length and wording.
 from __future__ import annotations
 
 import pkgutil
-import re
 from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
 
+from feedback_store.text import is_refusal
+
 Rule = Callable[[Sequence[dict], str, str], str]
-
-_REFUSAL = re.compile(
-    r"\b(I can(?:no|')t (?:help|assist|do that|comply)|I cannot|I'm sorry,? but|I am sorry,? but|"
-    r"I won't|I will not|I'm (?:not able|unable) to|I am (?:not able|unable) to|as an AI)\b",
-    re.IGNORECASE,
-)
-
 
 def _compare(x: float, y: float) -> str:
     return "A" if x > y else "B" if y > x else "C"
@@ -36,10 +30,6 @@ def shorter(conversation: Sequence[dict], first: str, second: str) -> str:
 
 def longer(conversation: Sequence[dict], first: str, second: str) -> str:
     return _compare(len(first.strip()), len(second.strip()))
-
-
-def is_refusal(text: str) -> bool:
-    return bool(_REFUSAL.search(text))
 
 
 def no_refusal(conversation: Sequence[dict], first: str, second: str) -> str:

@@ -40,7 +40,8 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 
-from sqlalchemy import exists, func, insert, select as sa_select
+from sqlalchemy import exists, func, insert
+from sqlalchemy import select as sa_select
 from sqlmodel import Session, col, select
 
 from feedback_store.app_settings import DEFAULT_GOLD_RATE, GOLD_RATE_SETTING, gold_rate  # noqa: F401
@@ -56,8 +57,14 @@ from feedback_store.models import (
     Vote,
     utcnow,
 )
-from feedback_store.queue import DEFAULT_RESERVATION, held_assignment, ordinary_open, reserve_next_open
+from feedback_store.queue import (
+    DEFAULT_RESERVATION,
+    held_assignment,
+    ordinary_open,
+    reserve_next_open,
+)
 from feedback_store.splits import TRAIN
+from feedback_store.text import is_refusal
 
 __all__ = ["GOLD_POLICY"]  # re-exported: its home is feedback_store.models (the queue needs it too)
 GOLD_SOURCE_PREFIX = "gold:"
@@ -100,12 +107,6 @@ def shuffle_sentences(text: str, rng: random.Random) -> str | None:
     return None
 
 
-def _is_refusal(text: str) -> bool:
-    from labeling.judge.rubric import is_refusal  # the rubric judge's own test (pure regex)
-
-    return is_refusal(text)
-
-
 # ---- making gold pairs -----------------------------------------------------------------------
 
 
@@ -125,7 +126,7 @@ def _sources(session: Session) -> list[tuple[int, int, str]]:
         .where(Prompt.split == TRAIN, PolicyVersion.name != GOLD_POLICY)
         .order_by(Response.id)
     ).all()
-    return [(rid, pid, text) for rid, pid, text in rows if len(text.split()) >= MIN_WORDS and not _is_refusal(text)]
+    return [(rid, pid, text) for rid, pid, text in rows if len(text.split()) >= MIN_WORDS and not is_refusal(text)]
 
 
 def make_gold_pairs(
