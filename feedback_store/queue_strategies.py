@@ -62,6 +62,7 @@ DEPTH = 10_000  # ranked positions with a level of their own
 USELESS_PRIORITY = -(DEPTH + 2)
 DOUBT_PRIORITY = 10  # as labeling.judge.runner.JudgeRunConfig.doubt_priority
 UNRATED_WEIGHT = 1e6  # a policy without a rating overlaps every interval
+TOUCHING_WEIGHT = 1e-6  # intervals that meet in a point: ahead of disjoint ones
 
 
 @dataclass(frozen=True)
@@ -207,8 +208,9 @@ def arena_weights(intervals: Mapping[str, tuple[float, float]], policies: Iterab
             lq, hq = intervals.get(q, (math.nan, math.nan))
             if any(v != v for v in (lp, hp, lq, hq)):
                 weights[(p, q)] = UNRATED_WEIGHT
-            else:
-                weights[(p, q)] = max(0.0, min(hp, hq) - max(lp, lq))
+            else:  # intervals that only touch (e.g. both of zero width, every vote a tie) still meet
+                shared = min(hp, hq) - max(lp, lq)
+                weights[(p, q)] = max(shared, TOUCHING_WEIGHT) if shared >= 0 else 0.0
     return weights
 
 
