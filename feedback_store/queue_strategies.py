@@ -241,7 +241,8 @@ def rating_intervals(*, session: Session, kinds: Sequence[str] | None = None, n_
     the votes of `kinds` (default: the leaderboard's own, all but simulated); gold votes left out."""
     from feedback_store.leaderboard import LeaderboardConfig
     from feedback_store.models import PolicyVersion
-    from feedback_store.stats import StatsConfig, leaderboard_stats, load_raters, load_votes
+    from feedback_store.stats import StatsConfig, leaderboard_stats
+    from feedback_store.vote_table import load_raters, load_votes
 
     config = StatsConfig(leaderboard=LeaderboardConfig(n_bootstrap=n_bootstrap, seed=seed),
                          **({"leaderboard_kinds": tuple(kinds)} if kinds is not None else {}))
