@@ -13,8 +13,9 @@ For each rater (of the kinds asked for; simulated raters only when asked by name
 - `left_pick_rate`: among its decisive votes (a or b) with a recorded left side, the share that
   picked the response shown on the left (0.5 is unbiased).
 - `median_time_ms`: median `time_spent_ms` of its votes (as in stats.throughput_stats).
-- `ds_accuracy`, `ds_confusion`: Dawid-Skene (crowd-kit's `DawidSkene`, EM over every counted
-  vote, gold pairs' winners given as known true labels). `ds_confusion[true][said]` is the
+- `ds_accuracy`, `ds_confusion`: Dawid-Skene (feedback_store.dawid_skene: crowd-kit's algorithm in
+  numpy, checked against crowd-kit; EM over every counted vote, gold pairs' winners given as known
+  true labels). `ds_confusion[true][said]` is the
   estimated P(rater says `said` | the true label is `true`); `ds_accuracy` is the
   prior-weighted diagonal, sum_k prior_k * P(says k | true k): the chance a vote of this rater
   is right.
@@ -38,6 +39,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 from scipy.stats import norm
 
+from feedback_store.dawid_skene import fit_dawid_skene
 from feedback_store.vote_table import CHOICES
 
 DEFAULT_MIN_GOLD = 10
@@ -103,34 +105,20 @@ def _leave_one_out(comparison: np.ndarray, rater: np.ndarray, choice: np.ndarray
     return n, k
 
 
-def _dawid_skene(comparison, rater, choice, gold_truth: dict[int, str], names: list[str], n_iter: int):
-    """crowd-kit's Dawid-Skene: per rater index, (accuracy, confusion dict)."""
+def _dawid_skene(comparison, rater, choice, gold_truth: dict[int, int], n_raters: int, n_iter: int):
+    """Dawid-Skene over every counted vote: per rater index, (accuracy, confusion dict)."""
     if len(comparison) == 0:
         return {}
-    import pandas as pd
-    from crowdkit.aggregation import DawidSkene
-
-    data = pd.DataFrame({
-        "task": comparison.astype(np.int64),
-        "worker": [names[r] for r in rater],
-        "label": np.array(CHOICES, dtype=object)[choice],
-    })
-    true_labels = None
-    if gold_truth:
-        known = {task: label for task, label in gold_truth.items() if task in set(data["task"].tolist())}
-        true_labels = pd.Series(known, dtype=object) if known else None
-    model = DawidSkene(n_iter=n_iter).fit(data, true_labels=true_labels)
-    errors, priors = model.errors_, model.priors_
-    labels = [str(label) for label in errors.columns]
+    fit = fit_dawid_skene(comparison, rater, choice, n_raters=n_raters, gold=gold_truth, n_iter=n_iter)
+    labels = [CHOICES[int(code)] for code in fit.labels]
     result = {}
     for r in np.unique(rater):
-        worker = names[r]
-        table = errors.loc[worker]  # rows: said, columns: true
+        seen = fit.errors[r].sum(axis=1) > 0  # labels this rater said at least once
         confusion = {
-            true: {str(said): float(table.loc[said, true]) for said in table.index} for true in labels
+            true: {labels[s]: float(fit.errors[r, s, t]) for s in np.flatnonzero(seen)}
+            for t, true in enumerate(labels)
         }
-        accuracy = float(sum(float(priors[true]) * confusion[true].get(true, 0.0) for true in labels))
-        result[int(r)] = (accuracy, confusion)
+        result[int(r)] = (fit.accuracy(int(r)), confusion)
     return result
 
 
@@ -164,8 +152,8 @@ def rater_quality(
     left_n = np.bincount(rater[decisive], minlength=n_raters)
     left_k = np.bincount(rater[decisive & (picked == votes.left)], minlength=n_raters)
 
-    gold_truth = {int(c): CHOICES[int(g)] for c, g in zip(votes.comparison[on_gold], votes.gold[on_gold])}
-    ds = _dawid_skene(votes.comparison, rater, choice, gold_truth, raters.names, ds_iterations)
+    gold_truth = {int(c): int(g) for c, g in zip(votes.comparison[on_gold], votes.gold[on_gold])}
+    ds = _dawid_skene(votes.comparison, rater, choice, gold_truth, n_raters, ds_iterations)
 
     rows = []
     for r in np.flatnonzero(n_votes):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 from statsmodels.stats.proportion import proportion_confint
 
@@ -84,3 +85,37 @@ def test_weights_by_hand_and_from_quality_and_the_cli(crowd, capsys):
     assert listed["bad0"]["below_threshold"] and "ds_confusion" in listed["good1"]
     assert prefloop(["stats", "--bootstrap", "0", "--include-simulated", "--db", crowd]) == 0
     assert "Rater quality" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("n_items, n_raters, seed", [(40, 5, 0), (600, 8, 1)])
+def test_numpy_dawid_skene_is_crowd_kits(n_items, n_raters, seed):
+    """feedback_store.dawid_skene is crowd-kit's DawidSkene on arrays: same priors, same
+    confusion matrices, same number of EM steps, gold labels clamped the same way."""
+    pd = pytest.importorskip("pandas")
+    crowdkit = pytest.importorskip("crowdkit.aggregation")
+    from feedback_store.dawid_skene import fit_dawid_skene
+
+    rng = np.random.default_rng(seed)
+    truth = rng.integers(0, 3, n_items)
+    item = np.repeat(np.arange(n_items), 3)
+    rater = rng.integers(0, n_raters, len(item))
+    right = rng.random(len(item)) < np.where(rater < n_raters // 2, 0.9, 0.5)
+    label = np.where(right, truth[item], rng.integers(0, 4, len(item)))
+    gold = {int(i): int(truth[i]) for i in range(0, n_items, 10)}
+    names = np.array(["a", "b", "tie", "both_bad"], dtype=object)
+
+    reference = crowdkit.DawidSkene(n_iter=100).fit(
+        pd.DataFrame({"task": item, "worker": rater.astype(str), "label": names[label]}),
+        true_labels=pd.Series({i: names[g] for i, g in gold.items()}, dtype=object),
+    )
+    fit = fit_dawid_skene(item, rater, label, n_raters=n_raters, gold=gold)
+
+    assert fit.iterations == len(reference.loss_history_)
+    for i, code in enumerate(fit.labels):
+        assert fit.priors[i] == pytest.approx(reference.priors_[names[code]], abs=1e-9)
+    for r in range(n_raters):
+        table = reference.errors_.loc[str(r)]
+        for s, said in enumerate(fit.labels):
+            for t, true in enumerate(fit.labels):
+                expected = table.loc[names[said], names[true]] if names[said] in table.index else 0.0
+                assert fit.errors[r, s, t] == pytest.approx(expected, abs=1e-9)
