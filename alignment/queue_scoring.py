@@ -51,7 +51,7 @@ class PolicyLogProbs:
             self.tokenizer.pad_token = self.tokenizer.eos_token
 
     @classmethod
-    def load(cls, base_model: str, adapter_path: str, *, device: str = "auto") -> "PolicyLogProbs":
+    def load(cls, base_model: str, adapter_path: str, *, device: str = "auto") -> PolicyLogProbs:
         from alignment.models import ModelSpec, load_model
 
         model, tokenizer = load_model(ModelSpec(base_model, device=device, adapter_path=adapter_path))

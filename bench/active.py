@@ -19,11 +19,12 @@ fewest-votes, median over seeds.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import statistics
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import numpy as np
 from sqlalchemy import insert
@@ -48,7 +49,7 @@ class LatentScorer:
 
 
 def build(url: str, strengths: np.ndarray, n_prompts: int, sigma: float, rng: np.random.Generator) -> dict[str, float]:
-    now = datetime(2025, 1, 1, tzinfo=timezone.utc)
+    now = datetime(2025, 1, 1, tzinfo=UTC)
     p = len(strengths)
     quality, responses, comparisons = {}, [], []
     for i in range(n_prompts):
@@ -81,7 +82,7 @@ def max_width(engine) -> float:
     if len(intervals) < 2:
         return float("inf")
     widths = [high - low for low, high in intervals.values()]
-    return float("inf") if any(w != w for w in widths) else max(widths)
+    return float("inf") if any(math.isnan(w) for w in widths) else max(widths)
 
 
 def labels_to_target(strategy: str, seed: int, args) -> tuple[int, float]:

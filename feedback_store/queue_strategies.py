@@ -155,7 +155,7 @@ def order_by_margin(margins: Mapping[int, float], *, session: Session) -> int:
     """`uncertainty`: open pairs ranked by |margin| (closest to zero first). Pairs without a
     margin (NaN or missing) keep their priority. Returns the number of pairs ranked."""
     wanted = {p.comparison_id for p in open_pairs(session=session)}
-    scored = [(abs(float(m)), cid) for cid, m in margins.items() if cid in wanted and m == m]
+    scored = [(abs(float(m)), cid) for cid, m in margins.items() if cid in wanted and not math.isnan(float(m))]
     scored.sort()
     write_order([cid for _, cid in scored], session=session)
     set_strategy("uncertainty", session=session)
@@ -206,7 +206,7 @@ def arena_weights(intervals: Mapping[str, tuple[float, float]], policies: Iterab
         for q in names[i + 1:]:
             lp, hp = intervals.get(p, (math.nan, math.nan))
             lq, hq = intervals.get(q, (math.nan, math.nan))
-            if any(v != v for v in (lp, hp, lq, hq)):
+            if any(math.isnan(v) for v in (lp, hp, lq, hq)):
                 weights[(p, q)] = UNRATED_WEIGHT
             else:  # intervals that only touch (e.g. both of zero width, every vote a tie) still meet
                 shared = min(hp, hq) - max(lp, lq)

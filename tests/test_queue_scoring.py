@@ -7,12 +7,12 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from alignment.models import ModelSpec, load_model  # noqa: E402
-from alignment.models.adapters import save_adapter  # noqa: E402
-from alignment.queue_scoring import PolicyLogProbs, dpo_margins  # noqa: E402
-from feedback_store.judge_runs import PairTexts  # noqa: E402
-from tests.test_models_adapters import _train_lora  # noqa: E402
-from tests.tiny_models import save_tiny_causal_lm  # noqa: E402
+from alignment.models import ModelSpec, load_model
+from alignment.models.adapters import save_adapter
+from alignment.queue_scoring import PolicyLogProbs, dpo_margins
+from feedback_store.judge_runs import PairTexts
+from tests.test_models_adapters import _train_lora
+from tests.tiny_models import save_tiny_causal_lm
 
 
 def test_policy_logprobs_sum_the_response_tokens_with_and_without_the_adapter(tmp_path):

@@ -267,11 +267,11 @@ def test_queue_cli(sqlite_url):
     build(engine_for(sqlite_url), ["a", "b"], 3)
     cli = [sys.executable, "-c", "import sys; from labeling.cli import main; sys.exit(main(sys.argv[1:]))"]
     done = subprocess.run([*cli, "queue", "prioritize", "--by", "arena", "--db", sqlite_url],
-                          capture_output=True, text=True, cwd=REPO, timeout=120)
+                          capture_output=True, text=True, cwd=REPO, timeout=120, check=False)
     assert done.returncode == 0 and "arena: 3 open pairs ranked" in done.stdout, done.stderr
     shown = subprocess.run([*cli, "queue", "show", "--db", sqlite_url], capture_output=True, text=True, cwd=REPO,
-                           timeout=120)
+                           timeout=120, check=False)
     assert "strategy: arena" in shown.stdout and "ranked 3" in shown.stdout
     refused = subprocess.run([*cli, "queue", "prioritize", "--by", "arena", "--reward-run", "1", "--db", sqlite_url],
-                             capture_output=True, text=True, cwd=REPO, timeout=120)
+                             capture_output=True, text=True, cwd=REPO, timeout=120, check=False)
     assert refused.returncode == 2 and "--by uncertainty" in refused.stderr

@@ -6,6 +6,7 @@ non-admins, so hiding the tab is a convenience and the check holds for direct HT
 calls too. Long work (generation, judging, training) runs as `prefloop` subprocesses.
 """
 
+import math
 import tempfile
 from pathlib import Path
 
@@ -181,7 +182,7 @@ def save_quality_threshold(state, caller: Caller, threshold) -> str:
 
 
 def _fmt(value) -> str:
-    return "" if value is None or value != value else f"{value:.3f}"
+    return "" if value is None or math.isnan(value) else f"{value:.3f}"
 
 
 def rater_quality_table(state, caller: Caller) -> list[list]:
