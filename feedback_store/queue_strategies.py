@@ -94,7 +94,8 @@ def open_pairs(*, session: Session, overlap: int | None = None) -> list[OpenPair
         select(Comparison.id, Comparison.human_votes, a.policy_id, b.policy_id)
         .join(a, a.id == Comparison.response_a_id)
         .join(b, b.id == Comparison.response_b_id)
-        .where(_ordinary(), Comparison.human_votes < overlap)
+        # Pairs the judge settled (`judge --judge-first`) have left the human queue: nothing to rank.
+        .where(_ordinary(), Comparison.settled_by.is_(None), Comparison.human_votes < overlap)
         .order_by(Comparison.human_votes, Comparison.id)
     ).all()
     return [OpenPair(*row) for row in rows]

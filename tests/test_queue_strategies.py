@@ -275,3 +275,16 @@ def test_queue_cli(sqlite_url):
     refused = subprocess.run([*cli, "queue", "prioritize", "--by", "arena", "--reward-run", "1", "--db", sqlite_url],
                              capture_output=True, text=True, cwd=REPO, timeout=120, check=False)
     assert refused.returncode == 2 and "--by uncertainty" in refused.stderr
+
+
+def test_pairs_the_judge_settled_are_not_ranked(engine):
+    """`judge --judge-first` took these pairs out of the human queue: no strategy ranks them."""
+    ids = list(build(engine, ["a", "b"], 4).values())
+    with session_scope(engine) as s:
+        judge = get_or_create_judge("judge-model", "v1", session=s).id
+        s.get(Comparison, ids[0]).settled_by = judge
+    with session_scope(engine) as s:
+        assert ids[0] not in {pair.comparison_id for pair in qs.open_pairs(session=s)}
+    seen = []
+    prioritize(engine, "uncertainty", margin_source=lambda pairs: seen.extend(p.comparison_id for p in pairs) or {})
+    assert sorted(seen) == sorted(ids[1:])
