@@ -201,6 +201,19 @@ REFUSED = [
     ("train", "dpo --model ~/models/x", "--model ~/models/x: outside"),
     ("train", "dpo --model /", "--model /: outside"),
     ("train", "dpo --endpoint vllm", "--endpoint: only judge and generate jobs use an endpoint"),
+    ("train", "grpo --reward-function os:system", "--reward-function: not allowed in web jobs (it imports"),
+    ("train", "rloo --reward-rubric shorter,tests.evil:rule", "--reward-rubric tests.evil:rule: web jobs use"),
+    ("train", "ppo --reward-rubric os:system", "--reward-rubric os:system: web jobs use the built-in rules"),
+    ("train", "grpo --set grpo.reward_rubric=os:system", "grpo.reward_rubric cannot be set"),
+    ("train", "ppo --set ppo.reward_judge=true", "ppo.reward_judge cannot be set"),
+    (
+        "train",
+        "grpo --reward-judge --judge-model m",
+        "--reward-judge: not allowed in web jobs (the judge reward is built by the CLI",
+    ),
+    ("train", "ppo --reward-judge", "--reward-judge: not allowed in web jobs"),
+    ("train", "grpo --reward-rubric shorter --judge-base-url http://attacker/v1", "--judge-base-url: not allowed"),
+    ("train", "grpo --reward-model /srv/other", "--reward-model /srv/other: outside"),
 ]
 
 
@@ -328,6 +341,32 @@ def test_legitimate_jobs_pass_with_paths_made_absolute(policy, dirs):
     # A policy to start from is a name in the store, neither a path nor code.
     assert check(policy, "train", "dpo --from-policy latest").argv[-2:] == ("--from-policy", "latest")
     assert check(policy, "train", "dpo --set run.from_policy=dpo-1").argv[-1] == "run.from_policy=dpo-1"
+
+
+def test_new_methods_hyperparameters_and_reward_sources_pass(policy, dirs):
+    """Judge-first, the SimPO/ORPO and GRPO/RLOO hyperparameters (flags and --set), and the reward
+    sources that run no code: a reward run, built-in rubric rules, a reward model inside a root."""
+    jobs, data = dirs
+    launch = check(policy, "judge", "--backend rubric --judge-first --judge-first-threshold 0.9")
+    assert launch.argv == ("judge", "--backend", "rubric", "--judge-first", "--judge-first-threshold", "0.9")
+    assert check(policy, "train", "simpo --simpo-gamma 0.5 --cpo-alpha 0.1 --beta 2 --set simpo.alpha=0.5").argv[
+        2:
+    ] == ("--simpo-gamma", "0.5", "--cpo-alpha", "0.1", "--beta", "2", "--set", "simpo.alpha=0.5")
+    assert check(policy, "train", "orpo --beta 0.2 --set orpo.max_completion_length=64").argv[-1] == (
+        "orpo.max_completion_length=64"
+    )
+    for method in ("grpo", "rloo"):
+        arguments = (
+            f"{method} --reward-rubric no-refusal,shorter --num-generations 4 --max-completion-length 16 "
+            f"--temperature 0.9 --beta 0.1 --num-iterations 2 --set {method}.epsilon=0.3 "
+            f"--set trainer.num_generations=2"
+        )
+        assert check(policy, "train", arguments).argv == ("train", *shlex.split(arguments))
+    assert check(policy, "train", "ppo --reward-rubric shorter").argv[-1] == "shorter"
+    assert check(policy, "train", "grpo --reward-run 3").argv[-2:] == ("--reward-run", "3")
+    (data / "rm").mkdir()
+    assert check(policy, "train", f"rloo --reward-model {data}/rm").argv[-1] == str(data / "rm")
+    assert check(policy, "train", "ppo --reward-model ../data/rm").argv[-1] == str(data / "rm")
 
 
 def test_the_operators_endpoint_and_key_variable_reach_the_job(policy):

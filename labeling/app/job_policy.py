@@ -12,6 +12,9 @@ read a file, reach a host or run code the operator did not choose:
   directory) must resolve, symlinks followed, inside the job directory or a data directory
   the operator named; relative paths are taken from the job directory, and the job gets the
   resolved absolute path, so what is checked is what is used;
+- rewards: `--reward-run`, `--reward-rubric` (built-in rules only) and `--reward-model` (a path,
+  checked as above) are allowed; `--reward-function` (code) and `--reward-judge` (its URL and
+  key come from `--judge-*` flags, which web jobs cannot name) are refused;
 - presets are named, never paths; `--rubric` takes the built-in rules only; `--set` and the
   keys of a `--config` file are limited to hyperparameters (no trust_remote_code, no paths).
 
@@ -151,7 +154,7 @@ JUDGE_FLAGS = _names(
     "backend model rubric template criteria criteria_file list_templates concurrency rpm "
     "tpm timeout max_attempts max_tokens temperature logprobs batch_size local_mode "
     "max_new_tokens dtype limit price_prompt price_completion route_doubts "
-    "doubt_confidence doubt_priority no_progress json"
+    "doubt_confidence doubt_priority judge_first judge_first_threshold no_progress json"
 )
 GENERATE_FLAGS = _names(
     "policy prompts split samples max_new_tokens temperature seed backend model quantize batch_size"
@@ -161,7 +164,8 @@ TRAIN_FLAGS = _names(
     "quantize adapter raters min_agreement min_votes tie_policy weighted seed output_dir "
     "data policy_name from_policy report_to no_progress beta loss_type label_smoothing "
     "desirable_weight undesirable_weight eval_fraction reward_run reward_model kl_coef "
-    "kl_target rollout_batch_size mini_batch_size ppo_epochs max_new_tokens temperature"
+    "kl_target rollout_batch_size mini_batch_size ppo_epochs max_new_tokens temperature "
+    "simpo_gamma cpo_alpha num_generations max_completion_length num_iterations reward_rubric"
 )
 ALLOWED_FLAGS = {"judge": JUDGE_FLAGS, "generate": GENERATE_FLAGS, "train": TRAIN_FLAGS}
 PATH_FLAGS = _names("output_dir data criteria_file config reward_model")
@@ -170,14 +174,18 @@ _WHY_REFUSED = {
     "db": "a job runs on this server's database",
     "base_url": "endpoints come from the server's settings: name one with --endpoint NAME",
     "api_key_env": "API keys come from the server's settings: name an endpoint with --endpoint NAME",
-    "reward_function": "it imports and runs Python code; use --reward-run or --reward-model, "
-    "or run it from the CLI on the server",
+    "reward_function": "it imports and runs Python code; use --reward-run, --reward-model or "
+    "--reward-rubric with built-in rules, or run it from the CLI on the server",
+    "reward_judge": "the judge reward is built by the CLI from --judge-* flags (a URL and an API key): "
+    "use --reward-run, --reward-model or --reward-rubric, or run it from the CLI on the server",
 }
 
 # Settings `--set` and a `--config` file may change: hyperparameters and data selection only.
 # Left out on purpose: model.model / model.adapter_path / run.output_dir / run.data / run.runs_dir
 # (paths: use the flags, which are checked), model.trust_remote_code, METHOD.reward_function and
-# reward_model, trainer.report_to / push_to_hub / hub_* / deepspeed / *_dir (hosts, files, code).
+# reward_model, METHOD.reward_rubric (module:function rules: use --reward-rubric, which takes the
+# built-in rules only) and reward_judge (its backend comes from CLI flags), trainer.report_to /
+# push_to_hub / hub_* / deepspeed / *_dir (hosts, files, code).
 _HYPERPARAMETERS = _names(
     "learning_rate per_device_train_batch_size per_device_eval_batch_size "
     "gradient_accumulation_steps num_train_epochs max_steps warmup_steps warmup_ratio "
@@ -188,7 +196,10 @@ _HYPERPARAMETERS = _names(
     "label_smoothing desirable_weight undesirable_weight eval_fraction reward_run kl_coef "
     "kl_target kl_horizon rollout_batch_size mini_batch_size ppo_epochs "
     "generation_batch_size max_new_tokens temperature cliprange cliprange_value vf_coef "
-    "gamma lam missing_eos_penalty score_clip rpo_alpha"
+    "gamma lam missing_eos_penalty score_clip rpo_alpha "
+    # SimPO/CPO and ORPO (alpha: CPOConfig's AlphaPO exponent), GRPO/RLOO sampling and updates
+    "simpo_gamma cpo_alpha alpha num_generations num_iterations epsilon epsilon_high top_p top_k "
+    "min_p repetition_penalty scale_rewards steps_per_generation"
 )
 SETTABLE = {
     "model": _names("quantize compute_dtype double_quant quant_type dtype device"),
@@ -336,7 +347,7 @@ def _checked_value(
         return str(path)
     if dest == "preset":
         return check_preset(flag, value)
-    if dest == "rubric":
+    if dest in ("rubric", "reward_rubric"):
         return check_rubric(flag, value)
     if dest == "set":
         check_setting(flag, value)
