@@ -5,9 +5,22 @@ One PPO step:
 1. rollout: `rollout_batch_size` prompts (stored prompts, snapshotted like the other methods'
    data), one sampled completion each at `temperature` (no top-k/top-p, so the sampler and the
    log-probs PPO optimises are the same distribution);
-2. scoring: the completions are decoded and scored by the reward model of a finished reward run
-   (its own tokenizer and chat template: it may be another model than the policy) or by a
-   reward function (`module:function`, for rule-based rewards and tests);
+2. scoring: the completions are decoded and scored by one reward source, the same flags as
+   GRPO/RLOO (online_rewards.py):
+   - `--reward-run` / `--reward-model`: the reward model of a finished reward run (its own
+     tokenizer and chat template: it may be another model than the policy);
+   - `--reward-function module:function`: PPO's own signature, f(completions, prompts) -> floats
+     (rule-based rewards and tests; GRPO's functions take (prompts, completions, **columns));
+   - `--reward-rubric RULES` and `--reward-judge`: these compare two answers, and PPO samples one
+     completion per prompt, so each completion is compared with the reference policy's answer
+     to the same prompt (the base with the adapter off, or the `--from-policy` parent), sampled
+     beside it at the same temperature: reward 1 if the completion beats it, 0.5 for a tie, 0
+     if it loses -- "better than where training started", which is what the KL term holds the
+     policy near. Sampling the reference's answers costs one more generation pass per step.
+     When a rollout batch draws a prompt more than once (rollout_batch_size > prompts), its
+     completions are compared with all of that prompt's answers in the batch, the reference's
+     and each other (a win rate, as in GRPO's groups). `--judge-mode reference` compares with
+     the data's `reference` column instead, and samples nothing more;
 3. per-token rewards: every token pays `kl_coef * (log pi - log ref)`, the score is added at the
    completion's last token; the coefficient is fixed, or adapted towards `kl_target`. The logged
    `kl` is this log-ratio summed over a completion (a sample estimate: a batch mean can dip
@@ -57,7 +70,7 @@ from transformers.trainer_callback import ExportableState, TrainerState
 from transformers.trainer_utils import TrainOutput, speed_metrics
 
 from alignment._compat import transformers as compat
-from alignment.training import ppo_math, ppo_reward
+from alignment.training import online_rewards, ppo_math, ppo_reward
 from alignment.training.common import MethodSpec, NonFiniteLoss, TrainingError
 
 log = logging.getLogger("prefloop.train")
@@ -80,6 +93,16 @@ class PPOConfig(TrainingArguments):
     reward_function: str | None = field(
         default=None,
         metadata={"help": "MODULE:FUNCTION, f(completions, prompts) -> scores: a rule-based reward instead of a model"},
+    )
+    reward_rubric: str | None = field(
+        default=None,
+        metadata={"help": "rubric rules (shorter, longer, no-refusal, comma-chained, or module:function): a "
+                          "completion scores 1 / 0.5 / 0 for beating / tying / losing to the reference's answer"},
+    )
+    reward_judge: bool = field(
+        default=False,
+        metadata={"help": "score with the AI judge (an OpenAI-compatible server; see --judge-*): each completion "
+                          "against the reference's answer to its prompt"},
     )
     max_length: int | None = field(
         default=512, metadata={"help": "prompt + completion tokens; longer prompts are left out (with a note)"}
@@ -207,9 +230,16 @@ class PPOTrainer(Trainer):
 
         self.stop_ids = stop_token_ids(self.model, self.tokenizer)
         self.prompts, self.prompt_ids, self.skipped_prompts = self._encode_prompts(train_dataset)
+        reward_device = str(device) if device.type == "cuda" else "cpu"
+        # rubric rules and the judge: TRL's signature (prompts, completions, **columns), compared
+        # with the reference's answers (the module docstring); the others as PPO always had them
+        self.online_reward = None
+        if reward_fn is None and (args.reward_rubric is not None or args.reward_judge):
+            self.online_reward = online_rewards.build(args, self.tokenizer, device=reward_device)
+            reward_fn = self._score_online
         self.reward_fn = reward_fn or ppo_reward.load_reward(
             reward_model=args.reward_model, reward_function=args.reward_function,
-            device=str(device) if device.type == "cuda" else "cpu", batch_size=args.generation_batch_size,
+            device=reward_device, batch_size=args.generation_batch_size,
         )
         forward = inspect.signature(self.accelerator.unwrap_model(self.model).get_base_model().forward).parameters
         self._forward_keys = {k for k in ("position_ids", "logits_to_keep") if k in forward}
@@ -233,11 +263,13 @@ class PPOTrainer(Trainer):
         texts = [p if isinstance(p, str) else render_prompt(self.tokenizer, p) for p in prompts]
         encoded = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
         budget = (self.args.max_length or 10**9) - self.args.max_new_tokens
-        kept = [(p, ids) for p, ids in zip(prompts, encoded) if 0 < len(ids) <= budget]
+        kept = [i for i, ids in enumerate(encoded) if 0 < len(ids) <= budget]
         if not kept:
             raise TrainingError(f"no prompt fits: every one is longer than max_length - max_new_tokens = {budget} "
                                 f"tokens (raise --max-length or lower max_new_tokens)")
-        return [p for p, _ in kept], [ids for _, ids in kept], len(prompts) - len(kept)
+        # the other columns (e.g. `reference` for --judge-mode reference), row-aligned with the prompts
+        self.columns = {name: [dataset[name][i] for i in kept] for name in dataset.column_names if name != "prompt"}
+        return [prompts[i] for i in kept], [encoded[i] for i in kept], len(prompts) - len(kept)
 
     def total_steps(self) -> int:
         if self.args.max_steps and self.args.max_steps > 0:
@@ -273,13 +305,14 @@ class PPOTrainer(Trainer):
         return logits, estimates
 
     @torch.no_grad()
-    def _generate(self, prompt_ids: list[list[int]], step: int) -> list[list[int]]:
+    def _generate(self, prompt_ids: list[list[int]], step: int, *, salt: int = 0) -> list[list[int]]:
         responses = []
         pad = self.tokenizer.pad_token_id
         for k, part in enumerate(_chunks(len(prompt_ids), self.args.generation_batch_size)):
             batch = self.tokenizer.pad({"input_ids": prompt_ids[part]}, padding_side="left", return_tensors="pt")
             batch = batch.to(self.args.device)
-            torch.manual_seed(self.args.seed * 7919 + step * 131 + k)  # a resumed run samples the same
+            # a resumed run samples the same; salt: the reference's answers are other draws
+            torch.manual_seed(self.args.seed * 7919 + step * 131 + k + salt * 104_729)
             output = self.model.generate(
                 **batch, do_sample=True, temperature=self.args.temperature, top_k=0, top_p=1.0,
                 max_new_tokens=self.args.max_new_tokens, pad_token_id=pad,
@@ -321,6 +354,7 @@ class PPOTrainer(Trainer):
                 raise NonFiniteLoss(self.state.global_step + 1, float("nan"), what=name)
 
         texts = [self._decode(row, m) for row, m in zip(responses.tolist(), mask.tolist())]
+        self._picked = (picked, step)  # for _score_online: the rows' columns, the reference's sampling
         raw_scores = [float(s) for s in self.reward_fn(texts, [self.prompts[i] for i in picked])]
         if len(raw_scores) != len(texts):
             raise TrainingError(f"the reward gave {len(raw_scores)} scores for {len(texts)} completions")
@@ -351,6 +385,26 @@ class PPOTrainer(Trainer):
         }
         return Rollout(input_ids, attention_mask, prompt_width, responses, mask, logprobs, values * mask,
                        advantages, returns, stats)
+
+    def _score_online(self, completions: list[str], prompts: list) -> list[float]:
+        """A rubric or judge reward (TRL's signature) in PPO's: against the reference's answers to
+        the same prompts, sampled now (or the data's references for --judge-mode reference)."""
+        picked, step = self._picked
+        columns = {name: [values[i] for i in picked] for name, values in self.columns.items()}
+        if getattr(self.online_reward, "mode", "compare") == "reference":
+            return list(self.online_reward(prompts, completions, **columns))
+        was_training = self.model.training
+        self.model.eval()
+        with torch.no_grad(), self._reference():
+            raw = self._generate([self.prompt_ids[i] for i in picked], step, salt=1)
+        if was_training:
+            self.model.train()
+        references = [self._decode(row, ppo_math.response_mask(torch.tensor([row]), self.stop_ids)[0].tolist())
+                      for row in raw]
+        n = len(completions)
+        scores = self.online_reward(list(prompts) * 2, list(completions) + references,
+                                    **{name: values * 2 for name, values in columns.items()})
+        return list(scores)[:n]
 
     def _ended(self, responses: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         last = responses.gather(1, ppo_math.last_index(mask).unsqueeze(1)).squeeze(1)
@@ -533,11 +587,19 @@ class PPOTrainer(Trainer):
         self.state = TrainerState.load_from_json(str(folder / TRAINER_STATE_FILE))
 
 
+def resolve(settings: dict, engine) -> dict:
+    """The reward source checked before the run row exists: rubric rules and the judge as GRPO's
+    (online_rewards.resolve), a reward run, model or function as PPO always had them."""
+    if settings.get("reward_rubric") is not None or settings.get("reward_judge"):
+        return online_rewards.resolve(settings, engine, method="ppo")
+    return ppo_reward.resolve(settings, engine)
+
+
 METHOD = MethodSpec(
     name="ppo",
     config_class=PPOConfig,
     trainer_class=PPOTrainer,
     export="prompts",
     required_columns=(("prompt",),),
-    resolve=ppo_reward.resolve,
+    resolve=resolve,
 )

@@ -1,4 +1,5 @@
-"""Where PPO's scores come from: a finished reward run, a saved reward model, or a function.
+"""Where PPO's scores come from: a finished reward run, a saved reward model, or a function
+(rubric rules and the AI judge: online_rewards.py, through ppo.resolve and PPOTrainer).
 
     path = reward_run_path(engine, 7)              # runs/reward-7/reward_model, or a one-line error
     score = load_reward(reward_model=path)         # (completions, prompts) -> list of floats
@@ -55,8 +56,8 @@ def resolve(settings: dict, engine) -> dict:
         raise TrainingError(f"--reward-model {settings['reward_model']}: not a prefloop reward model "
                             f"(no {MANIFEST}; train one with prefloop train reward)")
     if not sources:
-        raise TrainingError("PPO needs a reward: --reward-run RUN_ID (a finished reward run), --reward-model PATH "
-                            "or --reward-function MODULE:FUNCTION")
+        raise TrainingError("PPO needs a reward: --reward-run RUN_ID (a finished reward run), --reward-model PATH, "
+                            "--reward-rubric RULES, --reward-function MODULE:FUNCTION or --reward-judge")
     if settings.get("reward_function") is not None and len(sources) > 1:
         raise TrainingError("give one reward: --reward-function or a reward model, not both")
     if settings.get("reward_function") is not None:

@@ -113,7 +113,9 @@ METHOD_FLAGS: dict[str, tuple[tuple[str, Flag], ...]] = {
     "ppo": (
         ("METHOD", Flag("reward_run", metavar="RUN_ID")),
         ("METHOD", Flag("reward_model", metavar="PATH")),
+        ("METHOD", Flag("reward_rubric", metavar="RULES")),
         ("METHOD", Flag("reward_function", metavar="MODULE:FUNCTION")),
+        ("METHOD", Flag("reward_judge")),
         ("METHOD", Flag("kl_coef")),
         ("METHOD", Flag("kl_target")),
         ("METHOD", Flag("rollout_batch_size")),
@@ -123,7 +125,8 @@ METHOD_FLAGS: dict[str, tuple[tuple[str, Flag], ...]] = {
         ("METHOD", Flag("temperature")),
     ),
 }
-PPO_REWARD_FLAGS = ("reward_run", "reward_model", "reward_function")
+# PPO takes every online reward source too; its --reward-function has PPO's signature (ppo.py)
+PPO_REWARD_FLAGS = ("reward_run", "reward_model", "reward_rubric", "reward_function", "reward_judge")
 # GRPO and RLOO: any online reward source (alignment/training/online_rewards.py)
 ONLINE_REWARD_FLAGS = (
     ("METHOD", Flag("reward_run", metavar="RUN_ID")),
@@ -142,7 +145,7 @@ ONLINE_FLAGS = (
 METHOD_FLAGS["grpo"] = ONLINE_REWARD_FLAGS + ONLINE_FLAGS
 METHOD_FLAGS["rloo"] = ONLINE_REWARD_FLAGS + ONLINE_FLAGS
 ONLINE_METHODS = ("grpo", "rloo")
-REWARD_FLAG_FIELDS = PPO_REWARD_FLAGS + ("reward_rubric", "reward_judge")
+REWARD_FLAG_FIELDS = PPO_REWARD_FLAGS
 
 
 def _settings_of(entries) -> dict[str, tuple[str, str]]:
@@ -239,6 +242,10 @@ def add_method_flags(method: str, parser: argparse.ArgumentParser) -> None:
             "PPO", "--max-steps counts PPO steps (one rollout batch each), --batch-size is the micro-batch of the "
             "gradient passes; more settings with --set ppo.KEY=VALUE (cliprange, cliprange_value, vf_coef, gamma, "
             "lam, missing_eos_penalty, ...)"), [e for e in entries if e[1].field not in PPO_REWARD_FLAGS])
+        add_judge_reward_flags(parser.add_argument_group(
+            "judge reward (with --reward-judge)", "an OpenAI-compatible server, asked as `prefloop judge` asks it "
+            "(templates, rate limits, retries, cost ledger); the API key from the environment; compare mode "
+            "judges each completion against the reference policy's answer to its prompt"))
     else:
         add(parser, entries)
     _after_flags(parser)
