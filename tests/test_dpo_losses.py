@@ -69,3 +69,30 @@ def test_every_dpo_loss_trains_a_step(loss_type, base, pairs, tmp_path):
     assert trainer.state.global_step == 1
     assert math.isfinite(logged["loss"]), logged
     assert math.isfinite(logged["grad_norm"]), logged
+
+
+def test_exo_pair_without_label_smoothing_is_a_one_line_error_before_the_run(sqlite_url, tmp_path, capsys):
+    """TRL raises a bare ValueError inside the trainer; prefloop refuses it before any run row."""
+    from sqlmodel import select
+
+    from alignment.training.common import TrainingError
+    from alignment.training.dpo import resolve
+    from feedback_store.db import read_scope
+    from feedback_store.models import TrainingRun
+    from labeling.cli import main
+    from tests.train_helpers import preference_store, tiny_model
+
+    for settings in ({"loss_type": ["exo_pair"]}, {"loss_type": "sigmoid,exo_pair", "label_smoothing": 0.0}):
+        with pytest.raises(TrainingError, match="exo_pair needs --label-smoothing > 0"):
+            resolve(settings, None)
+    assert resolve({"loss_type": ["exo_pair"], "label_smoothing": 1e-3}, None)["label_smoothing"] == 1e-3
+    assert resolve({"loss_type": ["ipo"]}, None) == {"loss_type": ["ipo"]}
+
+    engine = preference_store(sqlite_url, n_prompts=4, ratings=False)
+    model = tiny_model(tmp_path)
+    capsys.readouterr()  # the model's save progress
+    code = main(["train", "dpo", "--db", sqlite_url, "--model", model, "--no-progress", "--loss-type", "exo_pair"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "--loss-type exo_pair needs --label-smoothing > 0" in err and len(err.splitlines()) == 1
+    with read_scope(engine) as session:
+        assert session.exec(select(TrainingRun)).all() == []

@@ -29,7 +29,7 @@ from trl.trainer.dpo_trainer import DataCollatorForPreference
 
 from alignment._compat import trl as compat_trl
 from alignment.training import packing
-from alignment.training.common import GuardedTraining, MethodSpec
+from alignment.training.common import GuardedTraining, MethodSpec, TrainingError
 
 log = logging.getLogger("prefloop.train")
 
@@ -245,10 +245,24 @@ class _PackedPolicy:
         return FusedCausalLMOutput(**grid)
 
 
+def resolve(settings: dict, engine) -> dict:
+    """Settings TRL would refuse with a traceback once the run has started, refused here in one
+    line before the run row exists (MethodSpec.resolve)."""
+    loss_types = settings.get("loss_type") or "sigmoid"
+    if isinstance(loss_types, str):
+        loss_types = [name.strip() for name in loss_types.split(",")]
+    smoothing = settings.get("label_smoothing") or 0.0
+    if "exo_pair" in loss_types and not float(smoothing) > 0.0:
+        raise TrainingError(f"--loss-type exo_pair needs --label-smoothing > 0 (got {smoothing}; the EXO paper "
+                            f"suggests 1e-3)")
+    return settings
+
+
 METHOD = MethodSpec(
     name="dpo",
     config_class=DPOConfig,
     trainer_class=DPOTrainer,
     export="dpo",
     required_columns=(("prompt", "chosen", "rejected"), ("chosen", "rejected")),
+    resolve=resolve,
 )
