@@ -7,7 +7,8 @@
 `generate_local` applies the chat template, sorts the prompts by token length and cuts them into
 batches of `batch_size` sequences (length bucketing: little padding), pads on the left (so every
 row's continuation starts at the same column), and seeds torch before each batch so a run is
-reproducible under `seed`.
+reproducible under `seed`. Llama-family models decode through `alignment.decoding` (a static
+key/value cache, same greedy tokens, same sampling rules); others through `generate`.
 
 Kept apart from alignment/generation.py (which stores what is sampled) so that the model side
 (PolicyPool) and the OpenAI backend can use these types and this loop without importing the
@@ -116,6 +117,8 @@ def generate_local(
     `progress(n)` is called after each batch with the number of sequences it produced."""
     import torch
 
+    from alignment import decoding
+
     texts = [render_prompt(tokenizer, messages) for messages in conversations]
     lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
     # One job per (prompt, sample); sorting by length keeps a batch's padding small, and a
@@ -128,6 +131,7 @@ def generate_local(
     device = next(model.parameters()).device
     sample = sampling.temperature > 0
     extra = {"temperature": sampling.temperature, "top_p": sampling.top_p} if sample else {}
+    fast = decoding.supports(model)  # a static-cache loop for Llama-family models, else generate
     for batch_index, start in enumerate(range(0, len(jobs), sampling.batch_size)):
         batch = jobs[start : start + sampling.batch_size]
         encoded = tokenizer(
@@ -138,16 +142,29 @@ def generate_local(
             add_special_tokens=False,
         ).to(device)
         torch.manual_seed(sampling.seed + batch_index)
-        with torch.inference_mode():
-            output = model.generate(
-                **encoded,
+        if fast:
+            new_tokens = decoding.decode(
+                model,
+                encoded["input_ids"],
+                encoded["attention_mask"],
                 max_new_tokens=sampling.max_new_tokens,
-                min_new_tokens=sampling.min_new_tokens or None,
-                do_sample=sample,
-                pad_token_id=tokenizer.pad_token_id,
-                **extra,
-            )
-        new_tokens = output[:, encoded["input_ids"].shape[1] :].tolist()
+                min_new_tokens=sampling.min_new_tokens,
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                stop_ids=stop,
+                pad_id=tokenizer.pad_token_id,
+            ).tolist()
+        else:
+            with torch.inference_mode():
+                output = model.generate(
+                    **encoded,
+                    max_new_tokens=sampling.max_new_tokens,
+                    min_new_tokens=sampling.min_new_tokens or None,
+                    do_sample=sample,
+                    pad_token_id=tokenizer.pad_token_id,
+                    **extra,
+                )
+            new_tokens = output[:, encoded["input_ids"].shape[1] :].tolist()
         for (prompt_index, sample_index), tokens in zip(batch, new_tokens):
             end = next((k for k, token in enumerate(tokens) if token in stop), None)
             kept = tokens if end is None else tokens[:end]

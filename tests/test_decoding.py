@@ -1,0 +1,96 @@
+"""alignment/decoding.py: the static-cache loop gives transformers' `generate` tokens (greedy),
+samples reproducibly under a seed within the same rules, and is used only where it is exact."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from alignment import decoding
+from alignment.generation import SamplingConfig, generate_local
+from alignment.models import ModelSpec, load_model
+from tests.tiny_models import save_tiny_causal_lm
+
+PROMPTS = [
+    "what is the capital of france",
+    "yes",
+    "write a short poem about the model and the question and the answer of the good and the bad",
+    "explain three",
+]
+
+
+def chat(text: str) -> list[dict]:
+    return [{"role": "user", "content": text}]
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def tiny(request, tmp_path_factory):
+    path = save_tiny_causal_lm(tmp_path_factory.mktemp("tiny") / request.param, name=request.param, seed=1)
+    return load_model(ModelSpec(str(path)))
+
+
+def _encoded(tokenizer, texts):
+    return tokenizer(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
+
+
+def test_the_tiny_models_take_the_fast_path(tiny):
+    model, _ = tiny
+    assert decoding.supports(model)
+
+
+@pytest.mark.parametrize("padded", [True, False])
+def test_greedy_tokens_equal_generate(tiny, padded):
+    model, tokenizer = tiny
+    texts = PROMPTS if padded else [PROMPTS[0]] * 3
+    encoded = _encoded(tokenizer, texts)
+    with torch.inference_mode():
+        expected = model.generate(**encoded, max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    expected = expected[:, encoded["input_ids"].shape[1]:]
+    got = decoding.decode(model, encoded["input_ids"], encoded["attention_mask"], max_new_tokens=12,
+                          stop_ids={tokenizer.eos_token_id}, pad_id=tokenizer.pad_token_id)
+    assert got.tolist() == expected.tolist()
+
+
+def test_generate_local_greedy_is_the_same_on_both_paths(tiny, monkeypatch):
+    model, tokenizer = tiny
+    greedy = SamplingConfig(max_new_tokens=10, temperature=0.0, batch_size=3)
+    fast = generate_local(model, tokenizer, [chat(p) for p in PROMPTS], greedy)
+    monkeypatch.setenv(decoding.ENV, "generate")
+    assert not decoding.supports(model)
+    slow = generate_local(model, tokenizer, [chat(p) for p in PROMPTS], greedy)
+    assert fast == slow
+
+
+def test_sampling_is_seeded_and_keeps_the_budget(tiny):
+    model, tokenizer = tiny
+    config = SamplingConfig(max_new_tokens=9, min_new_tokens=9, temperature=1.0, top_p=0.9, seed=5, batch_size=4)
+    first = generate_local(model, tokenizer, [chat(p) for p in PROMPTS], config)
+    assert generate_local(model, tokenizer, [chat(p) for p in PROMPTS], config) == first
+    assert all(c.completion_tokens == 9 for per_prompt in first for c in per_prompt)
+
+
+def test_stop_tokens_end_a_row_and_pad_the_rest(tiny):
+    model, tokenizer = tiny
+    encoded = _encoded(tokenizer, PROMPTS)
+    with torch.inference_mode():
+        first = decoding.decode(model, encoded["input_ids"], encoded["attention_mask"], max_new_tokens=1).tolist()
+    stop = {first[0][0]}  # row 0 stops at once
+    got = decoding.decode(model, encoded["input_ids"], encoded["attention_mask"], max_new_tokens=6, stop_ids=stop,
+                          pad_id=tokenizer.pad_token_id).tolist()
+    assert got[0][0] == first[0][0] and all(t == tokenizer.pad_token_id for t in got[0][1:])
+
+
+def test_sample_next_keeps_the_nucleus():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    torch.manual_seed(0)
+    drawn = {int(decoding.sample_next(logits, temperature=1.0, top_k=0, top_p=0.8)) for _ in range(200)}
+    assert drawn == {0, 1}  # 0.5 + 0.3 reaches 0.8: the tail is never drawn
+    drawn = {int(decoding.sample_next(logits, temperature=1.0, top_k=1, top_p=1.0)) for _ in range(50)}
+    assert drawn == {0}
+
+
+def test_other_models_keep_generate(tmp_path):
+    model, _ = load_model(ModelSpec(str(save_tiny_causal_lm(tmp_path / "m", name="mixtral"))))
+    assert not decoding.supports(model)
+    model.generation_config.repetition_penalty = 1.3
+    assert not decoding.supports(model)
