@@ -1,8 +1,15 @@
-"""DPO and reward-model training of the embedded default model with LoRA: prefloop's path
-against a plain TRL script configured like the seed, on the same 256 preference pairs.
+"""DPO, reward-model, KTO and SFT training of the embedded default model with LoRA: prefloop's
+path against a plain TRL script configured like the seed, on the same 256 preference pairs.
 
-    python bench/train.py                 # about 4 minutes on 2 quiet cores
-    python bench/train.py --steps 6 --batch 8 --threads 1
+    python bench/train.py                 # about 8 minutes on 2 quiet cores
+    python bench/train.py --quick         # a few minutes: fewer steps and pairs, 1-step memory runs
+    python bench/train.py --methods dpo,sft --steps 6 --batch 8 --threads 1
+
+Every method prefloop trains with TRL on stored pairs or examples is here: DPO and the reward
+model on the pairs, KTO on the same pairs split as `export_kto` splits them (winner desirable,
+loser undesirable, one after the other), SFT on prompt + winner (`export_sft`). ORPO and SimPO
+(prefloop's own reference-free trainers) are not measured yet; PPO, GRPO and RLOO are online
+(their cost is generation) and are measured by bench/ppo.py.
 
 Speed: the TRL trainer and prefloop's trainer (built by prefloop's own entry point) live in
 one process and take their optimizer steps in alternation, so both see the same machine (on
@@ -55,6 +62,21 @@ WORDS = (
     "computer network language history simple careful first second third always never often maybe"
 ).split()
 SEED_LORA = dict(r=64, alpha=16, dropout=0.1, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj"])
+
+
+METHODS = ("dpo", "reward", "kto", "sft")
+WARMUP_STEPS = 1  # per side, before the alternating timed steps
+PAIR_METHODS = ("dpo", "reward")  # MFU is computed for these (their FLOP count is worked out above)
+
+
+def method_rows(method: str, pairs: list[dict]) -> list[dict]:
+    """The rows a method trains on, from the pairs, as prefloop's exports shape them."""
+    if method == "kto":  # export_kto: the winner desirable, then the loser undesirable
+        return [row for p in pairs for row in ({"prompt": p["prompt"], "completion": p["chosen"], "label": True},
+                                                {"prompt": p["prompt"], "completion": p["rejected"], "label": False})]
+    if method == "sft":  # export_sft: prompt and winner
+        return [{"prompt": p["prompt"], "completion": p["chosen"]} for p in pairs]
+    return pairs
 
 
 def make_pairs(n: int = 256, seed: int = 0) -> list[dict]:
@@ -112,7 +134,16 @@ def build_trl(method: str, data: str, steps: int, batch: int, out: str, callback
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
-    from trl import DPOConfig, DPOTrainer, RewardConfig, RewardTrainer
+    from trl import (
+        DPOConfig,
+        DPOTrainer,
+        KTOConfig,
+        KTOTrainer,
+        RewardConfig,
+        RewardTrainer,
+        SFTConfig,
+        SFTTrainer,
+    )
 
     from alignment.models import default_model_dir
 
@@ -126,10 +157,18 @@ def build_trl(method: str, data: str, steps: int, batch: int, out: str, callback
                      use_cpu=True, disable_tqdm=True)
     lora = dict(r=SEED_LORA["r"], lora_alpha=SEED_LORA["alpha"], lora_dropout=SEED_LORA["dropout"], bias="none",
                 target_modules=SEED_LORA["target_modules"])
+    causal_lora = LoraConfig(task_type="CAUSAL_LM", **lora)
+    if method in ("kto", "sft"):
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        trainer, config = (KTOTrainer, KTOConfig) if method == "kto" else (SFTTrainer, SFTConfig)
+        if method == "kto":  # the KL term pairs batch neighbours: TRL samples in order (prefloop too)
+            seed_args = {**seed_args, "train_sampling_strategy": "sequential"}
+        return trainer(model=model, args=config(**seed_args), train_dataset=dataset, processing_class=tokenizer,
+                       peft_config=causal_lora, callbacks=list(callbacks))
     if method == "dpo":
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         return DPOTrainer(model=model, args=DPOConfig(**seed_args), train_dataset=dataset, processing_class=tokenizer,
-                          peft_config=LoraConfig(task_type="CAUSAL_LM", **lora), callbacks=list(callbacks))
+                          peft_config=causal_lora, callbacks=list(callbacks))
     model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32, num_labels=1)
     model.config.pad_token_id = tokenizer.pad_token_id
     return RewardTrainer(model=model, args=RewardConfig(**seed_args), train_dataset=dataset, processing_class=tokenizer,
@@ -156,14 +195,16 @@ def prefloop_request(method: str, data: str, steps: int, batch: int, out: str):
     }
     if method == "reward":
         overrides["reward"] = {"eval_fraction": 0.0}  # the baseline holds nothing out either
+    if method == "kto":  # KTO samples in order (its KL term); prefloop would switch with a note
+        overrides["trainer"]["train_sampling_strategy"] = "sequential"
     return TrainRequest(method, model="default", preset="seed-qlora", overrides=[overrides]), engine_for(url)
 
 
 def trl_worker(method: str, data: str, steps: int, batch: int, out: str) -> dict:
     trainer = build_trl(method, data, steps, batch, out, callbacks=[clock := cpu_clock()])
     result = trainer.train()
-    last = [entry for entry in trainer.state.log_history if "num_tokens" in entry][-1]
-    return {"tokens": float(last["num_tokens"]), "seconds": result.metrics["train_runtime"],
+    logged = [entry["num_tokens"] for entry in trainer.state.log_history if "num_tokens" in entry]
+    return {"tokens": float(logged[-1]) if logged else 0.0, "seconds": result.metrics["train_runtime"],
             "cpu_seconds": clock.seconds, "loss": result.metrics["train_loss"], "params": _param_counts(trainer.model)}
 
 
@@ -173,7 +214,7 @@ def prefloop_worker(method: str, data: str, steps: int, batch: int, out: str) ->
 
     request, engine = prefloop_request(method, data, steps, batch, out)
     result = run_training(request, engine=engine, progress=False, callbacks=[clock := cpu_clock()])
-    tokens = max(m.value for m in run_metrics(engine, result.run_id) if m.name == "num_tokens")
+    tokens = max((m.value for m in run_metrics(engine, result.run_id) if m.name == "num_tokens"), default=0.0)
     return {"tokens": tokens, "seconds": result.metrics["train_runtime"], "cpu_seconds": clock.seconds,
             "loss": result.metrics["train_loss"], "notes": result.notes}
 
@@ -193,7 +234,9 @@ def stepper(trainer, steps: int):
 
     def step() -> tuple[int, float, float]:
         inputs = next(batches)
-        tokens = int(inputs["attention_mask"].sum())  # TRL's num_tokens: real tokens of both sequences
+        # TRL's num_tokens: the real tokens of both sequences (DPO, reward), of the sequence (SFT),
+        # of the sequence and its KL sequence (KTO)
+        tokens = int(inputs["attention_mask"].sum()) + int(inputs.get("KL_attention_mask", inputs["attention_mask"][:0]).sum())
         start = time.perf_counter()
         loss = trainer.training_step(model, inputs)
         torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)
@@ -211,12 +254,15 @@ def interleaved_worker(method: str, data: str, steps: int, batch: int, out: str)
     within minutes, and consecutive whole runs would compare load, not code."""
     from alignment.training.job import run_training
 
-    trl = build_trl(method, data, steps, batch, out)
-    request, engine = prefloop_request(method, data, steps, batch, out)
+    trl = build_trl(method, data, steps + WARMUP_STEPS, batch, out)
+    request, engine = prefloop_request(method, data, steps + WARMUP_STEPS, batch, out)
     ours = run_training(request, engine=engine, progress=False, build_only=True).trainer
-    step = {"trl": stepper(trl, steps), "prefloop": stepper(ours, steps)}
+    step = {"trl": stepper(trl, steps + WARMUP_STEPS), "prefloop": stepper(ours, steps + WARMUP_STEPS)}
     totals = {name: {"tokens": 0, "seconds": 0.0, "losses": []} for name in step}
     ratios = []
+    for take_step in step.values():  # one untimed step each first: first-call costs (optimizer state) left out
+        for _ in range(WARMUP_STEPS):
+            take_step()
     for i in range(steps):
         order = ("trl", "prefloop") if i % 2 == 0 else ("prefloop", "trl")
         times = {}
@@ -279,17 +325,31 @@ def flops_per_token(method: str, params: dict) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=6, help="alternating steps of each side for the speed")
-    parser.add_argument("--memory-steps", type=int, default=2, help="steps of the separate full runs for memory")
+    parser.add_argument("--methods", default=",".join(METHODS),
+                        help=f"comma-separated, among {', '.join(METHODS)} (default: all)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a few minutes on a quiet machine: 3 alternating steps, 32 pairs, 1-step memory runs")
+    parser.add_argument("--steps", type=int, default=None, help="alternating steps of each side for the speed (6)")
+    parser.add_argument("--memory-steps", type=int, default=None, help="steps of the separate full runs for memory (2)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the separate memory runs")
     parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--pairs", type=int, default=256)
+    parser.add_argument("--pairs", type=int, default=None, help="preference pairs (256)")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all cores)")
     parser.add_argument("--worker", choices=("trl", "prefloop", "interleaved"), help=argparse.SUPPRESS)
-    parser.add_argument("--method", choices=("dpo", "reward"), help=argparse.SUPPRESS)
+    parser.add_argument("--method", choices=METHODS, help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    quick = ({"steps": 3, "memory_steps": 1, "pairs": 32} if args.quick
+             else {"steps": 6, "memory_steps": 2, "pairs": 256})
+    for name, value in quick.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     if args.worker:
         return worker_main(args)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown or not methods:
+        parser.error(f"--methods: unknown {', '.join(unknown) or '(none given)'} (known: {', '.join(METHODS)})")
 
     from datasets import Dataset
 
@@ -298,20 +358,23 @@ def main() -> None:
     default_model_dir()  # convert the GGUF once, outside the timed runs
     speed, memory = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
-        data = str(Path(tmp) / "pairs.parquet")
-        Dataset.from_list(make_pairs(args.pairs)).to_parquet(data)
+        pairs = make_pairs(args.pairs)
         peak = matmul_peak(threads=args.threads)
-        print(f"{args.pairs} pairs, batch {args.batch}, {args.threads} thread(s); fp32 matmul peak "
-              f"{peak / 1e9:.1f} GFLOP/s; load average {os.getloadavg()[0]:.1f}", flush=True)
-        for method in ("dpo", "reward"):
+        print(f"{args.pairs} pairs, batch {args.batch}, {args.steps} alternating steps, {args.threads} thread(s); "
+              f"fp32 matmul peak {peak / 1e9:.1f} GFLOP/s; load average {_load()}", flush=True)
+        for method in methods:
+            data = str(Path(tmp) / f"{method}.parquet")
+            Dataset.from_list(method_rows(method, pairs)).to_parquet(data)
             r = speed[method] = measure("interleaved", method, data, args.steps, args.batch, args.threads)
             for name, total in r["totals"].items():
                 total["tokens_per_s"] = total["tokens"] / total["seconds"]
                 print(f"  {method:6} {name:8} {total['tokens']:6d} tokens in {total['seconds']:6.1f} s = "
                       f"{total['tokens_per_s']:6.1f} tokens/s; losses {' '.join(f'{x:.4f}' for x in total['losses'])}",
                       flush=True)
-            print(f"  {method:6} step time ratios TRL/prefloop: {' '.join(f'{x:.2f}' for x in r['step_ratios'])}",
-                  flush=True)
+            print(f"  {method:6} step time ratios TRL/prefloop: {' '.join(f'{x:.2f}' for x in r['step_ratios'])}"
+                  f" (load average {_load()})", flush=True)
+            if args.no_memory:
+                continue
             for worker in ("trl", "prefloop"):
                 m = memory[method, worker] = measure(worker, method, data, args.memory_steps, args.batch, args.threads)
                 print(f"  {method:6} {worker:8} full run of {args.memory_steps} steps: peak RSS "
@@ -322,21 +385,42 @@ def main() -> None:
     print(f"\n{'':8}{'tokens/s TRL':>14}{'prefloop':>10}{'ratio':>8}{'peak MB TRL':>13}{'prefloop':>10}{'ratio':>8}"
           f"{'MFU TRL':>9}{'prefloop':>10}")
     summary = {}
-    for method in ("dpo", "reward"):
+    for method in methods:
         trl, ours = speed[method]["totals"]["trl"], speed[method]["totals"]["prefloop"]
-        per_token = flops_per_token(method, speed[method]["params"])
-        mfu = {name: r["tokens_per_s"] * per_token / peak for name, r in (("trl", trl), ("prefloop", ours))}
         ratio = ours["tokens_per_s"] / trl["tokens_per_s"]
-        mem = memory[method, "prefloop"]["peak_rss_mb"], memory[method, "trl"]["peak_rss_mb"]
-        summary[method] = (ratio, mem[0] / mem[1], mfu["prefloop"])
-        print(f"{method:8}{trl['tokens_per_s']:14.1f}{ours['tokens_per_s']:10.1f}{ratio:7.2f}x"
-              f"{mem[1]:13.0f}{mem[0]:10.0f}{mem[0] / mem[1]:7.2f}x{mfu['trl']:9.1%}{mfu['prefloop']:10.1%}")
-    print(f"(FLOPs per token: dpo {flops_per_token('dpo', speed['dpo']['params']) / 1e9:.2f} G, "
-          f"reward {flops_per_token('reward', speed['reward']['params']) / 1e9:.2f} G; "
-          f"matmul peak {peak / 1e9:.1f} GFLOP/s)")
-    dpo, reward = summary["dpo"], summary["reward"]
-    print(f"RESULT train ratio={dpo[0]:.2f} reward_ratio={reward[0]:.2f} dpo_mem_ratio={dpo[1]:.2f} "
-          f"reward_mem_ratio={reward[1]:.2f} mfu={dpo[2]:.3f}")
+        line = f"{method:8}{trl['tokens_per_s']:14.1f}{ours['tokens_per_s']:10.1f}{ratio:7.2f}x"
+        mem_ratio = mfu = None
+        if (method, "trl") in memory:
+            mem = memory[method, "prefloop"]["peak_rss_mb"], memory[method, "trl"]["peak_rss_mb"]
+            mem_ratio = mem[0] / mem[1]
+            line += f"{mem[1]:13.0f}{mem[0]:10.0f}{mem_ratio:7.2f}x"
+        else:
+            line += f"{'-':>13}{'-':>10}{'-':>8}"
+        if method in PAIR_METHODS:
+            per_token = flops_per_token(method, speed[method]["params"])
+            mfus = {name: r["tokens_per_s"] * per_token / peak for name, r in (("trl", trl), ("prefloop", ours))}
+            mfu = mfus["prefloop"]
+            line += f"{mfus['trl']:9.1%}{mfus['prefloop']:10.1%}"
+        summary[method] = (ratio, mem_ratio, mfu)
+        print(line)
+    flops = [f"{m} {flops_per_token(m, speed[m]['params']) / 1e9:.2f} G" for m in methods if m in PAIR_METHODS]
+    if flops:
+        print(f"(FLOPs per token: {', '.join(flops)}; matmul peak {peak / 1e9:.1f} GFLOP/s)")
+    keys = []
+    for method in methods:  # DPO keeps the bare `ratio=`, every other method its own key
+        ratio, mem_ratio, _ = summary[method]
+        keys.append(f"{'ratio' if method == 'dpo' else method + '_ratio'}={ratio:.2f}")
+    for method in methods:
+        if summary[method][1] is not None:
+            keys.append(f"{method}_mem_ratio={summary[method][1]:.2f}")
+    if "dpo" in summary and summary["dpo"][2] is not None:
+        keys.append(f"mfu={summary['dpo'][2]:.3f}")
+    keys.append(f"load={os.getloadavg()[0]:.1f}")
+    print("RESULT train " + " ".join(keys))
+
+
+def _load() -> str:
+    return " ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
 if __name__ == "__main__":

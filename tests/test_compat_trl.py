@@ -140,6 +140,95 @@ def test_group_by_length_on_the_public_path_samples_at_random(tmp_path, monkeypa
     assert trainer.args.train_sampling_strategy == "random" and len(losses(trainer)) == 1
 
 
+# --------------------------------------------------------------------------- SFT
+
+
+def sft_rows(n: int = 6, shared: bool = True):
+    from datasets import Dataset
+
+    words = ["the capital", "a question", "what is it", "write a short poem", "explain this", "list three"]
+    rows = [{"prompt": [{"role": "user", "content": ("same question" if shared and i < 2 else words[i % len(words)])}],
+             "completion": [{"role": "assistant", "content": " ".join(GOOD.split()[: 1 + i % 4])}]} for i in range(n)]
+    return Dataset.from_list(rows)
+
+
+def sft_run(tmp_path, public: bool, monkeypatch, **settings):
+    from alignment.training.sft import SFTConfig, SFTTrainer
+
+    use_public(monkeypatch, public)
+    args = SFTConfig(output_dir=str(tmp_path / f"sft-{public}"), **{**COMMON, **settings})
+    trainer = SFTTrainer(model=lora(build("llama", seed=1)), args=args, train_dataset=sft_rows(),
+                         processing_class=tiny_tokenizer())
+    trainer.train()
+    return trainer
+
+
+@pytest.mark.parametrize("loss_type", ["nll", "dft"])
+def test_sft_packed_fast_path_and_trl_public_path_agree(tmp_path, monkeypatch, loss_type):
+    from alignment.training.sft import PackedSFTTrainer, SFTTrainer
+
+    fast = sft_run(tmp_path, False, monkeypatch, loss_type=loss_type)
+    public = sft_run(tmp_path, True, monkeypatch, loss_type=loss_type)
+    assert type(fast) is PackedSFTTrainer and fast._packed
+    assert type(public) is SFTTrainer and not isinstance(public, PackedSFTTrainer)
+    for key in ("loss", "entropy", "mean_token_accuracy", "num_tokens"):
+        a, b = losses(fast, key), losses(public, key)
+        assert len(a) == len(b) == 2, key
+        assert a == pytest.approx(b, abs=TOL), key
+
+
+def test_sft_packing_shares_the_batch_prefix():
+    from alignment.training.packing import pack_sequences
+
+    packed, index = pack_sequences([[1, 2, 3, 4], [1, 2, 3, 5, 6], [1, 2, 7]])
+    assert packed["input_ids"].tolist() == [[1, 2, 4, 3, 5, 6, 3, 7]] or packed["input_ids"].tolist() == \
+        [[1, 2, 3, 4, 3, 5, 6, 7]]
+    row = packed["input_ids"][0].tolist()
+    assert [[row[i] for i in own] for own in index] == [[1, 2, 3, 4], [1, 2, 3, 5, 6], [1, 2, 7]]
+    assert packed["position_ids"][0].tolist() == [0, 1] + [2, 3] + [2, 3, 4] + [2]
+    assert len(row) == 2 + 2 + 3 + 1  # the common prefix [1, 2] once
+
+
+# --------------------------------------------------------------------------- KTO
+
+
+def kto_rows(n: int = 6):
+    from datasets import Dataset
+
+    rows = []
+    for pair in pairs(n // 2):  # as export_kto writes them: the winner, then the loser of one prompt
+        rows.append({"prompt": pair["prompt"], "completion": pair["chosen"], "label": True})
+        rows.append({"prompt": pair["prompt"], "completion": pair["rejected"], "label": False})
+    return Dataset.from_list(rows)
+
+
+def kto_run(tmp_path, public: bool, monkeypatch, **settings):
+    from alignment.training.kto import KTOConfig, KTOTrainer
+
+    use_public(monkeypatch, public)
+    settings = {**COMMON, "per_device_train_batch_size": 4, "train_sampling_strategy": "sequential", **settings}
+    args = KTOConfig(output_dir=str(tmp_path / f"kto-{public}"), **settings)
+    trainer = KTOTrainer(model=lora(build("llama", seed=1)), args=args, train_dataset=kto_rows(8),
+                         processing_class=tiny_tokenizer())
+    trainer.train()
+    return trainer
+
+
+@pytest.mark.parametrize("loss_type", ["kto", "apo_zero_unpaired"])
+def test_kto_packed_fast_path_and_trl_public_path_agree(tmp_path, monkeypatch, loss_type):
+    from alignment.training.kto import KTOTrainer, PackedKTOTrainer
+
+    fast = kto_run(tmp_path, False, monkeypatch, loss_type=loss_type)
+    public = kto_run(tmp_path, True, monkeypatch, loss_type=loss_type)
+    assert type(fast) is PackedKTOTrainer and fast._packed
+    assert type(public) is KTOTrainer and not isinstance(public, PackedKTOTrainer)
+    keys = ["loss", "logps/chosen", "logps/rejected", "rewards/margins", "entropy", "logits/chosen", "num_tokens"]
+    for key in keys + (["kl"] if loss_type == "kto" else []):
+        a, b = losses(fast, key), losses(public, key)
+        assert len(a) == len(b) == 2, key
+        assert a == pytest.approx(b, abs=TOL), key
+
+
 # --------------------------------------------------------------------------- PPO checkpoints
 
 
@@ -259,8 +348,9 @@ def test_environment_forces_the_public_path(monkeypatch):
     assert compat_trl.fast_path_enabled("dpo") and packing.supports_packing(build("llama"))
     monkeypatch.setenv(_compat.ENV, "public")
     assert not compat_trl.fast_path_enabled("dpo") and not compat_trl.fast_path_enabled("reward")
+    assert not compat_trl.fast_path_enabled("sft") and not compat_trl.fast_path_enabled("kto")
     assert not compat_transformers.fast_path_enabled("packing")
     assert not compat_transformers.fast_path_enabled("checkpoints")
     assert not packing.supports_packing(build("llama"))
     with pytest.raises(ValueError, match="unknown"):
-        compat_trl.fast_path_enabled("kto")
+        compat_trl.fast_path_enabled("orpo")

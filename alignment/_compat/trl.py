@@ -10,7 +10,12 @@ Written and tested for TRL 1.16 on transformers 5.24 (`TESTED`). What is relied 
   packed rows;
 - `DPOTrainer._compute_loss(model, inputs, return_outputs)`: called with a stand-in model that
   returns the packed log-probs, so TRL's loss code runs unchanged;
-- `RewardTrainer._prepare_dataset` called on the held-out pairs (pairwise accuracy).
+- `RewardTrainer._prepare_dataset` called on the held-out pairs (pairwise accuracy);
+- `SFTTrainer._metrics`, `_total_train_tokens`, `_tp_size`: the packed SFT trainer computes its
+  loss itself and logs TRL's `entropy`, `mean_token_accuracy` and `num_tokens` as TRL does;
+- `KTOTrainer._compute_loss(model, inputs, return_outputs)` and its `precompute_ref_logps`
+  attribute: called with a stand-in model that returns the packed log-probs and with the
+  reference log-probs in the batch, so TRL's KTO loss code runs unchanged.
 
 The mixins here are only put into a trainer's class when `fast_path_enabled` says so (the
 trainer classes pick it when they are built); otherwise prefloop's trainers are TRL's, used
@@ -26,7 +31,7 @@ from packaging.specifiers import SpecifierSet
 from alignment import _compat
 
 TESTED = {"trl": SpecifierSet(">=1.16,<1.17"), "transformers": SpecifierSet(">=5.24,<5.25")}
-FEATURES = ("dpo", "reward")  # the packed DPO trainer's hooks; the packed reward trainer's hooks
+FEATURES = ("dpo", "reward", "sft", "kto")  # the packed DPO, reward, SFT and KTO trainers' hooks
 
 
 def fast_path_enabled(feature: str) -> bool:
@@ -79,3 +84,21 @@ class RewardHooks:
 def prepare_reward_dataset(trainer, dataset, name: str):
     """The rows TRL's reward trainer would train on, from `dataset` (tokenized, filtered)."""
     return trainer._prepare_dataset(dataset, trainer.processing_class, trainer.args, name)
+
+
+def record_sft_metrics(trainer, mode: str, *, entropy_sum, num_correct, num_valid, num_tokens) -> None:
+    """TRL SFTTrainer's per-step metrics (as its `compute_loss` logs them) from packed outputs."""
+    gather = trainer.accelerator.gather_for_metrics
+    valid = gather(num_valid).sum()
+    entropy, correct = gather(entropy_sum).sum(), gather(num_correct).sum()
+    metrics = trainer._metrics[mode]
+    metrics["entropy"].append((entropy / valid).item() if valid > 0 else 0.0)
+    metrics["mean_token_accuracy"].append((correct / valid).item() if valid > 0 else 0.0)
+    if mode == "train":
+        trainer._total_train_tokens += gather(num_tokens).sum().item() // trainer._tp_size
+    metrics["num_tokens"] = [trainer._total_train_tokens]
+
+
+def kto_loss(trainer, model, inputs: dict, return_outputs: bool):
+    """TRL's KTO loss (every loss_type, its metrics) on what `model(...)` returns."""
+    return trainer._compute_loss(model, inputs, return_outputs)

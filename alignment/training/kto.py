@@ -4,15 +4,30 @@ split into a desirable winner and an undesirable loser (`export_kto`).
 The KTO paper balances the two classes with weights such that
 `desirable_weight * n_desirable / (undesirable_weight * n_undesirable)` lies in [1, 4/3];
 prefloop sets them from the class counts of the exported data unless they are given.
+
+TRL's loss code (every loss_type, the class weights, the KL estimate, its metrics) runs
+unchanged; what changes is how the per-token log-probs it consumes are computed. TRL pads the
+completions and the mismatched KL completions of a batch to their longest, encodes each copy of
+the shared chat preamble, and runs four forwards (policy, policy on the KL completions, and the
+reference on both). prefloop packs each of them as one row without padding, the batch's common
+prefix once (`packing.pack_sequences`), and runs the two reference forwards as one (adapter off,
+no model copy). Models the packed layout cannot serve, a separate reference model, MoE aux
+losses, and any TRL or transformers `alignment._compat` was not tested with (or
+`PREFLOOP_COMPAT=public`) get TRL's KTOTrainer as is.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
+from typing import Any
 
+import torch
 from trl import KTOConfig as TRLKTOConfig
 from trl import KTOTrainer as TRLKTOTrainer
 
+from alignment._compat import trl as compat_trl
+from alignment.training import packing
 from alignment.training.common import GuardedTraining, MethodSpec, TrainingError
 
 
@@ -20,6 +35,14 @@ from alignment.training.common import GuardedTraining, MethodSpec, TrainingError
 class KTOConfig(TRLKTOConfig):
     """TRL's KTOConfig, plus the class-ratio weighting."""
 
+    prefix_sharing: bool = field(
+        default=True,
+        metadata={
+            "help": "Pack each batch's completions (and KL completions) as one row without padding, the batch's "
+            "common prefix encoded once; the two reference forwards run as one. Same loss, less compute. Models "
+            "without SDPA/eager attention fall back to TRL's padded batches."
+        },
+    )
     auto_class_weights: bool = field(
         default=True,
         metadata={
@@ -30,7 +53,145 @@ class KTOConfig(TRLKTOConfig):
 
 
 class KTOTrainer(GuardedTraining, TRLKTOTrainer):
-    """TRL's KTOTrainer, stopping on a non-finite loss."""
+    """TRL's KTOTrainer, stopping on a non-finite loss. Built as `PackedKTOTrainer` (packed rows,
+    which hooks into TRL's private loss method) when `alignment._compat` says this TRL is one it
+    was tested with; otherwise TRL's KTOTrainer as is."""
+
+    def __new__(cls, *args, **kwargs):
+        if cls is KTOTrainer and compat_trl.fast_path_enabled("kto"):
+            cls = PackedKTOTrainer
+        return super().__new__(cls)
+
+
+def _labelled(input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor):
+    """The real tokens of each row and the (t-1 -> t) completion targets TRL's shifted loss reads."""
+    sequences, targets = [], []
+    for ids, mask, completion in zip(input_ids, attention_mask, completion_mask):
+        keep = mask.bool()
+        tokens, scored = ids[keep].tolist(), completion[keep].tolist()
+        sequences.append(tokens)
+        targets.append([t for t in range(1, len(tokens)) if scored[t]])
+    return sequences, targets
+
+
+def pack_scored(sequences: list[list[int]], targets: list[list[int]], share_prefix: bool = True) -> dict:
+    """`packing.pack_sequences`, plus for every scored token t of sequence b: the packed index of
+    the state predicting it (`src`), the token (`tgt`), the sequence (`seq`) and TRL's shifted
+    position (`pos` = t - 1)."""
+    packed, index = packing.pack_sequences(sequences, share_prefix=share_prefix)
+    src, tgt, seq, pos = [], [], [], []
+    for b, (own, tokens, scored) in enumerate(zip(index, sequences, targets)):
+        for t in scored:
+            src.append(own[t - 1])
+            tgt.append(tokens[t])
+            seq.append(b)
+            pos.append(t - 1)
+    for name, values in (("src", src), ("tgt", tgt), ("seq", seq), ("pos", pos)):
+        packed[name] = torch.tensor(values, dtype=torch.long)
+    packed["n"] = len(sequences)
+    return packed
+
+
+@dataclass
+class PackedKTOCollator:
+    """TRL's unpaired-preference collator (its tensors feed TRL's loss code) plus packed rows:
+    the completions, the KL completions, and both together for the reference pass."""
+
+    inner: Any
+    share_prefix: bool = True
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = self.inner(examples)
+        main = _labelled(batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+        packed = {"main": pack_scored(*main, self.share_prefix)}
+        sequences, targets = list(main[0]), list(main[1])
+        if "KL_input_ids" in batch:
+            kl = _labelled(batch["KL_input_ids"], batch["KL_attention_mask"], batch["KL_completion_mask"])
+            packed["kl"] = pack_scored(*kl, self.share_prefix)
+            sequences += kl[0]
+            targets += kl[1]
+        if "ref_logps" not in batch:
+            packed["ref"] = pack_scored(sequences, targets, self.share_prefix)
+        batch["prefloop_packed"] = packed
+        return batch
+
+
+class PackedKTOTrainer(KTOTrainer):
+    """TRL's KTOTrainer computing its log-probs from packed, prefix-shared rows."""
+
+    def __init__(self, model, *, args: KTOConfig | None = None, **kwargs):
+        self._packed = False
+        super().__init__(model, args=args, **kwargs)
+        if getattr(self.args, "prefix_sharing", False) and self.ref_model is None and not self.aux_loss_enabled:
+            base = packing.unwrap_peft(self.accelerator.unwrap_model(self.model))
+            if packing.supports_packing(base) and type(base).__name__.endswith("ForCausalLM") \
+                    and packing.use_packed_attention(base):
+                packing.add_packed_heads(base)
+                self.data_collator = PackedKTOCollator(self.data_collator)
+                self._packed = True
+
+    def _packed_forward(self, model, packed: dict, outputs: tuple[str, ...]) -> dict:
+        device = self.accelerator.device
+        return model(**packing.packed_model_kwargs(packed, device), prefloop_head="logprobs",
+                     prefloop_index=packed["src"].to(device), prefloop_targets=packed["tgt"].to(device),
+                     prefloop_outputs=outputs)
+
+    def _reference_logps(self, packed: dict, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Per-sequence reference log-probs of the completions and of the KL completions, from one
+        packed forward with the adapter off."""
+        from trl.models.utils import disable_gradient_checkpointing
+        from trl.trainer.utils import use_adapter
+
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        adapter = (use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
+                   if hasattr(unwrapped, "peft_config") else contextlib.nullcontext())
+        with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs), \
+                adapter:
+            log_probs = self._packed_forward(self.model, packed, outputs=())["log_probs"]
+        sums = log_probs.new_zeros(packed["n"]).index_add(0, packed["seq"].to(log_probs.device), log_probs)
+        return sums[:n], (sums[n:] if packed["n"] > n else None)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        packed = inputs.pop("prefloop_packed", None)
+        if packed is None or return_outputs:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if "ref_logps" not in inputs:
+            n = inputs["input_ids"].size(0)
+            inputs["ref_logps"], ref_kl = self._reference_logps(packed["ref"], n)
+            if ref_kl is not None:
+                inputs["ref_KL_logps"] = ref_kl
+        policy = _PackedPolicy(self, model, packed, inputs)
+        precompute, self.precompute_ref_logps = self.precompute_ref_logps, True  # TRL reads them from the batch
+        try:
+            return compat_trl.kto_loss(self, policy, inputs, return_outputs)
+        finally:
+            self.precompute_ref_logps = precompute
+
+
+class _PackedPolicy:
+    """Stands in for the model inside TRL's loss code: TRL's fused-head output, packed computation."""
+
+    def __init__(self, trainer: PackedKTOTrainer, model, packed: dict, inputs: dict):
+        self.trainer, self.model, self.packed = trainer, model, packed
+        self.kl_input_ids = inputs.get("KL_input_ids")
+
+    def __call__(self, **trl_kwargs):
+        from trl.trainer.utils import FusedCausalLMOutput
+
+        if not trl_kwargs.get("fused_lm_head"):
+            return self.model(**trl_kwargs)
+        ids = trl_kwargs["input_ids"]
+        is_kl = self.kl_input_ids is not None and (ids is self.kl_input_ids or (
+            ids.shape == self.kl_input_ids.shape and torch.equal(ids, self.kl_input_ids.to(ids.device))
+            and not torch.is_grad_enabled()))
+        packed = self.packed["kl" if is_kl else "main"]
+        outputs = () if is_kl else ("entropy", "mean_logits")
+        per_token = self.trainer._packed_forward(self.model, packed, outputs)
+        device = per_token["log_probs"].device
+        seq, pos = packed["seq"].to(device), packed["pos"].to(device)
+        shape = (ids.size(0), ids.size(1) - 1)
+        grid = {name: packing.scatter_to_rows(value, seq, pos, shape) for name, value in per_token.items()}
+        return FusedCausalLMOutput(**grid)
 
 
 def class_weights(n_desirable: int, n_undesirable: int) -> tuple[float, float]:

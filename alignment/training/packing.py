@@ -327,3 +327,53 @@ def scatter_to_rows(values: torch.Tensor | None, seq: torch.Tensor, pos: torch.T
     grid = values.new_zeros(shape[0] * shape[1])
     grid = grid.index_put((seq * shape[1] + pos,), values)
     return grid.view(shape)
+
+
+# -- single sequences (SFT) ---------------------------------------------------------------------
+def common_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
+    """Tokens every sequence of the batch starts with (a shared system prompt, a shared question),
+    leaving each sequence at least its last token of its own."""
+    if len(sequences) < 2:
+        return 0
+    limit = min(len(s) for s in sequences) - 1
+    first, shared = sequences[0], 0
+    while shared < limit and all(s[shared] == first[shared] for s in sequences[1:]):
+        shared += 1
+    return shared
+
+
+def pack_sequences(sequences: Sequence[Sequence[int]], share_prefix: bool = True) -> tuple[dict, list[list[int]]]:
+    """A batch of sequences as ONE row without padding: the batch's common prefix once, then each
+    sequence's own tokens, positions continuing from the prefix:
+
+        [shared prefix | rest1 | rest2 | ...]
+
+    Each sequence attends to the prefix and to itself (causally), so every hidden state is the one
+    a padded batch computes. Returns the batch (`input_ids`, `position_ids`, `segments` for the
+    per-segment attention) and, per sequence, the packed index of each of its tokens."""
+    shared = common_prefix_length(sequences) if share_prefix else 0
+    ids: list[int] = list(sequences[0][:shared]) if sequences else []
+    positions: list[int] = list(range(shared))
+    index: list[list[int]] = []
+    for sequence in sequences:
+        start = len(ids)
+        ids += list(sequence[shared:])
+        positions += list(range(shared, len(sequence)))
+        index.append(list(range(shared)) + list(range(start, start + len(sequence) - shared)))
+    n, longest = len(index), max(len(own) for own in index)
+    gather = torch.zeros(n, longest, dtype=torch.long)
+    allowed = torch.zeros(n, 1, longest, longest, dtype=torch.bool)
+    allowed[:, :, :, 0] = True  # padding queries see the segment's first token only
+    keep = [torch.arange(shared)]  # the prefix's outputs from the first segment, then each rest from its own
+    for i, own in enumerate(index):
+        width = len(own)
+        gather[i] = own[0]
+        gather[i, :width] = torch.tensor(own)
+        allowed[i, 0, :width, :width] = torch.ones(width, width, dtype=torch.bool).tril()
+        keep.append(torch.arange(i * longest + shared, i * longest + width))
+    batch = {
+        "input_ids": torch.tensor([ids], dtype=torch.long),
+        "position_ids": torch.tensor([positions], dtype=torch.long),
+        "segments": {"gather": gather, "allowed": allowed, "keep": torch.cat(keep)},
+    }
+    return batch, index
