@@ -12,15 +12,16 @@ import re
 
 import pytest
 
+from alignment.training.methods import METHOD_NAMES
 from labeling.cli import build_parser
 from labeling.cli.dataclass_flags import CLI_ONLY, field_default, format_default, get_field
 from labeling.cli.train_command import FLAG_SETTINGS, overrides_from_args
 
-METHOD_NAMES = ("sft", "reward", "dpo", "kto", "ppo")
 CLI_ONLY_FLAGS = {
     "judge": {"--db", "--backend", "--rubric", "--criteria-file", "--list-templates", "--no-progress", "--json"},
     "generate": {"--db"},
-    "train": {"--db", "--model", "--preset", "--config", "--set", "--no-progress", "--eval"},
+    # --judge-mode: how the judge reward (grpo, rloo, ppo) compares, not a field of the judge's config
+    "train": {"--db", "--model", "--preset", "--config", "--set", "--no-progress", "--eval", "--judge-mode"},
 }
 
 

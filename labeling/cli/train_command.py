@@ -1,4 +1,8 @@
-"""`prefloop train {sft,reward,dpo,kto,ppo,grpo,rloo,...}`: train from exactly the preferences in the store.
+"""`prefloop train METHOD`: train from exactly the preferences in the store.
+
+METHOD is one of the registry's (alignment/training/methods.py; the list below and
+`prefloop train --help` are generated from it):
+{methods}
 
     prefloop train dpo --max-steps 50
     prefloop train reward --model default --eval-fraction 0.2
@@ -25,7 +29,9 @@ from __future__ import annotations
 
 import argparse
 
-from alignment.training.methods import METHODS
+from alignment.training.methods import METHOD_NAMES, METHODS
+
+__doc__ = __doc__.format(methods="\n".join(f"    {m.name:<7} {m.summary}" for m in METHODS))
 from labeling.cli.common import CliError, open_store
 from labeling.cli.dataclass_flags import (
     Flag,
@@ -306,7 +312,7 @@ def judge_reward(args: argparse.Namespace, engine):
 
 def register(subparsers, common: argparse.ArgumentParser) -> None:
     parser = subparsers.add_parser(
-        "train", help="train SFT / reward model / DPO / KTO / PPO from the stored preferences",
+        "train", help=f"train a policy or reward model ({', '.join(METHOD_NAMES)}) from the stored preferences",
         description=__doc__.splitlines()[0],
     )
     methods = parser.add_subparsers(dest="method", required=True, metavar="METHOD", action=LazySubParsersAction)
