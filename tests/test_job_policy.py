@@ -346,7 +346,7 @@ def test_legitimate_jobs_pass_with_paths_made_absolute(policy, dirs):
 def test_new_methods_hyperparameters_and_reward_sources_pass(policy, dirs):
     """Judge-first, the SimPO/ORPO and GRPO/RLOO hyperparameters (flags and --set), and the reward
     sources that run no code: a reward run, built-in rubric rules, a reward model inside a root."""
-    jobs, data = dirs
+    _, data = dirs
     launch = check(policy, "judge", "--backend rubric --judge-first --judge-first-threshold 0.9")
     assert launch.argv == ("judge", "--backend", "rubric", "--judge-first", "--judge-first-threshold", "0.9")
     assert check(policy, "train", "simpo --simpo-gamma 0.5 --cpo-alpha 0.1 --beta 2 --set simpo.alpha=0.5").argv[
