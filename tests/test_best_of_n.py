@@ -43,22 +43,18 @@ def _best_of(n: int = 4, rubric: str = "shorter") -> BestOfN:
 
 @pytest.fixture
 def batches(monkeypatch):
-    """The rows of every model.generate call that sampling makes."""
+    """The rows of every batch that local sampling decodes (whichever decoding loop runs it:
+    generate_local reports each batch's sequences through its progress callback)."""
     widths: list[int] = []
     original = alignment.sampling.generate_local
 
-    def spy(model, tokenizer, conversations, sampling, **kwargs):
-        real = model.generate
+    def spy(model, tokenizer, conversations, sampling, *, progress=None, **kwargs):
+        def counting(n: int) -> None:
+            widths.append(n)
+            if progress is not None:
+                progress(n)
 
-        def counting(**inputs):
-            widths.append(int(inputs["input_ids"].shape[0]))
-            return real(**inputs)
-
-        model.generate = counting
-        try:
-            return original(model, tokenizer, conversations, sampling, **kwargs)
-        finally:
-            del model.generate
+        return original(model, tokenizer, conversations, sampling, progress=counting, **kwargs)
 
     monkeypatch.setattr(alignment.sampling, "generate_local", spy)
     return widths
