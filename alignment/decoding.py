@@ -36,6 +36,8 @@ from collections.abc import Collection
 import torch
 import torch.nn.functional as F
 
+from alignment._compat import transformers as compat_transformers
+
 ENV = "PREFLOOP_DECODE"  # "generate": always transformers' generate
 ARCHITECTURES = {"llama", "mistral", "qwen2"}
 TRANSFORMERS_DEFAULT_TOP_K = 50  # GenerationConfig._get_default_generation_params()["top_k"]
@@ -53,6 +55,8 @@ def supports(model) -> bool:
     """Whether `decode` computes what `generate` would for this model."""
     if os.environ.get(ENV, "").strip().lower() == "generate":
         return False
+    if not compat_transformers.fast_path_enabled("decoding"):  # an untested transformers: generate
+        return False
     config = getattr(model, "config", None)
     if getattr(config, "model_type", None) not in ARCHITECTURES or type(model).__name__ not in {
         "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
@@ -63,7 +67,7 @@ def supports(model) -> bool:
     rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
     if rope.get("rope_type", "default") != "default" or getattr(config, "pretraining_tp", 1) != 1:
         return False
-    if getattr(config, "_attn_implementation", "sdpa") not in ("sdpa", "eager", None):
+    if compat_transformers.attn_implementation(model) not in ("sdpa", "eager", None):
         return False
     if getattr(model, "is_quantized", False) or getattr(model, "hf_quantizer", None) is not None:
         return False  # bitsandbytes layers: keep the path they are tested with

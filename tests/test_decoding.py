@@ -94,3 +94,21 @@ def test_other_models_keep_generate(tmp_path):
     assert not decoding.supports(model)
     model.generation_config.repetition_penalty = 1.3
     assert not decoding.supports(model)
+
+
+def test_an_untested_transformers_decodes_with_generate(tiny, monkeypatch):
+    """The loop runs transformers' own layer modules step by step: on a transformers version it
+    was not tested with, `alignment._compat` sends sampling back to `generate`."""
+    from packaging.version import Version
+
+    from alignment import _compat
+
+    model, _ = tiny
+    real = _compat.installed_version
+    assert decoding.supports(model)
+    monkeypatch.setattr(_compat, "installed_version",
+                        lambda library: Version("6.0") if library == "transformers" else real(library))
+    assert not decoding.supports(model)
+    monkeypatch.setenv("PREFLOOP_COMPAT", "public")
+    monkeypatch.setattr(_compat, "installed_version", real)
+    assert not decoding.supports(model)

@@ -12,6 +12,9 @@ Written and tested for transformers 5.24 and PEFT 0.21 (`TESTED`). What is relie
   the same checkpoint layout (`checkpoint-N/` with the adapter, `optimizer.pt`, `scheduler.pt`,
   `trainer_state.json`) through public calls (`save_model`, `state_dict`, PEFT's
   `load_adapter`, `TrainerState.save_to_json`, `trainer_utils.rotate_checkpoints`).
+- "decoding" (`alignment/decoding.py`): the layout of Llama-family decoder layers (`self_attn`
+  projections, rotary embedding, norms, MLP) that prefloop's static-cache loop runs step by step,
+  and the attention implementation in `config._attn_implementation`. Off: `generate`.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from packaging.specifiers import SpecifierSet
 from alignment import _compat
 
 TESTED = {"transformers": SpecifierSet(">=5.24,<5.25"), "peft": SpecifierSet(">=0.21,<0.22")}
-FEATURES = ("packing", "checkpoints")
+FEATURES = ("packing", "checkpoints", "decoding")
 
 
 def fast_path_enabled(feature: str) -> bool:
