@@ -30,7 +30,10 @@ from labeling.judge.runner import JudgeRunConfig
 from labeling.loop import LoopConfig, LoopError, run_loop
 from tests.train_helpers import FILLER, tiny_model
 
-TRAIN = {"trainer": {"max_steps": 2, "per_device_train_batch_size": 4, "logging_steps": 1, "save_steps": 1}}
+# Four pairs judged by "shorter" on 8-token samples: an equal-length pair is a tie and gives no
+# DPO row, so the snapshot may hold fewer than the default minimum of 4 rows.
+TRAIN = {"trainer": {"max_steps": 2, "per_device_train_batch_size": 4, "logging_steps": 1, "save_steps": 1},
+         "run": {"min_examples": 2}}
 
 
 @pytest.fixture(scope="module")
