@@ -204,7 +204,7 @@ def test_with_human_labels_the_loop_waits_for_the_overlap_and_the_app_shows_what
             record_vote(cid, annotator, "a", session=session)
     worker.join(timeout=60)
     assert not worker.is_alive() and len(stopped) == 1
-    (layer,) = [layer for layer in stopped[0].overrides if "run" in layer]
+    (layer,) = [layer for layer in stopped[0].overrides if "selection" in layer]  # the loop's own layer
     assert layer["selection"] == {"raters": "human"} and layer["run"]["from_policy"] == "tiny"
     with session_scope(engine) as session:
         assert session.exec(select(LoopRound)).one().step == "train"
