@@ -37,7 +37,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from feedback_store.db import engine_for, session_scope, upgrade  # noqa: E402
+from feedback_store.db import engine_for, upgrade  # noqa: E402
 from labeling.judge import JudgeRunConfig, OpenAIJudge, OpenAIJudgeConfig, run_judge  # noqa: E402
 from tests.judge_helpers import add_pairs  # noqa: E402
 

@@ -148,7 +148,6 @@ def test_help_mentions_formats(args, capsys):
 def test_demo_hands_serve_every_setting_serve_reads(sqlite_url, monkeypatch):
     """`prefloop demo` ends in `run_serve` with its own arguments: each flag `serve` reads must be
     there (a flag added to serve once made the demo crash before serving)."""
-    import labeling.cli.demo_command as demo
     import labeling.cli.serve_command as serve
 
     seen = {}
