@@ -26,7 +26,12 @@ Strategies:
 - `uncertainty`: pairs ranked by |margin|, smallest first, where the margin is a reward
   model's score difference (or a policy's DPO implicit reward difference). The store does not
   score anything: the caller (alignment.queue_scoring, through `prefloop queue prioritize`)
-  hands `order_by_margin` {comparison id: margin}.
+  hands `order_by_margin` {comparison id: margin}. Spread over prompts (the default): each
+  prompt's most uncertain pair first (smallest |margin| first), then each prompt's second, and
+  so on. A batch answered before the next re-run then holds at most one pair per prompt while
+  the open prompts last: the pairs of one prompt share responses, and the few closest margins
+  of a store often sit on one prompt whose answers are all alike, so a batch of them would
+  teach the model one thing many times (batch-mode active learning wants diverse batches).
 - `judge-doubt`: what `prefloop judge --route-doubts` does, from the judge calls already
   stored: `judge_call_pairs` gives each judged pair's two calls, the caller decides which are
   doubts (labeling.judge.runner.decide / is_doubt) and `raise_priority` puts them at 10.
@@ -71,6 +76,7 @@ class OpenPair:
     human_votes: int
     policy_a: int
     policy_b: int
+    prompt_id: int | None = None
 
 
 def _gold_priority() -> int:
@@ -91,7 +97,7 @@ def open_pairs(*, session: Session, overlap: int | None = None) -> list[OpenPair
     overlap = overlap or target_overlap(session=session)
     a, b = aliased(Response), aliased(Response)
     rows = session.execute(
-        select(Comparison.id, Comparison.human_votes, a.policy_id, b.policy_id)
+        select(Comparison.id, Comparison.human_votes, a.policy_id, b.policy_id, Comparison.prompt_id)
         .join(a, a.id == Comparison.response_a_id)
         .join(b, b.id == Comparison.response_b_id)
         # Pairs the judge settled (`judge --judge-first`) have left the human queue: nothing to rank.
@@ -152,15 +158,34 @@ def fewest_votes(*, session: Session, reset_raised: bool = False) -> int:
     return result.rowcount
 
 
-def order_by_margin(margins: Mapping[int, float], *, session: Session) -> int:
-    """`uncertainty`: open pairs ranked by |margin| (closest to zero first). Pairs without a
-    margin (NaN or missing) keep their priority. Returns the number of pairs ranked."""
-    wanted = {p.comparison_id for p in open_pairs(session=session)}
-    scored = [(abs(float(m)), cid) for cid, m in margins.items() if cid in wanted and not math.isnan(float(m))]
-    scored.sort()
-    write_order([cid for _, cid in scored], session=session)
+def margin_order(margins: Mapping[int, float], prompts: Mapping[int, int] | None = None) -> list[int]:
+    """Comparison ids by |margin|, smallest first; with `prompts` ({comparison id: prompt id})
+    spread over prompts: every prompt's k-th smallest before any prompt's (k+1)-th. Ties and
+    equal ranks go by comparison id. NaN margins are left out."""
+    scored = sorted((abs(float(m)), cid) for cid, m in margins.items() if not math.isnan(float(m)))
+    if prompts is None:
+        return [cid for _, cid in scored]
+    seen: dict[int, int] = defaultdict(int)
+    keyed = []
+    for rank, (_, cid) in enumerate(scored):
+        prompt = prompts.get(cid, -cid)  # a pair of unknown prompt is a prompt of its own
+        keyed.append((seen[prompt], rank, cid))
+        seen[prompt] += 1
+    keyed.sort()
+    return [cid for _, _, cid in keyed]
+
+
+def order_by_margin(margins: Mapping[int, float], *, session: Session, spread_prompts: bool = True) -> int:
+    """`uncertainty`: open pairs ranked by |margin| (closest to zero first), spread over prompts
+    unless `spread_prompts` is False. Pairs without a margin (NaN or missing) keep their
+    priority. Returns the number of pairs ranked."""
+    pairs = {p.comparison_id: p for p in open_pairs(session=session)}
+    wanted = {cid: m for cid, m in margins.items() if cid in pairs}
+    prompts = {cid: pairs[cid].prompt_id for cid in wanted} if spread_prompts else None
+    ranked = margin_order(wanted, prompts)
+    write_order(ranked, session=session)
     set_strategy("uncertainty", session=session)
-    return len(scored)
+    return len(ranked)
 
 
 def raise_priority(comparison_ids: Sequence[int], *, session: Session, priority: int = DOUBT_PRIORITY) -> int:
