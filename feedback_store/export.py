@@ -8,6 +8,9 @@ the model's chat template itself.
 - reward (RewardTrainer): prompt / chosen / rejected / margin (the trainer subtracts
   `margin` inside its log-sigmoid when the column exists)
 - KTO    (KTOTrainer):    prompt / completion / label (bool)
+- with `Selection.weighted`, DPO, reward and KTO rows also carry `weight` (`example_weights`):
+  the rater weight behind the row's label, scaled to mean 1 over the export; the trainers use
+  it as a per-example loss weight
 - SFT    (SFTTrainer):    prompt / completion (the loss covers the completion only), from human
   edits, clear winners of comparisons and best-of-n answers (`prefloop generate --best-of N`:
   the best of N samples under a reward, `score` its reward); `Selection.sft_source` picks them
@@ -61,6 +64,7 @@ from feedback_store.splits import TRAIN
 A, B, TIE, BOTH_BAD = 0, 1, 2, 3
 _CHOICE_CODE = {Choice.a: A, Choice.b: B, Choice.tie: TIE, Choice.both_bad: BOTH_BAD}
 FORMATS = ("dpo", "kto", "reward", "sft", "prompts")
+WEIGHT = "weight"  # the per-example loss weight column of a weighted export
 SUFFIXES = (".jsonl", ".parquet")
 
 
@@ -103,7 +107,10 @@ class Selection:
         },
     )
     weighted: bool = field(
-        default=False, metadata={"help": "weight each vote by its rater's `weight` (0 silences a rater)"}
+        default=False,
+        metadata={"help": "weight each vote by its rater's `weight` (0 silences a rater), and give each DPO, "
+                          "reward and KTO example a `weight` column (the weight of the raters who agree with "
+                          "its label, mean 1): the trainers use it as a per-example loss weight"},
     )
     include_simulated: bool = field(
         default=False,
@@ -171,6 +178,7 @@ class Outcomes:
     agreement: np.ndarray  # float64, winning category's share of the weight
     margin: np.ndarray  # float64, mean strength of the winning side's votes (0 when none recorded)
     rater_kinds: list[str]  # e.g. "human,judge"
+    support: np.ndarray  # float64, summed weight of the votes for the outcome (a draw: of each drawn side)
 
     def mask(self, categories: Sequence[int], min_votes: int, min_agreement: float) -> np.ndarray:
         return (
@@ -209,7 +217,7 @@ def aggregate_votes(*, session: Session, selection: Selection = Selection()) -> 
     )
     if not rows:
         empty_i, empty_f = np.zeros(0, np.int64), np.zeros(0, np.float64)
-        return Outcomes(empty_i, empty_i.copy(), empty_i.copy(), empty_f, empty_f.copy(), [])
+        return Outcomes(empty_i, empty_i.copy(), empty_i.copy(), empty_f, empty_f.copy(), [], empty_f.copy())
 
     ids_col, choice_col, strength_col, kind_col, weight_col = zip(*rows)
     comparison_ids = np.array(ids_col, np.int64)
@@ -247,7 +255,7 @@ def aggregate_votes(*, session: Session, selection: Selection = Selection()) -> 
     present = np.zeros((n, len(kind_names)), bool)
     present[group, kind_codes] = True
     rater_kinds = [",".join(k for k, p in zip(kind_names, row) if p) for row in present]
-    return Outcomes(unique_ids, outcome, n_votes, agreement, margin, rater_kinds)
+    return Outcomes(unique_ids, outcome, n_votes, agreement, margin, rater_kinds, best)
 
 
 # --------------------------------------------------------------------------- loading text
@@ -304,7 +312,7 @@ def _assistant(text: str) -> list[dict]:
 # --------------------------------------------------------------------------- datasets
 
 
-def _features(kind: str):
+def _features(kind: str, weighted: bool = False):
     from datasets import Features, List, Value
 
     chat = List({"role": Value("string"), "content": Value("string")})
@@ -334,24 +342,46 @@ def _features(kind: str):
         "sft": {"prompt": chat, "completion": chat, **single, **provenance, "score": Value("float64")},
         "prompts": {"prompt": chat, "prompt_id": Value("int64"), "source": Value("string")},
     }[kind]
+    if weighted:
+        spec = {**spec, WEIGHT: Value("float64")}
     return Features(spec)
 
 
-def _dataset(kind: str, rows: list[dict]):
-    """Columns straight into Arrow (datasets' own per-example encoding is ~10x slower)."""
+def _dataset(kind: str, rows: list[dict], weighted: bool = False):
+    """Columns straight into Arrow (datasets' own per-example encoding is ~10x slower). weighted:
+    the rows carry the raw `weight` of their raters, scaled here to mean 1 (`example_weights`)."""
     import pyarrow as pa
     from datasets import Dataset
     from datasets.info import DatasetInfo
     from datasets.table import InMemoryTable
 
-    features = _features(kind)
+    features = _features(kind, weighted)
+    if weighted:
+        scaled = example_weights(np.array([row[WEIGHT] for row in rows], np.float64))
+        for row, value in zip(rows, scaled.tolist()):
+            row[WEIGHT] = value
     table = pa.Table.from_pydict({name: [row[name] for row in rows] for name in features},
                                  schema=features.arrow_schema)
     return Dataset(InMemoryTable(table), info=DatasetInfo(features=features))
 
 
+def example_weights(support: np.ndarray) -> np.ndarray:
+    """Each example's loss weight: the summed weight of the raters who agree with its label
+    (`support`), divided by the mean over the export.
+
+    Why divide by the mean: the trainers average the weighted per-example losses over a batch,
+    so weights of mean 1 keep the loss on the scale it has unweighted. The learning rate, the
+    logged loss and its comparison with unweighted runs keep their meaning whatever unit the
+    rater weights are in (raters at 1/2/3 or at 10/20/30 train the same); only the ratios
+    between examples count. An export where every example weighs 0 cannot be scaled: it is
+    left as it is, and training refuses it (alignment.training.common.check_weights)."""
+    if len(support) == 0 or not support.sum() > 0:
+        return support
+    return support / support.mean()
+
+
 def _pair_rows(outcomes: Outcomes, keep: np.ndarray, texts: dict[int, _PairText], *, mirror_ties: bool,
-               with_margin: bool) -> list[dict]:
+               with_margin: bool, weighted: bool = False) -> list[dict]:
     rows = []
     for i in np.flatnonzero(keep):
         cid = int(outcomes.comparison_id[i])
@@ -381,6 +411,8 @@ def _pair_rows(outcomes: Outcomes, keep: np.ndarray, texts: dict[int, _PairText]
             }
             if with_margin:
                 row["margin"] = 0.0 if outcome == TIE else float(outcomes.margin[i])
+            if weighted:  # the raters who agree: with the winner, or with the tie a mirrored pair stands for
+                row[WEIGHT] = float(outcomes.support[i])
             rows.append(row)
     return rows
 
@@ -390,7 +422,8 @@ def export_dpo(*, session: Session, selection: Selection = Selection()):
     outcomes = aggregate_votes(session=session, selection=selection)
     keep = outcomes.mask((A, B), selection.min_votes, selection.min_agreement)
     texts = _pair_texts(outcomes.comparison_id[keep], session=session)
-    return _dataset("dpo", _pair_rows(outcomes, keep, texts, mirror_ties=False, with_margin=False))
+    rows = _pair_rows(outcomes, keep, texts, mirror_ties=False, with_margin=False, weighted=selection.weighted)
+    return _dataset("dpo", rows, selection.weighted)
 
 
 def export_reward(*, session: Session, selection: Selection = Selection()):
@@ -399,7 +432,8 @@ def export_reward(*, session: Session, selection: Selection = Selection()):
     categories = (A, B, TIE) if selection.tie_policy == "half" else (A, B)
     keep = outcomes.mask(categories, selection.min_votes, selection.min_agreement)
     texts = _pair_texts(outcomes.comparison_id[keep], session=session)
-    return _dataset("reward", _pair_rows(outcomes, keep, texts, mirror_ties=True, with_margin=True))
+    rows = _pair_rows(outcomes, keep, texts, mirror_ties=True, with_margin=True, weighted=selection.weighted)
+    return _dataset("reward", rows, selection.weighted)
 
 
 def _single_row(prompt, text, label, source, comparison_id, response_id, policy, n_votes, agreement, kinds):
@@ -438,11 +472,13 @@ def export_kto(*, session: Session, selection: Selection = Selection()):
             winner, loser = (a, b) if outcome == A else (b, a)
             labelled = [(winner, True), (loser, False)]
         for (rid, text, policy), label in labelled:
-            rows.append(_single_row(pair.prompt, text, label, "comparison", cid, rid, policy,
-                                    int(outcomes.n_votes[i]), float(outcomes.agreement[i]),
-                                    outcomes.rater_kinds[i]))
+            row = _single_row(pair.prompt, text, label, "comparison", cid, rid, policy,
+                              int(outcomes.n_votes[i]), float(outcomes.agreement[i]), outcomes.rater_kinds[i])
+            if selection.weighted:  # who said a beats b also said b loses to a: both rows weigh the same
+                row[WEIGHT] = float(outcomes.support[i])
+            rows.append(row)
     rows.extend(_rating_rows(session=session, selection=selection))
-    return _dataset("kto", rows)
+    return _dataset("kto", rows, selection.weighted)
 
 
 def _rating_rows(*, session: Session, selection: Selection) -> list[dict]:
@@ -479,11 +515,12 @@ def _rating_rows(*, session: Session, selection: Selection) -> list[dict]:
             continue  # silenced, or as many ups as downs: no label
         share = max(up_weight[i], all_weight[i] - up_weight[i]) / all_weight[i]
         if counts[i] >= selection.min_votes and share >= selection.min_agreement - 1e-12:
-            keep.append((i, bool(up_weight[i] * 2 > all_weight[i]), float(share)))
+            up_wins = bool(up_weight[i] * 2 > all_weight[i])
+            keep.append((i, up_wins, float(share), float(up_weight[i] if up_wins else all_weight[i] - up_weight[i])))
     if not keep:
         return []
     response_rows = {}
-    for chunk in _chunks([int(unique_ids[i]) for i, _, _ in keep]):
+    for chunk in _chunks([int(unique_ids[i]) for i, *_ in keep]):
         response_rows.update(
             (r[0], r[1:])
             for r in _core_rows(
@@ -495,11 +532,14 @@ def _rating_rows(*, session: Session, selection: Selection) -> list[dict]:
         )
     prompts = _prompts({r[0] for r in response_rows.values()}, session=session)
     rows = []
-    for i, label, share in keep:
+    for i, label, share, support in keep:
         rid = int(unique_ids[i])
         prompt_id, text, policy = response_rows[rid]
-        rows.append(_single_row(prompts[prompt_id], text, label, "rating", None, rid, policy, int(counts[i]),
-                                share, ",".join(sorted(kinds_of[i]))))
+        row = _single_row(prompts[prompt_id], text, label, "rating", None, rid, policy, int(counts[i]), share,
+                          ",".join(sorted(kinds_of[i])))
+        if selection.weighted:  # the raters whose thumb agrees with the label
+            row[WEIGHT] = support
+        rows.append(row)
     return rows
 
 

@@ -413,3 +413,31 @@ def test_exports_train_one_step_in_each_trl_trainer(sqlite_engine_with_world, tm
         trainer = make()
         result = trainer.train()
         assert result.global_step == 1 and result.training_loss == result.training_loss  # not NaN
+
+
+def test_weighted_exports_carry_the_agreeing_raters_weight_scaled_to_mean_one(engine, world):
+    """h3 weighs 3, every other rater 1. DPO: c3 a (h3: 3), c5 b (import: 1), c6 a (h3: 3), c8 a
+    (j1: 1) -> mean 2 -> 1.5, 0.5, 1.5, 0.5. Unweighted exports have no weight column."""
+    dpo = run(engine, export_dpo, weighted=True)
+    assert [(world.label_of(r["comparison_id"]), r["weight"]) for r in dpo] == [
+        ("c3", 1.5), ("c5", 0.5), ("c6", 1.5), ("c8", 0.5)]
+    for exporter in (export_dpo, export_reward, export_kto):
+        assert "weight" not in run(engine, exporter).column_names
+    # Reward with mirrored ties: c2 is a 1-1 draw of a and b (each drawn side has 1 agreeing rater),
+    # c4 both_bad is dropped; c1 a 3-3 draw (h3 alone against h1+h2+j1 weighed 3): a tie of 3.
+    half = run(engine, export_reward, weighted=True, tie_policy="half")
+    support = {"c1": 3, "c2": 1, "c3": 3, "c5": 1, "c6": 3, "c8": 1}
+    rows = [(world.label_of(r["comparison_id"]), r["weight"]) for r in half]
+    mean = sum(support[label] for label, _ in rows) / len(rows)
+    assert rows == [(label, pytest.approx(support[label] / mean)) for label, _ in rows]
+    assert sum(w for _, w in rows) == pytest.approx(len(rows))
+    # KTO: both rows of a pair weigh what the pair does; a rating what the raters of its thumb weigh
+    # (c1a: h1 + h2 up = 2 against h3 down = 3 -> down wins with 3; c3a: j1 down, 1).
+    kto = run(engine, export_kto, weighted=True)
+    got = [(r["source"], r["label"], r["weight"]) for r in kto]
+    raw = [3, 3, 2, 2, 1, 1, 3, 3, 1, 1, 3, 1]  # c3 a/b, c4 both bad (h1 + h2), c5, c6, c8, then c1a, c3a
+    mean = sum(raw) / len(raw)
+    assert [w for *_, w in got] == pytest.approx([value / mean for value in raw])
+    assert [(s, label) for s, label, _ in got][-2:] == [("rating", False), ("rating", False)]
+    # The weights are part of the data: the snapshot hash tells a weighted export from the same rows unweighted.
+    assert snapshot(dpo)[1] != snapshot(dpo.remove_columns("weight"))[1]
