@@ -35,14 +35,20 @@ Strategies:
 - `judge-doubt`: what `prefloop judge --route-doubts` does, from the judge calls already
   stored: `judge_call_pairs` gives each judged pair's two calls, the caller decides which are
   doubts (labeling.judge.runner.decide / is_doubt) and `raise_priority` puts them at 10.
-- `arena`: as Chatbot Arena samples its battles: pairs of policies whose Bradley-Terry
-  rating intervals (feedback_store.leaderboard, bootstrap) overlap most come first. A policy
-  pair's weight is the length of the overlap of the two intervals in Elo points (a policy
-  with no rating yet overlaps everything: weight `UNRATED_WEIGHT`); its comparisons are then
-  interleaved in proportion to the weights (the k-th comparison of a pair of weight w gets
-  the key k / w, lowest first: a deterministic version of sampling pairs in proportion to w).
-  Pairs of policies whose intervals do not overlap at all follow, round-robin; pairs within
-  one policy, which say nothing about the ratings, come last.
+- `arena`: as Chatbot Arena samples its battles (Chiang et al. 2024, sec. 5: a pair's weight
+  is the expected reduction of the confidence interval from one more vote), here on the
+  policies' own ratings: the Bradley-Terry model fitted to the votes (feedback_store.
+  leaderboard) gives each vote between policies a and b the Fisher information p(1 - p), p
+  their fitted win probability, and the votes so far an information matrix F; the rating
+  variances are the diagonal of F^-1 about the mean rating. The ranking is a greedy
+  sequential design: the next position goes to a comparison of the policy pair whose vote
+  would most reduce sum_a Var(a)^2 (the widest intervals count most), F is updated as if that
+  vote were cast (a rank-one update), and so on. Pairs already compared often lose to pairs
+  compared rarely (diminishing returns, as Chatbot Arena's sqrt(Var/n) rule), and a policy
+  with a wide interval (few votes, or votes nearly all one way: little information each)
+  draws votes from every side, which keeps the comparison graph linked. Within a policy pair the
+  comparisons with the fewest votes in the ratings come first; pairs within one policy, which
+  say nothing about the ratings, come last.
 
 The chosen strategy is also stored as the app setting `queue_strategy` (shown by the admin tab).
 """
@@ -54,6 +60,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 from sqlalchemy import and_, bindparam, case, func, select, update
 from sqlalchemy.orm import aliased
 from sqlmodel import Session
@@ -66,8 +73,12 @@ DEFAULT_STRATEGY = "fewest-votes"
 DEPTH = 10_000  # ranked positions with a level of their own
 USELESS_PRIORITY = -(DEPTH + 2)
 DOUBT_PRIORITY = 10  # as labeling.judge.runner.JudgeRunConfig.doubt_priority
-UNRATED_WEIGHT = 1e6  # a policy without a rating overlaps every interval
-TOUCHING_WEIGHT = 1e-6  # intervals that meet in a point: ahead of disjoint ones
+# `arena`'s information model: a vote between policies of win probability p carries p(1 - p)
+# (at least INFO_FLOOR, so a pair fitted as certain is still worth something), and every
+# rating starts with a weak prior (ARENA_PRIOR votes' worth), so an unrated policy has a large
+# but finite variance.
+INFO_FLOOR = 0.01
+ARENA_PRIOR = 0.01
 
 
 @dataclass(frozen=True)
@@ -220,51 +231,92 @@ def judge_call_pairs(*, session: Session, open_only: bool = True) -> dict[tuple[
 class ArenaOrder:
     ranked: list[int]  # comparison ids, first served first
     useless: list[int]  # same-policy pairs
-    weights: dict[tuple[str, str], float]  # policy pair -> interval overlap (Elo points)
+    weights: dict[tuple[str, str], float]  # policy pair -> expected gain of its next vote (ARENA_OBJECTIVE)
 
 
-def arena_weights(intervals: Mapping[str, tuple[float, float]], policies: Iterable[str]) -> dict[tuple[str, str], float]:
-    """Overlap length of the two rating intervals per policy pair (sorted names); a policy
-    missing from `intervals` (no rating yet, or a NaN interval) overlaps everything."""
-    names = sorted(set(policies))
-    weights = {}
-    for i, p in enumerate(names):
-        for q in names[i + 1:]:
-            lp, hp = intervals.get(p, (math.nan, math.nan))
-            lq, hq = intervals.get(q, (math.nan, math.nan))
-            if any(math.isnan(v) for v in (lp, hp, lq, hq)):
-                weights[(p, q)] = UNRATED_WEIGHT
-            else:  # intervals that only touch (e.g. both of zero width, every vote a tie) still meet
-                shared = min(hp, hq) - max(lp, lq)
-                weights[(p, q)] = max(shared, TOUCHING_WEIGHT) if shared >= 0 else 0.0
-    return weights
+@dataclass(frozen=True)
+class ArenaInputs:
+    names: dict[int, str]  # policy id -> name
+    ratings: dict[str, float]  # rated policies' Bradley-Terry ratings (Elo points)
+    intervals: dict[str, tuple[float, float]]  # rated policies' bootstrap intervals (Elo points)
+    pair_votes: dict[tuple[str, str], int]  # policy pair (sorted names) -> votes in the ratings
+    comparison_votes: dict[int, int]  # comparison id -> votes in the ratings
 
 
-def arena_order(pairs: Sequence[OpenPair], policy_names: Mapping[int, str],
-                intervals: Mapping[str, tuple[float, float]]) -> ArenaOrder:
-    """The `arena` ranking of these open pairs, from the policies' rating intervals."""
-    by_policy_pair: dict[tuple[str, str], list[int]] = defaultdict(list)
+def _fisher(names: Sequence[str], ratings: Mapping[str, float], pair_votes: Mapping[tuple[str, str], int]):
+    """Per-vote information of each policy pair under the fitted ratings and the information
+    matrix of the votes so far (plus the gauge and a weak prior, so it is invertible)."""
+    from feedback_store.leaderboard import ELO_SCALE
+
+    p = len(names)
+    strength = np.array([ratings.get(n, math.nan) for n in names]) / ELO_SCALE
+    strength = np.where(np.isnan(strength), np.nanmean(strength) if np.isfinite(strength).any() else 0.0, strength)
+    win = 1.0 / (1.0 + np.exp(-(strength[:, None] - strength[None, :])))
+    info = np.clip(win * (1.0 - win), INFO_FLOOR, None)
+    matrix = np.full((p, p), 1.0 / p) + ARENA_PRIOR * np.eye(p)
+    index = {n: i for i, n in enumerate(names)}
+    for (a, b), n in pair_votes.items():
+        if a in index and b in index and a != b:
+            i, j = index[a], index[b]
+            d = np.zeros(p)
+            d[i], d[j] = 1.0, -1.0
+            matrix += n * info[i, j] * np.outer(d, d)
+    return info, matrix
+
+
+def arena_order(pairs: Sequence[OpenPair], policy_names: Mapping[int, str], ratings: Mapping[str, float],
+                pair_votes: Mapping[tuple[str, str], int] | None = None,
+                comparison_votes: Mapping[int, int] | None = None) -> ArenaOrder:
+    """The `arena` ranking of these open pairs: greedy sequential design on the Bradley-Terry
+    information (see the module docstring). Within a policy pair, the comparisons with the
+    fewest votes in the ratings come first (then fewest human votes, then oldest)."""
+    pair_votes, comparison_votes = pair_votes or {}, comparison_votes or {}
+    by_policy_pair: dict[tuple[str, str], list[OpenPair]] = defaultdict(list)
     useless = []
-    for pair in pairs:  # already fewest votes first
+    for pair in pairs:
         p, q = policy_names[pair.policy_a], policy_names[pair.policy_b]
         if p == q:
             useless.append(pair.comparison_id)
         else:
-            by_policy_pair[tuple(sorted((p, q)))].append(pair.comparison_id)
-    weights = arena_weights(intervals, {n for key in by_policy_pair for n in key})
-    keyed = []
-    for key, ids in by_policy_pair.items():
-        w = weights[key]
-        for k, cid in enumerate(ids):
-            keyed.append(((0, (k + 1) / w) if w > 0 else (1, k), cid))
-    keyed.sort()
-    return ArenaOrder([cid for _, cid in keyed], useless, weights)
+            by_policy_pair[tuple(sorted((p, q)))].append(pair)
+    if not by_policy_pair:
+        return ArenaOrder([], useless, {})
+    for members in by_policy_pair.values():
+        members.sort(key=lambda o: (comparison_votes.get(o.comparison_id, 0), o.human_votes, o.comparison_id))
+    names = sorted({n for key in by_policy_pair for n in key} | set(ratings))
+    index = {n: i for i, n in enumerate(names)}
+    keys = sorted(by_policy_pair)
+    info_matrix, matrix = _fisher(names, ratings, pair_votes)
+    cov = np.linalg.inv(matrix)
+    d = np.zeros((len(names), len(keys)))
+    for k, (a, b) in enumerate(keys):
+        d[index[a], k], d[index[b], k] = 1.0, -1.0
+    info = np.array([info_matrix[index[a], index[b]] for a, b in keys])
+    left = np.array([len(by_policy_pair[key]) for key in keys])
+    taken = np.zeros(len(keys), dtype=int)
+    ranked, weights = [], {}
+    for step in range(min(int(left.sum()), DEPTH)):
+        u = cov @ d  # (P, K)
+        centred = u - u.mean(axis=0, keepdims=True)
+        variance = np.diag(cov) - 2 * cov.mean(axis=1) + cov.mean()  # of each rating about the mean
+        drop = info * centred ** 2 / (1.0 + info * (d * u).sum(axis=0))  # (P, K): variance removed by a vote
+        gain = (variance[:, None] ** 2 - (variance[:, None] - drop) ** 2).sum(axis=0)
+        gain = np.where(taken < left, gain, -np.inf)
+        if step == 0:
+            weights = {key: float(g) for key, g in zip(keys, gain)}
+        k = int(np.argmax(gain))
+        ranked.append(by_policy_pair[keys[k]][taken[k]].comparison_id)
+        taken[k] += 1
+        cov -= info[k] * np.outer(u[:, k], u[:, k]) / (1.0 + info[k] * d[:, k] @ u[:, k])
+    rest = [(i, o.comparison_id) for key, t in zip(keys, taken) for i, o in enumerate(by_policy_pair[key][t:])]
+    ranked += [cid for _, cid in sorted(rest)]  # past DEPTH: round-robin over the policy pairs
+    return ArenaOrder(ranked, useless, weights)
 
 
-def rating_intervals(*, session: Session, kinds: Sequence[str] | None = None, n_bootstrap: int = 200,
-                     seed: int = 0) -> tuple[dict[int, str], dict[str, tuple[float, float]]]:
-    """Policy names by id and each rated policy's (ci_low, ci_high), from the leaderboard of
-    the votes of `kinds` (default: the leaderboard's own, all but simulated); gold votes left out."""
+def arena_inputs(*, session: Session, kinds: Sequence[str] | None = None, n_bootstrap: int = 200,
+                 seed: int = 0) -> ArenaInputs:
+    """What `arena` needs, from the leaderboard of the votes of `kinds` (default: the
+    leaderboard's own, all but simulated); gold votes left out."""
     from feedback_store.leaderboard import LeaderboardConfig
     from feedback_store.models import PolicyVersion
     from feedback_store.stats import StatsConfig, leaderboard_stats
@@ -276,14 +328,32 @@ def rating_intervals(*, session: Session, kinds: Sequence[str] | None = None, n_
     votes = load_votes(raters, session=session).without_gold()
     names = dict(session.execute(select(PolicyVersion.id, PolicyVersion.name)).all())
     board = leaderboard_stats(votes, raters, names, config)
-    return names, {r.policy: (r.ci_low, r.ci_high) for r in board.ratings}
+    counted = votes.subset(raters.of_kinds(config.leaderboard_kinds)[votes.rater]) if len(votes) else votes
+    pair_votes: dict[tuple[str, str], int] = defaultdict(int)
+    comparison_votes: dict[int, int] = defaultdict(int)
+    for cid, a, b in zip(counted.comparison.tolist(), counted.policy_a.tolist(), counted.policy_b.tolist()):
+        comparison_votes[cid] += 1
+        if a != b:
+            pair_votes[tuple(sorted((names[a], names[b])))] += 1
+    return ArenaInputs(names, {r.policy: r.rating for r in board.ratings if not math.isnan(r.rating)},
+                       {r.policy: (r.ci_low, r.ci_high) for r in board.ratings}, dict(pair_votes),
+                       dict(comparison_votes))
+
+
+def rating_intervals(*, session: Session, kinds: Sequence[str] | None = None, n_bootstrap: int = 200,
+                     seed: int = 0) -> tuple[dict[int, str], dict[str, tuple[float, float]]]:
+    """Policy names by id and each rated policy's (ci_low, ci_high), from the leaderboard of
+    the votes of `kinds` (default: the leaderboard's own, all but simulated); gold votes left out."""
+    inputs = arena_inputs(session=session, kinds=kinds, n_bootstrap=n_bootstrap, seed=seed)
+    return inputs.names, inputs.intervals
 
 
 def arena(*, session: Session, kinds: Sequence[str] | None = None, n_bootstrap: int = 200,
           seed: int = 0) -> ArenaOrder:
-    """`arena`: rank the open pairs by their policies' interval overlap and write the order."""
-    names, intervals = rating_intervals(session=session, kinds=kinds, n_bootstrap=n_bootstrap, seed=seed)
-    order = arena_order(open_pairs(session=session), names, intervals)
+    """`arena`: rank the open pairs by the expected gain in the ratings' precision and write the order."""
+    inputs = arena_inputs(session=session, kinds=kinds, n_bootstrap=n_bootstrap, seed=seed)
+    order = arena_order(open_pairs(session=session), inputs.names, inputs.ratings, inputs.pair_votes,
+                        inputs.comparison_votes)
     write_order(order.ranked, session=session, useless=order.useless)
     set_strategy("arena", session=session)
     return order

@@ -145,8 +145,33 @@ def test_judge_doubt_raises_inconsistent_and_unsure_pairs(engine):
     assert served_order(engine, alice, 3) == [ids[1], ids[2], ids[0]]
 
 
-def test_arena_serves_the_overlapping_policies_first(engine):
-    # "close" and "near" are about equal; "far" loses 9 in 10 to both: its interval stands apart.
+def test_uncertainty_spreads_a_batch_over_prompts(engine):
+    # Three policies: three pairs per prompt. Prompt 0 holds the three smallest margins.
+    ids = build(engine, ["a", "b", "c"], 3)
+    margins = {ids[("a", "b", 0)]: 0.01, ids[("a", "c", 0)]: 0.02, ids[("b", "c", 0)]: 0.03,
+               ids[("a", "b", 1)]: 0.5, ids[("a", "c", 1)]: 0.6, ids[("b", "c", 1)]: 0.7,
+               ids[("a", "b", 2)]: -0.4, ids[("a", "c", 2)]: 2.0, ids[("b", "c", 2)]: 3.0}
+    with session_scope(engine) as s:
+        alice = get_or_create_local_user("alice", session=s).id
+    outcome = prioritize(engine, "uncertainty", margin_source=lambda pairs: margins)
+    assert outcome["pairs"] == 9 and "spread over prompts" in outcome["message"]
+    by_margin = sorted(margins, key=lambda cid: abs(margins[cid]))
+    # Each prompt's closest pair (by |margin|), then each prompt's second, then the third.
+    expected = [by_margin[i] for i in (0, 3, 4, 1, 5, 7, 2, 6, 8)]
+    assert served_order(engine, alice, 9) == expected
+    prioritize(engine, "uncertainty", margin_source=lambda pairs: margins, spread_prompts=False)
+    got = priorities(engine)  # (alice holds every pair now: read the priorities instead)
+    assert sorted(by_margin, key=got.get, reverse=True) == by_margin and got[by_margin[0]] == -1
+
+
+def test_margin_order_without_prompts_is_plain_ascending_abs_margin():
+    margins = {1: 0.3, 2: -0.1, 3: float("nan"), 4: 0.2, 5: -0.2}
+    assert qs.margin_order(margins) == [2, 4, 5, 1]  # NaN left out, equal |margin| by id
+    assert qs.margin_order(margins, {1: 7, 2: 7, 4: 7, 5: 8}) == [2, 5, 4, 1]
+
+
+def test_arena_serves_the_widest_gain_first_and_same_policy_pairs_last(engine):
+    # "close" and "near" are about equal and compared 20 times; "far" loses 19 in 20 to each.
     ids = build(engine, ["close", "far", "near"], 20, same_policy=True)
     with session_scope(engine) as s:
         judge = get_or_create_judge("tiny", "v1", session=s).id  # judge votes count, fill no human slot
@@ -160,26 +185,43 @@ def test_arena_serves_the_overlapping_policies_first(engine):
                 record_vote(cid, judge, "a" if far_wins == far_is_a else "b", session=s)
     outcome = prioritize(engine, "arena")
     with session_scope(engine) as s:
+        inputs = qs.arena_inputs(session=s)
         order = qs.arena(session=s)
-    weights = order.weights
-    assert weights[("close", "near")] > 0 and weights[("close", "far")] == weights[("far", "near")] == 0
-    assert "close vs near" in outcome["message"]
-    close_near = {cid for (p, q, _), cid in ids.items() if {p.rstrip("2"), q} == {"close", "near"}}
+    assert inputs.pair_votes == {("close", "far"): 20, ("close", "near"): 20, ("far", "near"): 20}
+    assert inputs.ratings["far"] < inputs.ratings["close"] - 300
+    # "far" has the widest interval (its votes are nearly all one way: little information each),
+    # so the first votes go to it.
+    first = max(order.weights, key=order.weights.get)
+    assert "far" in first and "far" in outcome["message"].split("first:")[1].split(",")[0]
     same = {ids[("close", "close2", i)] for i in range(20)}
-    served = served_order(engine, alice, 45)
-    assert len(close_near) == 40 and set(served[:40]) == close_near  # every overlapping pair before any other
-    assert not same & set(served)  # same-policy pairs last
+    served = served_order(engine, alice, 100)
+    assert len(served) == 100 and not same & set(served)  # same-policy pairs last
     got = priorities(engine)
     assert all(got[c] == qs.USELESS_PRIORITY for c in same)
 
 
-def test_arena_ranks_unrated_policies_first_and_interleaves_by_weight():
-    pairs = [qs.OpenPair(i, 0, a, b) for i, (a, b) in enumerate([(1, 2)] * 4 + [(1, 3)] * 4 + [(2, 3)] * 2)]
+def _pairs(spec):
+    """OpenPairs numbered in order from [(policy a, policy b), ...]."""
+    return [qs.OpenPair(i, 0, a, b) for i, (a, b) in enumerate(spec)]
+
+
+def test_arena_prefers_pairs_compared_rarely():
     names = {1: "x", 2: "y", 3: "z"}
-    order = qs.arena_order(pairs, names, {"x": (900, 1100), "y": (1000, 1100)})  # z unrated
-    assert order.weights[("x", "y")] == 100 and order.weights[("x", "z")] == qs.UNRATED_WEIGHT
-    assert order.ranked[:6] == [4, 8, 5, 9, 6, 7]  # unrated first, interleaved
-    assert order.ranked[6:] == [0, 1, 2, 3]
+    pairs = _pairs([(1, 2)] * 4 + [(1, 3)] * 4 + [(2, 3)] * 4)
+    order = qs.arena_order(pairs, names, {"x": 1000, "y": 1000, "z": 1000},
+                           {("x", "y"): 30, ("x", "z"): 5, ("y", "z"): 5})
+    assert order.weights[("x", "z")] > order.weights[("x", "y")]
+    assert order.ranked[:2] in ([4, 8], [8, 4]) and set(order.ranked) == set(range(12))
+
+
+def test_arena_serves_an_unrated_policy_first_and_the_least_voted_comparisons_first():
+    names = {1: "x", 2: "y", 3: "z"}
+    pairs = _pairs([(1, 2)] * 3 + [(1, 3)] * 3)
+    order = qs.arena_order(pairs, names, {"x": 1000, "y": 1010}, {("x", "y"): 30},
+                           comparison_votes={3: 2, 4: 1})
+    assert order.ranked[0] == 5  # z has no rating and no votes; its comparison without votes first
+    assert order.ranked.index(4) < order.ranked.index(3)  # fewer votes first within the policy pair
+    assert qs.arena_order(_pairs([(1, 1)]), names, {}).useless == [0]
 
 
 def test_the_cli_lists_the_stores_strategies():

@@ -1,7 +1,7 @@
 """`prefloop queue prioritize --by STRATEGY` and `prefloop queue show`: which pair a person sees next.
 
     prefloop queue prioritize --by fewest-votes [--reset-raised]
-    prefloop queue prioritize --by uncertainty [--reward-run RUN | --policy NAME [--beta B]]
+    prefloop queue prioritize --by uncertainty [--reward-run RUN | --policy NAME [--beta B]] [--no-prompt-spread]
     prefloop queue prioritize --by judge-doubt [--doubt-confidence C] [--doubt-priority P]
     prefloop queue prioritize --by arena [--include-simulated] [--bootstrap N]
     prefloop queue show
@@ -40,6 +40,9 @@ def register(subparsers, common: argparse.ArgumentParser) -> None:
     p.add_argument("--policy", default=None, metavar="NAME",
                    help="uncertainty: margins from this DPO policy's implicit reward instead ('latest' works)")
     p.add_argument("--beta", type=float, default=0.1, help="uncertainty with --policy: DPO beta (default: 0.1)")
+    p.add_argument("--no-prompt-spread", dest="spread_prompts", action="store_false",
+                   help="uncertainty: rank by |margin| alone (default: each prompt's closest pair before any "
+                        "prompt's second, so a batch is not all one prompt)")
     p.add_argument("--doubt-confidence", type=float, default=0.75, metavar="C",
                    help="judge-doubt: a verdict below this confidence is a doubt (default: 0.75)")
     p.add_argument("--doubt-priority", type=int, default=DOUBT_PRIORITY, metavar="P",
@@ -57,7 +60,7 @@ def register(subparsers, common: argparse.ArgumentParser) -> None:
 def prioritize(engine, by: str, *, reset_raised: bool = False, reward_run: int | None = None,
                policy: str | None = None, beta: float = 0.1, doubt_confidence: float = 0.75,
                doubt_priority: int = DOUBT_PRIORITY, leaderboard_kinds: Sequence[str] | None = None,
-               n_bootstrap: int = 200, margin_source=None) -> dict:
+               n_bootstrap: int = 200, margin_source=None, spread_prompts: bool = True) -> dict:
     """Run strategy `by` on the store; returns {"strategy", "pairs", "message"}. `margin_source`
     (pairs -> {comparison id: margin}) replaces the model for `uncertainty` (tests, benches).
     Raises ValueError with a one-line reason."""
@@ -82,8 +85,10 @@ def prioritize(engine, by: str, *, reset_raised: bool = False, reward_run: int |
             pairs = load_pairs(ids, session=session)
         margins = margin_source(pairs)
         with session_scope(engine) as session:
-            n = qs.order_by_margin(margins, session=session)
-        return {"strategy": by, "pairs": n, "message": f"uncertainty: {n} open pairs ranked, smallest |margin| first"}
+            n = qs.order_by_margin(margins, session=session, spread_prompts=spread_prompts)
+        spread = ", spread over prompts" if spread_prompts else ""
+        return {"strategy": by, "pairs": n,
+                "message": f"uncertainty: {n} open pairs ranked, smallest |margin| first{spread}"}
     if by == "judge-doubt":
         from feedback_store.judge_runs import CallRecord
         from feedback_store.models import Choice
@@ -104,17 +109,18 @@ def prioritize(engine, by: str, *, reset_raised: bool = False, reward_run: int |
     with session_scope(engine) as session:
         order = qs.arena(session=session, kinds=leaderboard_kinds, n_bootstrap=n_bootstrap)
     top = sorted(order.weights.items(), key=lambda kv: -kv[1])[:3]
-    shown = ", ".join(f"{p} vs {q} ({'unrated' if w >= qs.UNRATED_WEIGHT else f'{w:.0f}'})" for (p, q), w in top)
+    shown = ", ".join(f"{p} vs {q}" for (p, q), _ in top)
     return {"strategy": by, "pairs": len(order.ranked),
-            "message": f"arena: {len(order.ranked)} open pairs ranked by interval overlap"
+            "message": f"arena: {len(order.ranked)} open pairs ranked by the expected gain in rating precision"
                        + (f"; first: {shown}" if shown else "")}
 
 
 def run_prioritize(args: argparse.Namespace) -> int:
     from labeling.cli.common import CliError, open_store
 
-    if args.by != "uncertainty" and (args.reward_run is not None or args.policy is not None):
-        raise CliError("--reward-run and --policy go with --by uncertainty")
+    if args.by != "uncertainty" and (args.reward_run is not None or args.policy is not None
+                                     or not args.spread_prompts):
+        raise CliError("--reward-run, --policy and --no-prompt-spread go with --by uncertainty")
     if args.bootstrap < 1:
         raise CliError("--bootstrap must be at least 1 (arena needs rating intervals)")
     if args.reward_run is not None and args.policy is not None:
@@ -129,7 +135,7 @@ def run_prioritize(args: argparse.Namespace) -> int:
         outcome = prioritize(engine, args.by, reset_raised=args.reset_raised, reward_run=args.reward_run,
                              policy=args.policy, beta=args.beta, doubt_confidence=args.doubt_confidence,
                              doubt_priority=args.doubt_priority, leaderboard_kinds=kinds,
-                             n_bootstrap=args.bootstrap)
+                             n_bootstrap=args.bootstrap, spread_prompts=args.spread_prompts)
     except (ValueError, LookupError) as error:
         raise CliError(str(error)) from None
     except Exception as error:  # a model that will not load: one line, not a traceback
