@@ -176,7 +176,8 @@ def reward_labels_to_target(strategy: str, seed: int, args) -> Outcome:
             if strategy == "uncertainty" and labels >= args.warm:
                 done = set(labelled(engine, rater.name))
                 scorer = TextScorer(lambda text, w=w: float(features[text] @ w))
-                prioritize(engine, "uncertainty", margin_source=lambda pairs, scorer=scorer, done=done:
+                prioritize(engine, "uncertainty", spread_prompts=not args.no_spread,
+                           margin_source=lambda pairs, scorer=scorer, done=done:
                            reward_margins(scorer, [p for p in pairs if p.comparison_id not in done]))
             else:
                 prioritize(engine, "fewest-votes" if strategy == "uncertainty" else strategy)
@@ -264,6 +265,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--heldout", type=int, default=2000, help="reward: held-out pairs for the accuracy")
     p.add_argument("--accuracy", type=float, default=0.95, help="reward: target held-out accuracy")
     p.add_argument("--warm", type=int, default=20, help="reward: first round's labels, in fewest-votes order")
+    p.add_argument("--no-spread", action="store_true",
+                   help="reward: uncertainty without its prompt spread (an ablation of the diversity rule)")
     # intervals
     p.add_argument("--policies", type=int, default=8)
     p.add_argument("--spread", type=float, default=3.0, help="intervals: strength of the best policy; the worst is 0")
@@ -310,7 +313,8 @@ def main(argv: Sequence[str] | None = None) -> str:
     load = os.getloadavg()[0]
     if args.criterion == "reward":
         setting = (f"{args.features} features, {args.prompts} prompts x {args.responses} answers, "
-                   f"target held-out accuracy {args.accuracy:g}, warm start {args.warm}")
+                   f"target held-out accuracy {args.accuracy:g}, warm start {args.warm}"
+                   + (", no prompt spread" if args.no_spread else ""))
     else:
         setting = (f"{args.policies} policies, strengths 0..{args.spread:g}, {args.prompts} prompts, "
                    f"target max 95 % interval width {args.width:g} Elo")
