@@ -134,6 +134,19 @@ def fit_logistic(z: np.ndarray, y: np.ndarray, l2: float = 1.0) -> np.ndarray:
     return w
 
 
+def bradley_terry_rule(features: dict, w_true: np.ndarray, seed: int):
+    """An annotator whose near-ties are coin flips: A wins with probability sigmoid(r_A - r_B) under
+    the true reward (the Bradley-Terry model the reward model fits), before the flip noise. The
+    unfavourable case for uncertainty sampling: the pairs it seeks carry the least signal."""
+    rng = np.random.default_rng(seed + 1_000_003)
+
+    def rule(conversation, first: str, second: str) -> str:
+        margin = float((features[first] - features[second]) @ w_true)
+        return "A" if rng.random() < 1.0 / (1.0 + math.exp(-margin)) else "B"
+
+    return rule
+
+
 def labelled(engine, rater_name: str) -> dict[int, int]:
     """{comparison id: 1 if response a won else 0} of this rater's votes."""
     from feedback_store.models import Rater
@@ -170,7 +183,8 @@ def reward_labels_to_target(strategy: str, seed: int, args) -> Outcome:
         insert_store(url, r, args.prompts, responses, comparisons)
         engine = engine_for(url)
         rater = SimulatedRater(f"sim:true-reward:noise={args.noise:g}:1", rule="true-reward", noise=args.noise)
-        rule = reward_model_rule(TextScorer(lambda text: float(features[text] @ w_true)))
+        rule = (reward_model_rule(TextScorer(lambda text: float(features[text] @ w_true)))
+                if args.annotator == "flip" else bradley_terry_rule(features, w_true, seed))
         labels, accuracy, round_, w = 0, 0.0, 0, np.zeros(d)
         while labels < len(comparisons):
             if strategy == "uncertainty" and labels >= args.warm:
@@ -265,6 +279,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--heldout", type=int, default=2000, help="reward: held-out pairs for the accuracy")
     p.add_argument("--accuracy", type=float, default=0.95, help="reward: target held-out accuracy")
     p.add_argument("--warm", type=int, default=20, help="reward: first round's labels, in fewest-votes order")
+    p.add_argument("--annotator", choices=("flip", "bradley-terry"), default="flip",
+                   help="reward: flip = the true reward's verdict, flipped with --noise; bradley-terry = "
+                        "a verdict drawn with probability sigmoid(true margin), then flipped with --noise")
     p.add_argument("--no-spread", action="store_true",
                    help="reward: uncertainty without its prompt spread (an ablation of the diversity rule)")
     # intervals
@@ -295,7 +312,8 @@ def measure(args) -> list[tuple[int, Outcome, Outcome]]:
 def result_line(args, rows: Sequence[tuple[int, Outcome, Outcome]], load: float) -> str:
     ratios = [mine.labels / base.labels for _, mine, base in rows]
     median = statistics.median(ratios)
-    target = f"accuracy={args.accuracy:g}" if args.criterion == "reward" else f"width={args.width:g}"
+    target = (f"accuracy={args.accuracy:g} annotator={args.annotator}" if args.criterion == "reward"
+              else f"width={args.width:g}")
     censored = sum(not o.reached for _, mine, base in rows for o in (mine, base))
     return (f"RESULT active ratio={median:.2f} criterion={args.criterion} strategy={ACTIVE[args.criterion]} "
             f"seeds={len(rows)} goal<=0.70 met={'yes' if median <= 0.7 else 'no'} "
@@ -314,7 +332,8 @@ def main(argv: Sequence[str] | None = None) -> str:
     if args.criterion == "reward":
         setting = (f"{args.features} features, {args.prompts} prompts x {args.responses} answers, "
                    f"target held-out accuracy {args.accuracy:g}, warm start {args.warm}"
-                   + (", no prompt spread" if args.no_spread else ""))
+                   + (", no prompt spread" if args.no_spread else "")
+                   + (", Bradley-Terry annotator" if args.annotator != "flip" else ""))
     else:
         setting = (f"{args.policies} policies, strengths 0..{args.spread:g}, {args.prompts} prompts, "
                    f"target max 95 % interval width {args.width:g} Elo")

@@ -15,7 +15,8 @@ BENCH = Path(__file__).resolve().parents[1] / "bench" / "active.py"
 RESULT = re.compile(
     r"^RESULT active ratio=(?P<ratio>\d+\.\d\d) criterion=(?P<criterion>reward|intervals) "
     r"strategy=(?P<strategy>uncertainty|arena) seeds=2 goal<=0\.70 met=(yes|no) active_median=\d+ "
-    r"fewest_votes_median=\d+ ratios=\d+\.\d\d,\d+\.\d\d (accuracy|width)=[\d.]+ censored=\d+ load=\d+\.\d$")
+    r"fewest_votes_median=\d+ ratios=\d+\.\d\d,\d+\.\d\d "
+    r"(accuracy=[\d.]+ annotator=(flip|bradley-terry)|width=[\d.]+) censored=\d+ load=\d+\.\d$")
 
 
 @pytest.fixture(scope="module")
@@ -59,3 +60,15 @@ def test_the_refit_reward_model_recovers_the_true_direction(bench):
     y = np.where(rng.random(2000) < 0.2, 1 - y, y)  # 20 % flips, as the simulated annotator
     w = bench.fit_logistic(z, y)
     assert np.dot(w, w_true) / np.linalg.norm(w) / np.linalg.norm(w_true) > 0.98
+
+
+def test_the_bradley_terry_annotator_follows_the_margin(bench):
+    """Near-ties are coin flips, clear pairs are (almost) always decided for the better answer."""
+    import numpy as np
+
+    features = {"good": np.array([3.0]), "bad": np.array([-3.0]), "x": np.array([0.01]), "y": np.array([0.0])}
+    rule = bench.bradley_terry_rule(features, np.array([1.0]), seed=0)
+    clear = [rule([], "good", "bad") for _ in range(400)]
+    close = [rule([], "x", "y") for _ in range(400)]
+    assert clear.count("A") > 390
+    assert 150 < close.count("A") < 250
