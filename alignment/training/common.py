@@ -164,3 +164,82 @@ class Notes:
     def add(self, text: str) -> None:
         self.items.append(text)
         log.info(text)
+
+
+# --------------------------------------------------------------------------- per-example weights
+# A weighted export (`--weighted`) carries a `weight` column: each example's loss weight, mean 1
+# (feedback_store.export.example_weights). Without it every trainer runs exactly as TRL does.
+WEIGHT = "weight"
+
+
+def has_weights(dataset) -> bool:
+    return dataset is not None and WEIGHT in (getattr(dataset, "column_names", None) or ())
+
+
+def check_weights(dataset, where: str = "the data") -> None:
+    """Refuse weights that would train on nothing or on garbage, before any training step: a
+    negative or non-finite weight, or every weight 0 (a loss of 0 that looks like success)."""
+    if not has_weights(dataset) or len(dataset) == 0:
+        return
+    values = torch.tensor([float("nan") if v is None else float(v) for v in dataset[WEIGHT]], dtype=torch.float64)
+    bad = (~torch.isfinite(values)) | (values < 0)
+    if bad.any():
+        row = int(bad.nonzero()[0])
+        raise TrainingError(f"{where}: example {row} has weight {values[row].item()} (weights must be finite and "
+                            f">= 0)")
+    if not values.sum() > 0:
+        raise TrainingError(f"{where}: every one of the {len(values)} examples has weight 0, so the weighted loss "
+                            f"would train on nothing (the raters who agree with the labels all weigh 0: set "
+                            f"weights with `prefloop raters weight NAME W`, or train without --weighted)")
+
+
+def weighted_training(args, dataset) -> bool:
+    """Whether `dataset` carries per-example weights; if so, the Trainer must hand the column to
+    the collator (it drops columns the model's signature does not name unless told not to)."""
+    if not has_weights(dataset):
+        return False
+    if args is not None:
+        args.remove_unused_columns = False
+    return True
+
+
+@dataclass
+class WeightedCollator:
+    """Any collator, plus the examples' weights as `batch["weight"]` (float32, one per example)."""
+
+    inner: Any
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = self.inner(examples)
+        if examples and WEIGHT in examples[0]:  # held-out rows scored outside training may have none
+            batch[WEIGHT] = torch.tensor([float(e[WEIGHT]) for e in examples], dtype=torch.float32)
+        return batch
+
+
+def example_rows(inputs: dict, i: int, n: int, *, whole: tuple[str, ...] = ()) -> dict:
+    """Example i of a collated batch of n: rows i and n + i of the [chosen..., rejected...] tensors,
+    row i of the per-example ones; the keys in `whole` (a KTO batch's KL completions, shared by
+    every example's loss) and anything else stay as they are."""
+    out = {}
+    for key, value in inputs.items():
+        if key in whole or not torch.is_tensor(value) or value.dim() == 0:
+            out[key] = value
+        elif value.size(0) == 2 * n:
+            out[key] = value[[i, n + i]]
+        elif value.size(0) == n:
+            out[key] = value[i : i + 1]
+        else:
+            out[key] = value
+    return out
+
+
+def weighted_mean(loss_of: Callable[[int], torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
+    """sum_i w_i * loss_i / n, with loss_i = loss_of(i) the trainer's own loss on example i alone:
+    the per-example weights applied before the batch mean, as the unweighted loss is that mean."""
+    n = weights.numel()
+    total = None
+    for i in range(n):
+        loss = loss_of(i)
+        term = weights[i].to(loss.device, loss.dtype) * loss
+        total = term if total is None else total + term
+    return total / n

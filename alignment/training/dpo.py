@@ -13,6 +13,14 @@ Models the packed layout cannot serve (flash-attention kernels, encoder-decoders
 losses, vision models) go through TRL's own path, and so does everything on a TRL or
 transformers that `alignment._compat` was not tested with (or with `PREFLOOP_COMPAT=public`):
 the packed trainer hooks into TRL's private methods, the plain one uses public arguments only.
+
+Weighted data (a `weight` column: `--weighted`, see feedback_store.export.example_weights):
+every loss type TRL computes per pair is weighted per pair before the batch mean,
+`sum_i w_i * loss_i / n`, where loss_i is TRL's own loss code run on pair i alone (one forward
+for the batch on the packed path, one per pair on TRL's path). The losses TRL computes over the
+batch as a whole (`BATCH_LOSSES`: aot and aot_unpaired sort the batch's log-ratios, sft averages
+over the batch's tokens) have no per-pair term to weight: their batch loss is scaled by the
+batch's mean weight. Without the column, the loss is TRL's, untouched.
 """
 
 from __future__ import annotations
@@ -29,9 +37,21 @@ from trl.trainer.dpo_trainer import DataCollatorForPreference
 
 from alignment._compat import trl as compat_trl
 from alignment.training import packing
-from alignment.training.common import GuardedTraining, MethodSpec, TrainingError
+from alignment.training.common import (
+    WEIGHT,
+    GuardedTraining,
+    MethodSpec,
+    TrainingError,
+    WeightedCollator,
+    example_rows,
+    weighted_mean,
+    weighted_training,
+)
 
 log = logging.getLogger("prefloop.train")
+
+# DPO losses TRL computes over the whole batch rather than per pair: a weighted batch scales them by its mean weight.
+BATCH_LOSSES = frozenset({"aot", "aot_unpaired", "sft"})
 
 
 @dataclass
@@ -85,7 +105,34 @@ class DPOTrainer(GuardedTraining, TRLDPOTrainer):
     def __init__(self, model, *, args: DPOConfig | None = None, **kwargs):
         if not isinstance(self, PackedDPOTrainer):
             length_grouping_off(args)
+        weighted = weighted_training(args, kwargs.get("train_dataset"))
         super().__init__(model, args=args, **kwargs)
+        if weighted:
+            self.data_collator = WeightedCollator(self.data_collator)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        weights = inputs.pop(WEIGHT, None)
+        if weights is None or return_outputs:  # evaluation reports the plain loss
+            return self.batch_loss(model, inputs, return_outputs)
+        if BATCH_LOSSES & set(loss_type_list(self.args.loss_type)):
+            loss = self.batch_loss(model, inputs)
+            return loss * weights.to(loss.device, loss.dtype).mean()
+        return self.weighted_loss(model, inputs, weights)
+
+    def batch_loss(self, model, inputs, return_outputs=False):
+        """TRL's DPO loss on the batch, as TRL computes it."""
+        return super().compute_loss(model, inputs, return_outputs)
+
+    def weighted_loss(self, model, inputs, weights):
+        """sum_i w_i * loss_i / n, loss_i TRL's loss on pair i alone (its own forward here)."""
+        n = weights.numel()
+        return weighted_mean(lambda i: self.batch_loss(model, example_rows(inputs, i, n)), weights)
+
+
+def loss_type_list(loss_type) -> list[str]:
+    if isinstance(loss_type, str):
+        return [name.strip() for name in loss_type.split(",")]
+    return list(loss_type or ["sigmoid"])
 
 
 def length_grouping_off(args) -> None:
@@ -215,15 +262,28 @@ class PackedDPOTrainer(compat_trl.DPOHooks, DPOTrainer):
         sums = log_probs.new_zeros(2 * n).index_add(0, packed["seq"].to(log_probs.device), log_probs)
         return sums[:n], sums[n:]
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+    def batch_loss(self, model, inputs, return_outputs=False):
         packed = inputs.pop("prefloop_packed", None)
         if packed is None:
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            return super().batch_loss(model, inputs, return_outputs)
+        policy = self._packed_policy(model, packed, inputs)
+        return compat_trl.dpo_loss(self, policy, inputs, return_outputs)
+
+    def weighted_loss(self, model, inputs, weights):
+        """One packed forward for the batch, then TRL's loss on each pair's rows of it."""
+        packed = inputs.pop("prefloop_packed", None)
+        if packed is None:
+            return super().weighted_loss(model, inputs, weights)
+        policy = self._packed_policy(model, packed, inputs)
+        n = weights.numel()
+        return weighted_mean(
+            lambda i: compat_trl.dpo_loss(self, policy.rows([i, n + i]), example_rows(inputs, i, n), False), weights)
+
+    def _packed_policy(self, model, packed: dict, inputs: dict) -> _PackedPolicy:
         if "ref_chosen_logps" not in inputs:
             inputs["ref_chosen_logps"], inputs["ref_rejected_logps"] = self._reference_logps(packed)
         outputs = ("entropy", "mean_logits", "is_top1") + (("log_sum_sq_probs",) if self.use_weighting else ())
-        policy = _PackedPolicy(self, model, packed, outputs, rows=inputs["input_ids"].shape)
-        return compat_trl.dpo_loss(self, policy, inputs, return_outputs)
+        return _PackedPolicy(self, model, packed, outputs, rows=inputs["input_ids"].shape)
 
 
 class _PackedPolicy:
@@ -232,25 +292,38 @@ class _PackedPolicy:
     def __init__(self, trainer: PackedDPOTrainer, model, packed: dict, outputs: tuple[str, ...], rows: torch.Size):
         self.trainer, self.model, self.packed, self.outputs = trainer, model, packed, outputs
         self.shape = (rows[0], rows[1] - 1)  # TRL's shifted layout: position t predicts token t + 1
+        self._grid: dict | None = None
+
+    def grid(self) -> dict:
+        """The packed forward's per-token outputs on TRL's [sequences, positions] grid (computed once)."""
+        if self._grid is None:
+            per_token = self.trainer._packed_forward(self.model, self.packed, self.outputs)
+            device = per_token["log_probs"].device
+            seq, pos = self.packed["seq"].to(device), self.packed["pos"].to(device)
+            self._grid = {name: packing.scatter_to_rows(value, seq, pos, self.shape) for name, value in per_token.items()}
+        return self._grid
 
     def __call__(self, **_trl_kwargs):
         from trl.trainer.utils import FusedCausalLMOutput
 
         if "fused_lm_head" not in _trl_kwargs:  # return_outputs=True asks for real logits
             return self.model(**{k: v for k, v in _trl_kwargs.items() if k not in ("labels", "fused_lm_head")})
-        per_token = self.trainer._packed_forward(self.model, self.packed, self.outputs)
-        device = per_token["log_probs"].device
-        seq, pos = self.packed["seq"].to(device), self.packed["pos"].to(device)
-        grid = {name: packing.scatter_to_rows(value, seq, pos, self.shape) for name, value in per_token.items()}
-        return FusedCausalLMOutput(**grid)
+        return FusedCausalLMOutput(**self.grid())
+
+    def rows(self, index: list[int]):
+        """A stand-in for the model on some rows of the batch (one pair: [chosen row, rejected row])."""
+        from trl.trainer.utils import FusedCausalLMOutput
+
+        def call(**_trl_kwargs):
+            return FusedCausalLMOutput(**{k: None if v is None else v[index] for k, v in self.grid().items()})
+
+        return call
 
 
 def resolve(settings: dict, engine) -> dict:
     """Settings TRL would refuse with a traceback once the run has started, refused here in one
     line before the run row exists (MethodSpec.resolve)."""
-    loss_types = settings.get("loss_type") or "sigmoid"
-    if isinstance(loss_types, str):
-        loss_types = [name.strip() for name in loss_types.split(",")]
+    loss_types = loss_type_list(settings.get("loss_type") or "sigmoid")
     smoothing = settings.get("label_smoothing") or 0.0
     if "exo_pair" in loss_types and not float(smoothing) > 0.0:
         raise TrainingError(f"--loss-type exo_pair needs --label-smoothing > 0 (got {smoothing}; the EXO paper "

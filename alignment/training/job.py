@@ -33,6 +33,7 @@ from sqlalchemy.engine import Engine
 from alignment._compat import transformers as compat_transformers
 from alignment.training import lineage, presets, runs
 from alignment.training.common import (
+    WEIGHT,
     NonFiniteGuard,
     NonFiniteLoss,
     Notes,
@@ -40,6 +41,7 @@ from alignment.training.common import (
     device_settings,
     flatten_conversations,
     is_conversational_dataset,
+    has_weights,
     restore_trainable_dtype,
 )
 from alignment.training.plan import (  # noqa: F401  (DATA_FILE ... read_data_file: this module's names before plan.py)
@@ -120,6 +122,10 @@ def _execute(plan: RunPlan, rows, *, engine: Engine, progress: bool, callbacks,
 
     try:
         dataset = training_data(plan, rows)
+        if has_weights(dataset):
+            weights = dataset[WEIGHT]
+            notes.add(f"weighted: each example's loss weighs its raters' weight (mean {sum(weights) / len(weights):.3g}, "
+                      f"min {min(weights):.3g}, max {max(weights):.3g})")
         built = _build_trainer(plan, dataset, notes, engine=engine, progress=progress, callbacks=callbacks)
         if build_only:
             return RunResult(run_id, RunStatus.running.value, {}, None, None, notes.items, main, built.trainer)
@@ -306,6 +312,8 @@ def _train(plan: RunPlan, built: Built, *, engine: Engine) -> tuple[dict, str, s
                     "from_policy": start.name if start else None,
                     "adapter_kind": kind, "model_spec": _jsonable(asdict(spec)),
                     "max_length": built.trainer_settings.get("max_length"),
+                    "weighted": WEIGHT in (getattr(trainer.train_dataset, "column_names", None) or ()),
+                    "snapshot_hash": plan.snapshot_hash,
                     "chat_template": tokenizer.chat_template is not None}
         (target / MANIFEST).write_text(json.dumps(manifest, indent=2))
     trainer.accelerator.wait_for_everyone()

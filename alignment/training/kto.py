@@ -14,6 +14,12 @@ prefix once (`packing.pack_sequences`), and runs the two reference forwards as o
 no model copy). Models the packed layout cannot serve, a separate reference model, MoE aux
 losses, and any TRL or transformers `alignment._compat` was not tested with (or
 `PREFLOOP_COMPAT=public`) get TRL's KTOTrainer as is.
+
+Weighted data (a `weight` column: `--weighted`, see feedback_store.export.example_weights):
+TRL's KTO loss is a mean of per-completion terms (each scaled by its class weight) around a KL
+estimate that is a constant of the batch (detached). Each completion's term is TRL's loss code
+run on that completion alone with the batch's KL completions beside it (so the same KL
+estimate), and the batch loss is `sum_i w_i * loss_i / n`. Without the column, TRL's loss as is.
 """
 
 from __future__ import annotations
@@ -28,7 +34,16 @@ from trl import KTOTrainer as TRLKTOTrainer
 
 from alignment._compat import trl as compat_trl
 from alignment.training import packing
-from alignment.training.common import GuardedTraining, MethodSpec, TrainingError
+from alignment.training.common import (
+    WEIGHT,
+    GuardedTraining,
+    MethodSpec,
+    TrainingError,
+    WeightedCollator,
+    example_rows,
+    weighted_mean,
+    weighted_training,
+)
 
 
 @dataclass
@@ -61,6 +76,33 @@ class KTOTrainer(GuardedTraining, TRLKTOTrainer):
         if cls is KTOTrainer and compat_trl.fast_path_enabled("kto"):
             cls = PackedKTOTrainer
         return super().__new__(cls)
+
+    def __init__(self, model, *, args: KTOConfig | None = None, **kwargs):
+        weighted = weighted_training(args, kwargs.get("train_dataset"))
+        super().__init__(model, args=args, **kwargs)
+        if weighted:
+            self.data_collator = WeightedCollator(self.data_collator)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        weights = inputs.pop(WEIGHT, None)
+        if weights is None or return_outputs:  # evaluation reports the plain loss
+            return self.batch_loss(model, inputs, return_outputs)
+        return self.weighted_loss(model, inputs, weights)
+
+    def batch_loss(self, model, inputs, return_outputs=False):
+        """TRL's KTO loss on the batch, as TRL computes it."""
+        return super().compute_loss(model, inputs, return_outputs)
+
+    def weighted_loss(self, model, inputs, weights):
+        """sum_i w_i * loss_i / n, loss_i TRL's loss on completion i with all the batch's KL completions."""
+        n = weights.numel()
+        shared = kl_keys(inputs)
+        return weighted_mean(lambda i: self.batch_loss(model, example_rows(inputs, i, n, whole=shared)), weights)
+
+
+def kl_keys(inputs: dict) -> tuple[str, ...]:
+    """The batch's KL completions (and their reference log-probs): one KL estimate for every example."""
+    return tuple(key for key in inputs if key.startswith(("KL_", "ref_KL")))
 
 
 def _labelled(input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor):
@@ -151,19 +193,37 @@ class PackedKTOTrainer(KTOTrainer):
         sums = log_probs.new_zeros(packed["n"]).index_add(0, packed["seq"].to(log_probs.device), log_probs)
         return sums[:n], (sums[n:] if packed["n"] > n else None)
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+    def batch_loss(self, model, inputs, return_outputs=False):
         packed = inputs.pop("prefloop_packed", None)
         if packed is None or return_outputs:
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            return super().batch_loss(model, inputs, return_outputs)
+        policy = self._packed_policy(model, packed, inputs)
+        return self._trl_loss(lambda: compat_trl.kto_loss(self, policy, inputs, return_outputs))
+
+    def weighted_loss(self, model, inputs, weights):
+        """One packed forward for the batch (and one for its KL completions), then TRL's loss on each
+        completion's row of it."""
+        packed = inputs.pop("prefloop_packed", None)
+        if packed is None:
+            return super().weighted_loss(model, inputs, weights)
+        policy = self._packed_policy(model, packed, inputs)
+        n, shared = weights.numel(), kl_keys(inputs)
+        return self._trl_loss(lambda: weighted_mean(
+            lambda i: compat_trl.kto_loss(self, policy.rows([i]), example_rows(inputs, i, n, whole=shared), False),
+            weights))
+
+    def _packed_policy(self, model, packed: dict, inputs: dict) -> _PackedPolicy:
         if "ref_logps" not in inputs:
             n = inputs["input_ids"].size(0)
             inputs["ref_logps"], ref_kl = self._reference_logps(packed["ref"], n)
             if ref_kl is not None:
                 inputs["ref_KL_logps"] = ref_kl
-        policy = _PackedPolicy(self, model, packed, inputs)
+        return _PackedPolicy(self, model, packed, inputs)
+
+    def _trl_loss(self, compute):
         precompute, self.precompute_ref_logps = self.precompute_ref_logps, True  # TRL reads them from the batch
         try:
-            return compat_trl.kto_loss(self, policy, inputs, return_outputs)
+            return compute()
         finally:
             self.precompute_ref_logps = precompute
 
@@ -174,6 +234,26 @@ class _PackedPolicy:
     def __init__(self, trainer: PackedKTOTrainer, model, packed: dict, inputs: dict):
         self.trainer, self.model, self.packed = trainer, model, packed
         self.kl_input_ids = inputs.get("KL_input_ids")
+        self.shape = (inputs["input_ids"].size(0), inputs["input_ids"].size(1) - 1)
+        self.grids: dict[str, dict] = {}
+        self.index: list[int] | None = None  # set on the stand-in of some rows (`rows`)
+
+    def rows(self, index: list[int]) -> _PackedPolicy:
+        """A stand-in for the model on some completions of the batch (their KL completions: all of them)."""
+        view = _PackedPolicy.__new__(_PackedPolicy)
+        view.__dict__.update(self.__dict__)  # the grids are shared: the forwards run once
+        view.index = index
+        return view
+
+    def grid(self, name: str, shape: tuple[int, int]) -> dict:
+        if name not in self.grids:
+            packed = self.packed[name]
+            outputs = () if name == "kl" else ("entropy", "mean_logits")
+            per_token = self.trainer._packed_forward(self.model, packed, outputs)
+            device = per_token["log_probs"].device
+            seq, pos = packed["seq"].to(device), packed["pos"].to(device)
+            self.grids[name] = {k: packing.scatter_to_rows(v, seq, pos, shape) for k, v in per_token.items()}
+        return self.grids[name]
 
     def __call__(self, **trl_kwargs):
         from trl.trainer.utils import FusedCausalLMOutput
@@ -184,13 +264,11 @@ class _PackedPolicy:
         is_kl = self.kl_input_ids is not None and (ids is self.kl_input_ids or (
             ids.shape == self.kl_input_ids.shape and torch.equal(ids, self.kl_input_ids.to(ids.device))
             and not torch.is_grad_enabled()))
-        packed = self.packed["kl" if is_kl else "main"]
-        outputs = () if is_kl else ("entropy", "mean_logits")
-        per_token = self.trainer._packed_forward(self.model, packed, outputs)
-        device = per_token["log_probs"].device
-        seq, pos = packed["seq"].to(device), packed["pos"].to(device)
-        shape = (ids.size(0), ids.size(1) - 1)
-        grid = {name: packing.scatter_to_rows(value, seq, pos, shape) for name, value in per_token.items()}
+        if is_kl:
+            return FusedCausalLMOutput(**self.grid("kl", (ids.size(0), ids.size(1) - 1)))
+        grid = self.grid("main", self.shape)
+        if self.index is not None:
+            grid = {k: None if v is None else v[self.index] for k, v in grid.items()}
         return FusedCausalLMOutput(**grid)
 
 

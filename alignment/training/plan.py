@@ -36,7 +36,7 @@ from typing import Any
 from sqlalchemy.engine import Engine
 
 from alignment.training import lineage, presets, runs
-from alignment.training.common import MethodSpec, TrainingError
+from alignment.training.common import MethodSpec, TrainingError, check_weights, has_weights
 from alignment.training.methods import METHOD_NAMES
 
 DATA_FILE = "data.parquet"
@@ -200,16 +200,18 @@ def _plan_new(request: TrainRequest, method: MethodSpec, settings: dict, options
                        snapshot_hash=None, main=False), None
     try:
         dataset, source = load_data(method, selection, options.data, engine)
+        check_weighted(method, selection, dataset, options.data, engine)
     except BaseException as error:
         _to_followers(state, error=str(error))
         raise
-    ids, digest = snapshot(dataset)
+    ids, digest = snapshot(dataset)  # the weight column, when there is one, is part of the hash
     record = {
         "method": method.name,
         "model": spec.model,
         "preset": request.preset,
         "config_file": request.config_file,
         "data": source,
+        "weighted": has_weights(dataset),  # per-example loss weights (the `weight` column)
         "settings": {k: v for k, v in settings.items() if not k.startswith("_")},
     }
     if start is not None:
@@ -304,6 +306,23 @@ def load_data(method: MethodSpec, selection, data_path: str | None, engine: Engi
 
     with read_scope(engine) as session:
         return export(method.export, session=session, selection=selection), f"store:{method.export}"
+
+
+def check_weighted(method: MethodSpec, selection, dataset, data_path: str | None, engine: Engine) -> None:
+    """Per-example weights that would train on nothing are refused before the run row exists: a
+    weight column of zeros (or negative, or not finite), or a `--weighted` export left empty
+    because every rater who voted weighs 0 (the same selection unweighted has rows)."""
+    where = f"--data {data_path}" if data_path else f"the {method.name} export"
+    check_weights(dataset, where)
+    if data_path or not getattr(selection, "weighted", False) or len(dataset) > 0:
+        return
+    from dataclasses import replace as with_fields
+
+    unweighted, _ = load_data(method, with_fields(selection, weighted=False), None, engine)
+    if len(unweighted) > 0:
+        raise TrainingError(f"--weighted: every rater whose votes this selection counts has weight 0, so each of the "
+                            f"{len(unweighted)} {method.name} examples would weigh 0 (set weights with `prefloop "
+                            f"raters weight NAME W`, or train without --weighted)")
 
 
 def training_data(plan: RunPlan, rows=None):

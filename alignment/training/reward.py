@@ -10,6 +10,10 @@ batch, the prompt encoded once for both completions, the score read at each sequ
 token. Encoders attend in both directions, so they keep TRL's two-row batches, and so does
 every model on a TRL/transformers `alignment._compat` was not tested with (or with
 `PREFLOOP_COMPAT=public`).
+
+Weighted data (a `weight` column: `--weighted`, see feedback_store.export.example_weights): the
+batch is scored once and TRL's loss (margin and reward centering included) runs on each pair's
+two rewards alone; the batch loss is `sum_i w_i * loss_i / n`. Without the column, TRL's loss as is.
 """
 
 from __future__ import annotations
@@ -25,7 +29,16 @@ from trl.trainer.reward_trainer import DataCollatorForPreference
 
 from alignment._compat import trl as compat_trl
 from alignment.training import packing
-from alignment.training.common import GuardedTraining, MethodSpec, TrainingError
+from alignment.training.common import (
+    WEIGHT,
+    GuardedTraining,
+    MethodSpec,
+    TrainingError,
+    WeightedCollator,
+    example_rows,
+    weighted_mean,
+    weighted_training,
+)
 
 
 @dataclass
@@ -77,9 +90,37 @@ class RewardTrainer(GuardedTraining, TRLRewardTrainer):
 
             length_grouping_off(args)
         before = len(kwargs["train_dataset"]) if kwargs.get("train_dataset") is not None else 0
+        weighted = weighted_training(args, kwargs.get("train_dataset"))
         super().__init__(model, args=args, **kwargs)
         if public:
             no_pair_fits(before, len(self.train_dataset), "train", self.args.max_length)
+        if weighted:
+            self.data_collator = WeightedCollator(self.data_collator)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        weights = inputs.pop(WEIGHT, None)
+        if weights is None or return_outputs:  # evaluation reports the plain loss
+            return self.batch_loss(model, inputs, return_outputs, num_items_in_batch)
+        rewards = self.batch_rewards(model, inputs)
+        n = weights.numel()
+
+        def loss_of(i: int):
+            scored = SimpleNamespace(logits=rewards[[i, n + i]].unsqueeze(-1))
+            return self.trl_loss(lambda **_: scored, example_rows(inputs, i, n))
+
+        return weighted_mean(loss_of, weights)
+
+    def batch_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """TRL's reward loss on the batch, as TRL computes it."""
+        return self.trl_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    def trl_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    def batch_rewards(self, model, inputs) -> torch.Tensor:
+        """The n chosen then the n rejected rewards of a batch, as TRL's loss reads them."""
+        kwargs = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask")}
+        return model(**kwargs, use_cache=False).logits.squeeze(-1)
 
     def prepare_pairs(self, dataset, name: str):
         """The rows this trainer trains on, from exported pairs (tokenized, too long ones left out)."""
@@ -161,14 +202,20 @@ class PackedRewardTrainer(compat_trl.RewardHooks, RewardTrainer):
         return model(**packing.packed_model_kwargs(packed, device), prefloop_head="score",
                      prefloop_index=packed["ends"].to(device))
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+    def batch_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         packed = inputs.pop("prefloop_packed", None)
         if packed is None:
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            return super().batch_loss(model, inputs, return_outputs, num_items_in_batch)
         rewards = self.packed_rewards(model, packed)
         # TRL's loss, margin, centering and metrics, on the packed rewards.
         scored = SimpleNamespace(logits=rewards.unsqueeze(-1))
-        return super().compute_loss(lambda **_: scored, inputs, return_outputs, num_items_in_batch)
+        return self.trl_loss(lambda **_: scored, inputs, return_outputs, num_items_in_batch)
+
+    def batch_rewards(self, model, inputs) -> torch.Tensor:
+        packed = inputs.pop("prefloop_packed", None)
+        if packed is None:
+            return super().batch_rewards(model, inputs)
+        return self.packed_rewards(model, packed)
 
 
 def split(dataset, config: RewardConfig, seed: int):
@@ -214,7 +261,7 @@ def pairwise_accuracy(trainer: RewardTrainer, eval_dataset) -> dict:
             if packed is not None:
                 rewards = trainer.packed_rewards(model, packed)
             else:
-                batch = {k: v.to(trainer.accelerator.device) for k, v in batch.items() if k != "margin"}
+                batch = {k: v.to(trainer.accelerator.device) for k, v in batch.items() if k not in ("margin", WEIGHT)}
                 rewards = model(**batch, use_cache=False).logits.squeeze(-1)
             chosen, rejected = rewards.float().chunk(2)
             correct += int((chosen > rejected).sum())
