@@ -9,13 +9,19 @@ Written and tested for TRL 1.16 on transformers 5.24 (`TESTED`). What is relied 
 - `DPOTrainer._precompute_ref_logps`: overridden to compute the reference log-probs from the
   packed rows;
 - `DPOTrainer._compute_loss(model, inputs, return_outputs)`: called with a stand-in model that
-  returns the packed log-probs, so TRL's loss code runs unchanged;
+  returns the packed log-probs, so TRL's loss code runs unchanged (for a weighted batch, once
+  per pair on that pair's rows of the one packed forward: `dpo.PackedDPOTrainer.weighted_loss`);
 - `RewardTrainer._prepare_dataset` called on the held-out pairs (pairwise accuracy);
 - `SFTTrainer._metrics`, `_total_train_tokens`, `_tp_size`: the packed SFT trainer computes its
   loss itself and logs TRL's `entropy`, `mean_token_accuracy` and `num_tokens` as TRL does;
 - `KTOTrainer._compute_loss(model, inputs, return_outputs)` and its `precompute_ref_logps`
   attribute: called with a stand-in model that returns the packed log-probs and with the
-  reference log-probs in the batch, so TRL's KTO loss code runs unchanged.
+  reference log-probs in the batch, so TRL's KTO loss code runs unchanged (for a weighted batch,
+  once per completion, with the batch's KL completions: `kto.PackedKTOTrainer.weighted_loss`).
+
+Per-example weights (a `weight` column) need no private member: the trainers keep the column with
+the public `remove_unused_columns=False`, collate it with `common.WeightedCollator` and weight
+the loss in their public `compute_loss`; the public path runs TRL's `compute_loss` per example.
 
 The mixins here are only put into a trainer's class when `fast_path_enabled` says so (the
 trainer classes pick it when they are built); otherwise prefloop's trainers are TRL's, used
