@@ -70,8 +70,9 @@ def lora(model, **extra):
     return model
 
 
-COMMON = dict(per_device_train_batch_size=2, max_steps=1, logging_steps=1, save_strategy="no", report_to="none",
-              use_cpu=True, bf16=False, disable_tqdm=True, seed=0, gradient_checkpointing=False)
+COMMON = {"per_device_train_batch_size": 2, "max_steps": 1, "logging_steps": 1, "save_strategy": "no",
+          "report_to": "none", "use_cpu": True, "bf16": False, "disable_tqdm": True, "seed": 0,
+          "gradient_checkpointing": False}
 
 
 def build_trainer(method: str, tmp_path, **settings):
@@ -200,7 +201,12 @@ def test_weighted_steps_train(tmp_path, monkeypatch):
 def two_rater_store(db_url: str, *, ann: float, bob: float, n_prompts: int = 6):
     """ann and bob vote on n prompts' pairs: both for the good answer on even prompts, on odd ones
     ann for the good and bob for the bad one."""
-    from feedback_store.catalog import add_comparison, add_prompt, add_response, get_or_create_policy
+    from feedback_store.catalog import (
+        add_comparison,
+        add_prompt,
+        add_response,
+        get_or_create_policy,
+    )
     from feedback_store.db import engine_for, session_scope
     from feedback_store.raters import get_or_create_local_user
     from feedback_store.votes import record_vote
@@ -270,7 +276,7 @@ def test_train_dpo_weighted_end_to_end(sqlite_url, tmp_path, capsys):
     assert code == 0, (printed, capsys.readouterr())
     assert "note: weighted:" in printed
     data = Dataset.from_parquet(str(out / "data.parquet"))  # the snapshot --resume trains on
-    assert sorted(set(round(w, 6) for w in data["weight"])) == [round(6 / 7, 6), round(8 / 7, 6)]
+    assert sorted({round(w, 6) for w in data["weight"]}) == [round(6 / 7, 6), round(8 / 7, 6)]
     manifest = json.loads((out / "adapter" / "prefloop_run.json").read_text())
     assert manifest["weighted"] is True
     run_id = int(printed.split("run ")[1].split()[0])

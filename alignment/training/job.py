@@ -40,8 +40,8 @@ from alignment.training.common import (
     TrainingError,
     device_settings,
     flatten_conversations,
-    is_conversational_dataset,
     has_weights,
+    is_conversational_dataset,
     restore_trainable_dtype,
 )
 from alignment.training.plan import (  # noqa: F401  (DATA_FILE ... read_data_file: this module's names before plan.py)
