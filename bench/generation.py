@@ -18,11 +18,17 @@ aggregate tokens/s is measured in the same run, alternating with prefloop's batc
 peer_ratio = prefloop batched / llama.cpp. A URL ending in /v1 uses /v1/completions instead.
 Goal (issue 15): >= 1.5x llama.cpp at 128 tokens.
 
+--quantize int8 (opt-in, lossy; alignment/cpu_int8.py): fbgemm int8 weights for every Linear
+but down_proj, after SmoothQuant-style smoothing calibrated on bundled prompts 17-48 (not the
+measured ones); int8-all quantizes down_proj too. Both paths of the run then use that model.
+The peer's GGUF is Q4_1 (4-bit weights, activations quantized to 8 bits in blocks of 32):
+prefloop's int8 weights hold more bits, its per-tensor activation quantization fewer.
+
 Loading: cold = GGUF dequantization + safetensors cache write + load, into a temporary cache
 directory; cached = `load_model` again from that cache, same process. Goal: >= 10x.
 
     .venv/bin/python bench/generation.py [--prompts 16] [--batch-size 16] [--max-new-tokens 32]
-        [--repeats 2] [--peer http://127.0.0.1:8080] [--threads N]
+        [--repeats 2] [--peer http://127.0.0.1:8080] [--threads N] [--quantize none|int8|int8-all]
 """
 
 from __future__ import annotations
@@ -56,6 +62,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="alternating batched runs per path")
     parser.add_argument("--peer", default=None, help="a llama-server URL to measure alongside")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--quantize", choices=("none", "int8", "int8-all"), default="none",
+                        help="int8 weights (alignment/cpu_int8.py; lossy): int8 keeps down_proj float")
     args = parser.parse_args()
 
     import torch
@@ -78,6 +86,14 @@ def main() -> None:
         rows = [json.loads(line) for line in DEFAULT_PROMPTS.read_text().splitlines() if line.strip()]
         conversations = [[{"role": "user", "content": row["prompt"]}] for row in rows[: args.prompts]]
         n = args.max_new_tokens
+        quantize_s = 0.0
+        if args.quantize != "none":
+            from alignment.cpu_int8 import quantize_int8
+
+            calibration = [render_prompt(tokenizer, [{"role": "user", "content": row["prompt"]}])
+                           for row in rows[args.prompts : args.prompts + 32]] or [render_prompt(tokenizer, conversations[0])]
+            keep = () if args.quantize == "int8-all" else ("down_proj",)
+            _, quantize_s = timed(lambda: quantize_int8(model, tokenizer, calibration, keep_float=keep))
 
         def run(batch_size: int):
             sampling = SamplingConfig(max_new_tokens=n, min_new_tokens=n, temperature=0.7, seed=0,
@@ -117,7 +133,8 @@ def main() -> None:
     sequential_rate = sequential_tokens / sequential_s
     ratio = batched_rate / sequential_rate
     load_ratio = cold / cached
-    print(f"model: embedded default (SmolLM2-135M-Instruct), {torch.get_num_threads()} torch threads, "
+    weights = "float32" if args.quantize == "none" else f"{args.quantize} weights ({quantize_s:.1f} s to quantize)"
+    print(f"model: embedded default (SmolLM2-135M-Instruct), {weights}, {torch.get_num_threads()} torch threads, "
           f"{len(conversations)} prompts x {n} new tokens")
     print(f"{'':28}{'batched (' + str(args.batch_size) + ')':>16}{'one at a time':>16}{'ratio':>8}")
     print(f"{'generated tokens':28}{batched_tokens:>16}{sequential_tokens:>16}")
@@ -147,7 +164,7 @@ def main() -> None:
         f"best_batched_tok_s={best['decoding']:.1f} generate_tok_s={best['generate']:.1f} load_ratio={load_ratio:.1f} batched_tok_s={batched_rate:.1f} "
         f"sequential_tok_s={sequential_rate:.1f} cold_load_s={cold:.1f} cached_load_s={cached:.2f} "
         f"cpu_ratio={sequential_cpu / batched_cpu:.2f} batch={args.batch_size} prompts={len(conversations)} "
-        f"new_tokens={n} load_avg={max(load_before, load_after):.1f}"
+        f"new_tokens={n} quantize={args.quantize} load_avg={max(load_before, load_after):.1f}"
     )
 
 

@@ -112,3 +112,62 @@ def test_an_untested_transformers_decodes_with_generate(tiny, monkeypatch):
     monkeypatch.setenv("PREFLOOP_COMPAT", "public")
     monkeypatch.setattr(_compat, "installed_version", real)
     assert not decoding.supports(model)
+
+
+# -- opt-in int8 weights (alignment/cpu_int8.py) ------------------------------------------------
+def _fresh(name: str, tmp_path):
+    return load_model(ModelSpec(str(save_tiny_causal_lm(tmp_path / name, name=name, seed=1))))
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2"])
+def test_smoothing_keeps_the_float_function(name, tmp_path):
+    """The SmoothQuant rescaling moves outliers from inputs to weights without changing logits."""
+    from alignment import cpu_int8
+
+    model, tokenizer = _fresh(name, tmp_path)
+    encoded = _encoded(tokenizer, PROMPTS)
+    with torch.inference_mode():
+        before = model(**encoded).logits
+    absmax = cpu_int8.input_absmax(model, tokenizer, PROMPTS[:2], new_tokens=3)
+    assert len(absmax) == 3 * model.config.num_hidden_layers
+    down = model.model.layers[0].mlp.down_proj.weight.clone()
+    cpu_int8.smooth(model, absmax)
+    assert not torch.equal(down, model.model.layers[0].mlp.down_proj.weight)  # something was rescaled
+    with torch.inference_mode():
+        after = model(**encoded).logits
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
+
+
+def test_int8_keeps_the_decoding_path_and_the_named_float_layers(tmp_path):
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+
+    from alignment import cpu_int8
+
+    model, tokenizer = _fresh("llama", tmp_path)
+    encoded = _encoded(tokenizer, PROMPTS)
+    reference = decoding.decode(model, encoded["input_ids"], encoded["attention_mask"], max_new_tokens=1)
+    embedding = model.model.embed_tokens.weight.clone()
+    cpu_int8.quantize_int8(model, tokenizer, PROMPTS[2:])
+    layer = model.model.layers[0]
+    assert isinstance(layer.self_attn.q_proj, DynamicLinear) and isinstance(model.lm_head, DynamicLinear)
+    assert type(layer.mlp.down_proj) is torch.nn.Linear  # kept float by default
+    assert torch.equal(model.model.embed_tokens.weight, embedding)  # the tied embedding stays float
+    assert decoding.supports(model)
+    got = decoding.decode(model, encoded["input_ids"], encoded["attention_mask"], max_new_tokens=4,
+                          stop_ids={tokenizer.eos_token_id}, pad_id=tokenizer.pad_token_id)
+    assert got.shape == (len(PROMPTS), 4) and got.dtype == torch.long
+    # lossy, but close on a tiny random model: most first tokens agree with float
+    assert (got[:, 0] == reference[:, 0]).float().mean() >= 0.5
+
+
+def test_int8_refuses_models_off_the_decoding_path(tmp_path, monkeypatch):
+    from alignment import cpu_int8
+    from alignment.models.errors import ModelError
+
+    model, tokenizer = _fresh("llama", tmp_path)
+    monkeypatch.setenv(decoding.ENV, "generate")
+    with pytest.raises(ModelError, match="static-cache decoding path"):
+        cpu_int8.quantize_int8(model, tokenizer, PROMPTS)
+    monkeypatch.delenv(decoding.ENV)
+    with pytest.raises(ModelError, match="calibration"):
+        cpu_int8.quantize_int8(model, tokenizer, [])
