@@ -150,6 +150,7 @@ def start_model(model, start: StartPoint, *, quantized: bool, gradient_checkpoin
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
     model.requires_grad_(False)
+    model.prefloop_merged_parent = start.name  # not the base's weights any more (shared_reward.py reads it)
     return model
 
 

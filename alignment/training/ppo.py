@@ -30,13 +30,16 @@ One PPO step:
    `per_device_train_batch_size` accumulated): clipped policy loss + `vf_coef` * clipped value
    loss, one optimizer step per minibatch.
 
-Memory: one base model (optionally 4-bit) holds the policy, the reference and the value
-function. The policy is a LoRA/DoRA adapter; the reference is the same base with the adapter
+Memory: one base model (optionally 4-bit) holds the policy, the reference, the value
+function and, when it can, the reward model. The policy is a LoRA/DoRA adapter; the reference is the same base with the adapter
 switched off (no copy); the value function is a linear head on the policy's last hidden state,
 so one forward gives log-probs and values, and the head costs hidden_size + 1 parameters (a
 separate value adapter would double the forward passes). The value loss therefore also shapes
 the shared adapter, weighted by `vf_coef` as in the original RLHF PPO. The reward model is a
-separate, usually small model with its own base, in eval mode, never trained here.
+reward model of a reward run on the same base (a LoRA adapter with a score head, the usual
+case) is a second, frozen adapter on that base, switched on only to score (shared_reward.py);
+another reward model (another base, an encoder, a full fine-tune) is a separate model in eval
+mode. Neither is ever trained here, and checkpoints hold the policy adapter alone.
 
 Dropout is turned off in the policy: with it, the first PPO epoch would already see a ratio
 away from 1 and spend its clip range on noise.
@@ -237,9 +240,11 @@ class PPOTrainer(Trainer):
         if reward_fn is None and (args.reward_rubric is not None or args.reward_judge):
             self.online_reward = online_rewards.build(args, self.tokenizer, device=reward_device)
             reward_fn = self._score_online
+        # a reward model on the policy's own base becomes a second adapter of it (shared_reward.py)
         self.reward_fn = reward_fn or ppo_reward.load_reward(
             reward_model=args.reward_model, reward_function=args.reward_function,
             device=reward_device, batch_size=args.generation_batch_size,
+            policy=self.accelerator.unwrap_model(self.model), policy_tokenizer=self.tokenizer,
         )
         forward = inspect.signature(self.accelerator.unwrap_model(self.model).get_base_model().forward).parameters
         self._forward_keys = {k for k in ("position_ids", "logits_to_keep") if k in forward}
@@ -516,14 +521,31 @@ class PPOTrainer(Trainer):
                 self.control = self.callback_handler.on_save(args, self.state, self.control)
         self.control = self.callback_handler.on_train_end(args, self.state, self.control)
         self.model.eval()
+        self.detach_reward()  # the run's result is the policy adapter alone
         done = self.state.global_step - first_step
         metrics = speed_metrics("train", start, num_samples=done * args.rollout_batch_size, num_steps=done)
         metrics["train_loss"] = sum(losses) / len(losses) if losses else 0.0
         return TrainOutput(self.state.global_step, metrics["train_loss"], metrics)
 
+    def shared_reward(self):
+        """The reward scorer when it runs on the policy's base (a SharedRewardScorer), else None."""
+        from alignment.training.shared_reward import SharedRewardScorer
+
+        scorer = getattr(self.reward_fn, "scorer", None)
+        return scorer if isinstance(scorer, SharedRewardScorer) else None
+
+    def detach_reward(self) -> None:
+        """Take a shared reward adapter off the policy (it can score no more after)."""
+        scorer = self.shared_reward()
+        if scorer is not None:
+            scorer.detach()
+
     # -- checkpoints: the adapter (Trainer), plus the value head and the KL coefficient ----------
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        super().save_model(output_dir, _internal_call)
+        from alignment.training.shared_reward import hidden_from_save
+
+        with hidden_from_save(self.accelerator.unwrap_model(self.model)):  # the policy adapter only
+            super().save_model(output_dir, _internal_call)
         if self.args.should_save:
             from safetensors.torch import save_file
 

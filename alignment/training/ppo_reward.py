@@ -4,15 +4,18 @@
     path = reward_run_path(engine, 7)              # runs/reward-7/reward_model, or a one-line error
     score = load_reward(reward_model=path)         # (completions, prompts) -> list of floats
     score = load_reward(reward_function="my_rules:brevity")
+    score = load_reward(reward_model=path, policy=model, policy_tokenizer=tokenizer)  # shares its base if it can
 
 A reward function takes the decoded completions and their prompts (a chat list or a string
 each) and returns one float per completion: rule-based rewards and tests use it. A reward
 model is scored on the decoded text with its own tokenizer and chat template (it may be a
-different model from the policy, e.g. a small encoder).
+different model from the policy, e.g. a small encoder). A LoRA reward model trained on the
+policy's own base is not loaded again: its adapter goes on the policy's base (shared_reward.py).
 """
 
 from __future__ import annotations
 
+import logging
 import pkgutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -21,6 +24,7 @@ from alignment.training.common import TrainingError
 
 RewardFn = Callable[[list[str], list], Sequence[float]]
 MANIFEST = "prefloop_run.json"  # what a reward run writes beside its model (job.MANIFEST)
+log = logging.getLogger("prefloop.train")
 
 
 def reward_run_path(engine, run_id: int) -> str:
@@ -79,14 +83,29 @@ def import_function(reference: str) -> RewardFn:
 
 
 def load_reward(*, reward_model: str | None = None, reward_function: str | None = None, device: str = "auto",
-                batch_size: int = 16) -> RewardFn:
+                batch_size: int = 16, policy=None, policy_tokenizer=None) -> RewardFn:
+    """The scoring function. With `policy` (a PeftModel) and its tokenizer, a reward model trained
+    on the policy's own base goes on it as a second adapter (shared_reward.py: no second copy of
+    the base); any other reward model is loaded on its own, and a log line says why."""
     if reward_function is not None:
         return import_function(reward_function)
     if reward_model is None:
         raise TrainingError("PPO needs a reward model or a reward function")
-    from alignment.reward_scoring import RewardScorer
+    scorer = None
+    if policy is not None and policy_tokenizer is not None:
+        from alignment.training import shared_reward
 
-    scorer = RewardScorer.load(reward_model, device=device)
+        scorer, why_not = shared_reward.attach(policy, policy_tokenizer, reward_model, device=device)
+        if scorer is None:
+            log.warning("reward model %s is loaded as a second model beside the policy's base: %s",
+                        reward_model, why_not)
+        else:
+            log.info("reward model %s shares the policy's base (a second adapter, %r)", reward_model,
+                     shared_reward.REWARD_ADAPTER)
+    if scorer is None:
+        from alignment.reward_scoring import RewardScorer
+
+        scorer = RewardScorer.load(reward_model, device=device)
 
     def score(completions: list[str], prompts: list) -> list[float]:
         return scorer.score_batch(list(prompts), list(completions), batch_size=batch_size)
