@@ -13,23 +13,24 @@ max_new_tokens, sampling temperature, no top-k/top-p), the same LoRA (r=16, alph
 linear layer of the backbone: the cpu-lora preset's choice), the same reward model and the same
 number of PPO steps, in float32 on the CPU.
 
-The reward model: a directory built here from the policy's own base with a fresh, randomly
-initialised sequence-classification head (saved as a full model with the manifest of a reward
-run, so `--reward-model DIR` accepts it): it costs what a trained one costs, nothing is downloaded
-and nothing is trained first. Its scores are meaningless; the bench measures cost, not learning.
+The reward model: a directory built here as a finished `prefloop train reward` run on the
+policy's base saves one (build_reward_dir: a LoRA adapter, r=16/alpha=32 like the policy's, with
+randomly drawn B matrices, the score head trained in full, the tokenizer and the run manifest),
+so `--reward-model DIR` accepts it: it costs what a trained one costs, nothing is downloaded and
+nothing is trained first. Its scores are meaningless; the bench measures cost, not learning.
 
 prefloop ("shared"): `run_training` of `prefloop train ppo` with the default (auto) preset,
 `--reward-model DIR`, `--data prompts.jsonl` and the sizes below, checkpoints off (the final
 adapter is saved as in any run). One base model holds the LoRA policy, the reference (the
-adapter switched off) and the value function (a linear head on the policy's last hidden state);
-the reward model is a second model, loaded from DIR (PPO's reward model has its own base: it may
-be another architecture, see alignment/training/ppo_reward.py). So the shared layout is two
-model copies, not one.
+adapter switched off), the value function (a linear head on the policy's last hidden state) and
+the reward model (DIR's adapter as a second, frozen adapter of the policy's model, its score
+head a small Linear: alignment/training/shared_reward.py). One model copy.
 
 Separate copies ("separate"): a plain script with the four models of the textbook layout (TRL's
 PPOTrainer without a PEFT reference): the policy (base + the same LoRA), a frozen reference (a
 second copy of the base), a value model (a third copy: the backbone with the same LoRA and a
-per-token linear head, trained with the policy) and the reward model (a fourth, loaded from DIR).
+per-token linear head, trained with the policy) and the reward model (a fourth: the base as a
+sequence classifier with DIR's adapter and head, the adapter merged into its weights).
 Each PPO step: sample the rollout with the policy (`generate`, same batch), the policy's and the
 reference's log-probs and the values in no-grad forwards, the reward model's scores on the
 decoded completions (its chat template), per-token rewards/GAE/whitening and the clipped losses
@@ -104,23 +105,31 @@ def write_prompts(path: Path, n: int | None = None) -> Path:
 
 
 def build_reward_dir(base: str, out: Path) -> Path:
-    """A reward model from `base` with a fresh scalar head, saved as a finished reward run saves a
-    fully fine-tuned one (the model, its tokenizer, the manifest)."""
-    import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    """A reward model on `base` saved as a finished `prefloop train reward` run saves one: a LoRA
+    adapter (the same r/alpha as the policy's) with the sequence-classification head trained in
+    full, the tokenizer, the manifest. Its LoRA B matrices are drawn at random (a fresh adapter's
+    are zero, a trained one's are not), so the adapter really changes the scores; nothing is
+    trained and nothing is downloaded."""
+    import dataclasses
 
+    import torch
+
+    from alignment.models import ModelSpec, apply_adapter, load_model, save_adapter
+    from alignment.models.adapters import AdapterConfig
     from alignment.reward_scoring import MANIFEST
 
-    tokenizer = AutoTokenizer.from_pretrained(base)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    spec = ModelSpec(str(base), quantize="none", device="cpu")
     torch.manual_seed(0)
-    model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1, dtype=torch.float32)
-    model.config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(out)
+    model, tokenizer = load_model(spec, head="reward")
+    model = apply_adapter(model, AdapterConfig(method="lora", r=LORA["r"], alpha=LORA["alpha"], dropout=0.0))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.02)
+    kind = save_adapter(model, out)
     tokenizer.save_pretrained(out)
     manifest = {"run_id": None, "method": "reward", "base_model": str(base), "head": "reward",
-                "from_policy": None, "adapter_kind": "model", "model_spec": {"model": str(out), "quantize": "none"},
+                "from_policy": None, "adapter_kind": kind, "model_spec": dataclasses.asdict(spec),
                 "max_length": 512, "chat_template": tokenizer.chat_template is not None}
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return out
@@ -139,9 +148,10 @@ def timed_methods(timers: dict, counts: dict):
     (and count the rollout's completion tokens); restored on exit."""
     from alignment.reward_scoring import RewardScorer
     from alignment.training.ppo import PPOTrainer
+    from alignment.training.shared_reward import SharedRewardScorer
 
     originals = [(PPOTrainer, "rollout"), (PPOTrainer, "_generate"), (PPOTrainer, "optimize"),
-                 (RewardScorer, "score_batch")]
+                 (RewardScorer, "score_batch"), (SharedRewardScorer, "score_batch")]
     saved = [(owner, name, getattr(owner, name)) for owner, name in originals]
 
     def wrap(name, fn):
@@ -167,6 +177,13 @@ def timed_methods(timers: dict, counts: dict):
     PPOTrainer._generate = wrap("generate", saved[1][2])
     PPOTrainer.optimize = wrap("optimize", saved[2][2])
     RewardScorer.score_batch = wrap("reward", saved[3][2])
+    shared = wrap("reward", saved[4][2])
+
+    def shared_score(*args, **kwargs):  # the reward adapter on the policy's base, not a copy
+        counts["shared_reward_batches"] = counts.get("shared_reward_batches", 0) + 1
+        return shared(*args, **kwargs)
+
+    SharedRewardScorer.score_batch = shared_score
     try:
         yield
     finally:
@@ -203,7 +220,7 @@ def prefloop_worker(model: str, reward: str, data: str, sizes: Sizes, out: str) 
 def separate_worker(model: str, reward: str, data: str, sizes: Sizes, out: str) -> dict:
     """The textbook layout, four models: see the module docstring."""
     import torch
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import (
         AutoModel,
         AutoModelForCausalLM,
@@ -224,8 +241,12 @@ def separate_worker(model: str, reward: str, data: str, sizes: Sizes, out: str) 
     value_backbone = get_peft_model(AutoModel.from_pretrained(model, **load), LoraConfig(**lora))
     value_head = torch.nn.Linear(value_backbone.config.hidden_size, 1)
     torch.nn.init.zeros_(value_head.weight), torch.nn.init.zeros_(value_head.bias)
-    reward_model = AutoModelForSequenceClassification.from_pretrained(reward, **load).eval().requires_grad_(False)
+    # the 4th copy: the base as a sequence classifier with the reward adapter merged in (no LoRA
+    # matrices kept, no LoRA matmuls: the smallest and fastest form of that reward model)
     reward_tokenizer = AutoTokenizer.from_pretrained(reward)
+    reward_model = AutoModelForSequenceClassification.from_pretrained(
+        model, num_labels=1, pad_token_id=tokenizer.pad_token_id, **load)
+    reward_model = PeftModel.from_pretrained(reward_model, reward).merge_and_unload().eval().requires_grad_(False)
     for m in (policy, value_backbone):
         for module in m.modules():
             if isinstance(module, torch.nn.Dropout):
@@ -411,7 +432,9 @@ def main() -> None:
               f"{sizes.rollout_batch_size} prompts x <= {sizes.max_new_tokens} new tokens, {sizes.ppo_epochs} "
               f"epoch(s) of minibatches of {sizes.mini_batch_size}; load average {load_before:.1f}", flush=True)
         shared = measure("prefloop", model, reward, data, sizes, args.threads)
-        print(f"  prefloop (shared base)  done: peak RSS {shared['peak_rss_mb']:.0f} MB", flush=True)
+        where = "on the policy's base" if shared["counts"].get("shared_reward_batches") else "a separate model"
+        print(f"  prefloop (shared base)  done: peak RSS {shared['peak_rss_mb']:.0f} MB (reward model: {where})",
+              flush=True)
         separate = measure("separate", model, reward, data, sizes, args.threads)
         print(f"  separate (4 copies)     done: peak RSS {separate['peak_rss_mb']:.0f} MB", flush=True)
     load = max(load_before, os.getloadavg()[0])

@@ -5,6 +5,7 @@ needs. No timing is asserted."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -44,6 +45,10 @@ def test_bench_ppo_workers_run_one_step(bench, tmp_path):
         assert report["timers"]["rollout"] >= report["timers"]["generate"], (name, report)
         reports[name] = report
     assert reports["prefloop"]["timers"]["reward"] > 0  # scored by the reward model directory built above
+    # ... which is a LoRA reward run on the policy's base: prefloop scores with it on the policy's own model
+    assert reports["prefloop"]["counts"]["shared_reward_batches"] >= 1
+    manifest = json.loads((Path(reward) / "prefloop_run.json").read_text())
+    assert manifest["adapter_kind"] == "peft" and manifest["head"] == "reward"
 
     figures, line = bench.summarize(reports["prefloop"], reports["separate"], load=1.0)
     assert line.startswith("RESULT ppo ratio=") and "steps_per_s=" in line and "rollout_tokens_per_s=" in line
