@@ -232,6 +232,44 @@ def test_sampler_and_ppo_log_probs_agree_under_left_padding(sharp_model_dir, tmp
     assert torch.allclose(ppo_math.token_logprobs(logits, responses), sampled, atol=1e-4)
 
 
+def test_rollouts_sample_the_lora_policy_through_the_decoding_loop(sharp_model_dir, tmp_path, monkeypatch):
+    """Rollouts go through `prefloop generate`'s static-cache loop on the policy's base, whose LoRA
+    layers are in place: greedy, it gives the LoRA policy's `generate` tokens, not the base's."""
+    from alignment import decoding
+
+    trainer = _trainer(sharp_model_dir, tmp_path, good_share)
+    with torch.no_grad():
+        for name, param in trainer.model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.5)  # a policy well away from its base
+    trainer.model.eval()
+    tokenizer, pad = trainer.tokenizer, trainer.tokenizer.pad_token_id
+    batch = tokenizer.pad({"input_ids": trainer.prompt_ids[:4]}, padding_side="left", return_tensors="pt")
+    base = trainer.model.get_base_model()
+    assert decoding.supports(base)
+
+    def greedy(**kw):
+        return decoding.decode(base, batch["input_ids"], batch["attention_mask"], max_new_tokens=6,
+                               stop_ids=trainer.stop_ids, pad_id=pad, **kw)
+
+    ours = greedy()
+    theirs = trainer.model.generate(**batch, do_sample=False, max_new_tokens=6, pad_token_id=pad)
+    assert torch.equal(ours, theirs[:, batch["input_ids"].size(1):][:, :ours.size(1)])
+    with trainer.model.disable_adapter():
+        assert not torch.equal(greedy(), ours)  # the adapter is in the loop
+
+    calls, top_k = [], base.generation_config.top_k
+    real = decoding.decode
+    monkeypatch.setattr(decoding, "decode", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+    first = trainer._generate(trainer.prompt_ids[:4], step=3)
+    assert len(calls) == 1 and calls[0]["temperature"] == trainer.args.temperature and calls[0]["top_p"] == 1.0
+    assert base.generation_config.top_k == top_k  # set to 0 for the call only
+    assert trainer._generate(trainer.prompt_ids[:4], step=3) == first  # seeded: a resumed run samples the same
+    assert all(len(row) <= trainer.args.max_new_tokens for row in first)
+    monkeypatch.setenv(decoding.ENV, "generate")  # the switch back to transformers' generate
+    assert trainer._generate(trainer.prompt_ids[:4], step=3) and len(calls) == 2  # not through decode
+
+
 def test_policy_learns_what_the_reward_asks_for(sharp_model_dir, tmp_path):
     trainer = _trainer(sharp_model_dir, tmp_path, good_share, max_steps=12, learning_rate=1e-2)
     trainer.train()

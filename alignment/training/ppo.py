@@ -4,7 +4,8 @@ and the policy is pushed towards higher scores without straying far from where i
 One PPO step:
 1. rollout: `rollout_batch_size` prompts (stored prompts, snapshotted like the other methods'
    data), one sampled completion each at `temperature` (no top-k/top-p, so the sampler and the
-   log-probs PPO optimises are the same distribution);
+   log-probs PPO optimises are the same distribution), through `prefloop generate`'s
+   static-cache decoding loop (alignment/decoding.py) on Llama-family bases, else `generate`;
 2. scoring: the completions are decoded and scored by one reward source, the same flags as
    GRPO/RLOO (online_rewards.py):
    - `--reward-run` / `--reward-model`: the reward model of a finished reward run (its own
@@ -318,13 +319,41 @@ class PPOTrainer(Trainer):
             batch = batch.to(self.args.device)
             # a resumed run samples the same; salt: the reference's answers are other draws
             torch.manual_seed(self.args.seed * 7919 + step * 131 + k + salt * 104_729)
-            output = self.model.generate(
-                **batch, do_sample=True, temperature=self.args.temperature, top_k=0, top_p=1.0,
-                max_new_tokens=self.args.max_new_tokens, pad_token_id=pad,
-                remove_invalid_values=True,  # a diverged policy is reported by the NaN guard, not by the sampler
-            )
-            responses += output[:, batch["input_ids"].size(1):].tolist()
+            output = self._decode_fast(batch)
+            if output is None:
+                output = self.model.generate(
+                    **batch, do_sample=True, temperature=self.args.temperature, top_k=0, top_p=1.0,
+                    max_new_tokens=self.args.max_new_tokens, pad_token_id=pad,
+                    remove_invalid_values=True,  # a diverged policy is reported by the NaN guard, not by the sampler
+                )[:, batch["input_ids"].size(1):]
+            responses += output.tolist()
         return responses
+
+    def _decode_fast(self, batch) -> torch.Tensor | None:
+        """The completions' token ids from `prefloop generate`'s static-cache loop
+        (alignment.decoding), run on the policy's base model: its LoRA/DoRA layers are in place
+        there, so it samples the policy (or the reference, with the adapter switched off). Full
+        softmax at the PPO temperature: no top-k (the generation config's is set to 0 for the
+        call), no top-p. None where that loop does not apply (another architecture, a quantized
+        base, an untested transformers, PREFLOOP_DECODE=generate) or fails (non-finite logits of
+        a diverged policy: `generate` then drops them and the NaN guard reports the run)."""
+        from alignment import decoding
+
+        base = self.accelerator.unwrap_model(self.model).get_base_model()
+        if not decoding.supports(base):
+            return None
+        config = base.generation_config
+        top_k = config.top_k
+        config.top_k = 0
+        try:
+            return decoding.decode(base, batch["input_ids"], batch["attention_mask"],
+                                   max_new_tokens=self.args.max_new_tokens, temperature=self.args.temperature,
+                                   top_p=1.0, stop_ids=self.stop_ids, pad_id=self.tokenizer.pad_token_id)
+        except RuntimeError as error:
+            log.debug("PPO rollout: the decoding loop failed (%s); sampling with generate", error)
+            return None
+        finally:
+            config.top_k = top_k
 
     @torch.no_grad()
     def rollout(self, step: int) -> Rollout:
