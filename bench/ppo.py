@@ -24,7 +24,9 @@ prefloop ("shared"): `run_training` of `prefloop train ppo` with the default (au
 adapter is saved as in any run). One base model holds the LoRA policy, the reference (the
 adapter switched off), the value function (a linear head on the policy's last hidden state) and
 the reward model (DIR's adapter as a second, frozen adapter of the policy's model, its score
-head a small Linear: alignment/training/shared_reward.py). One model copy.
+head a small Linear: alignment/training/shared_reward.py). One model copy. Its rollouts are
+sampled by `prefloop generate`'s static-cache decoding loop (alignment/decoding.py) on that
+model; `PREFLOOP_DECODE=generate python bench/ppo.py ...` measures them through `generate`.
 
 Separate copies ("separate"): a plain script with the four models of the textbook layout (TRL's
 PPOTrainer without a PEFT reference): the policy (base + the same LoRA), a frozen reference (a
