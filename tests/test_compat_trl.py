@@ -275,6 +275,9 @@ def assert_same_tensors(a: dict, b: dict):
 
 
 def test_ppo_checkpoints_fast_and_public_agree_and_resume_across(ppo_model_dir, tmp_path, monkeypatch):
+    # The public path also turns prefloop's decoding loop off (feature "decoding"), whose seeded
+    # draws differ from generate's: both sides sample with generate, so only the checkpoints differ.
+    monkeypatch.setenv("PREFLOOP_DECODE", "generate")
     runs = {}
     for public in (False, True):
         use_public(monkeypatch, public)
