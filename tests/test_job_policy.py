@@ -188,6 +188,7 @@ REFUSED = [
     ("train", "dpo --set model.model=/root/model", "model.model cannot be set"),
     ("train", "dpo --set trainer.push_to_hub=true", "trainer.push_to_hub cannot be set"),
     ("train", "dpo --set trainer.report_to=wandb", "trainer.report_to cannot be set"),
+    ("train", "dpo --report-to all", "--report-to all: not allowed in web jobs (it reports to a host"),
     (
         "train",
         "dpo --output-dir /etc/cron.d",

@@ -30,3 +30,44 @@ def test_report_to_tensorboard_from_the_cli(sqlite_url, tmp_path, capsys):
     logged = EventAccumulator(str(events[0].parent)).Reload().Tags()["scalars"]
     assert any(tag.endswith("loss") for tag in logged), logged
     assert {m.step for m in run_metrics(engine, 1) if m.name == "loss"} == {1, 2}  # and the store's curve
+
+
+def test_ppo_sends_its_curves_to_the_tracker(sqlite_url, tmp_path, capsys):
+    """PPO runs its own loop, but logs through Trainer.log: the tracker gets reward, KL and losses."""
+    from labeling.cli import main
+
+    preference_store(sqlite_url, n_prompts=6, ratings=False)
+    out = tmp_path / "ppo"
+    argv = ["train", "ppo", "--db", sqlite_url, "--model", tiny_model(tmp_path), "--no-progress",
+            "--reward-rubric", "shorter", "--max-steps", "2", "--rollout-batch-size", "4", "--mini-batch-size", "2",
+            "--batch-size", "2", "--ppo-epochs", "1", "--max-new-tokens", "4", "--output-dir", str(out),
+            "--report-to", "tensorboard", "--set", "trainer.optim=adamw_torch"]
+    assert main(argv) == 0, capsys.readouterr().err
+    events = list(out.rglob("events.out.tfevents.*"))
+    assert events
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(events[0].parent)).Reload()
+    logged = accumulator.Tags()["scalars"]
+    for curve in ("reward", "kl", "policy_loss", "value_loss", "entropy"):
+        tag = next((t for t in logged if t.endswith("/" + curve)), None)
+        assert tag is not None, (curve, logged)
+        assert [event.step for event in accumulator.Scalars(tag)] == [1, 2]
+
+
+@pytest.mark.parametrize(("value", "message"), [
+    ("nosuch", "unknown tracker 'nosuch' (transformers reports to: "),
+    ("tensorboard,all", "'all' and 'none' stand alone"),
+    ("comet_ml", "tracker 'comet_ml' is not installed: pip install comet-ml"),
+])
+def test_bad_trackers_are_refused_before_anything_runs(sqlite_url, tmp_path, capsys, value, message):
+    from labeling.cli import main
+
+    out = tmp_path / "never"
+    with pytest.raises(SystemExit) as exited:
+        main(["train", "dpo", "--db", sqlite_url, "--model", str(tmp_path / "no-model"), "--output-dir", str(out),
+              "--report-to", value])
+    assert exited.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()

@@ -352,12 +352,26 @@ def _checked_value(
     if dest == "set":
         check_setting(flag, value)
         return value
+    if dest == "report_to":
+        return check_trackers(flag, value)
     if dest == "model" and getattr(parsed, "backend", "local") != "openai":
         return check_model(policy, flag, value)  # openai: a name the endpoint serves, not a file
     if dest == "policy":
         return ",".join(
             check_model(policy, flag, name.strip()) for name in value.split(",") if name.strip()
         )
+    return value
+
+
+def check_trackers(flag: str, value: str) -> str:
+    """Offline trackers only: the others send the run to a host with the server's credentials."""
+    from alignment.training.trackers import OFFLINE_TRACKERS
+
+    names = [name.strip() for name in value.split(",") if name.strip()]
+    hosted = [name for name in names if name not in (*OFFLINE_TRACKERS, "none")]
+    if hosted:
+        raise JobRefused(f"{flag} {hosted[0]}: not allowed in web jobs (it reports to a host with the server's "
+                         f"credentials; offline trackers: {', '.join(OFFLINE_TRACKERS)})")
     return value
 
 

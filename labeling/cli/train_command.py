@@ -55,6 +55,15 @@ def _loss_types(value: str) -> list[str]:
     return names
 
 
+def _trackers(value: str) -> list[str]:
+    from alignment.training.trackers import TrackerError, parse_report_to
+
+    try:
+        return parse_report_to(value)
+    except TrackerError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def _fraction(value: str) -> float:
     number = float(value)
     if not 0.0 <= number <= 1.0:
@@ -85,8 +94,9 @@ COMMON_FLAGS: tuple[tuple[str, Flag], ...] = (
     ("run", Flag("data", metavar="FILE")),
     ("run", Flag("policy_name")),
     ("run", Flag("from_policy", metavar="NAME")),
-    ("trainer", Flag("report_to", choices=("none", "tensorboard"),
-                     help="also log to TensorBoard (under the output directory)")),
+    ("trainer", Flag("report_to", type=_trackers, metavar="NAME[,NAME]",
+                     help="also log the curves to these trackers (transformers' names: tensorboard writes "
+                          "under the output directory, offline; wandb, mlflow, ... if installed; all; none)")),
 )
 METHOD_FLAGS: dict[str, tuple[tuple[str, Flag], ...]] = {
     "sft": (
