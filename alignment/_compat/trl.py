@@ -18,6 +18,11 @@ Written and tested for TRL 1.16 on transformers 5.24 (`TESTED`). What is relied 
   attribute: called with a stand-in model that returns the packed log-probs and with the
   reference log-probs in the batch, so TRL's KTO loss code runs unchanged (for a weighted batch,
   once per completion, with the batch's KL completions: `kto.PackedKTOTrainer.weighted_loss`).
+- `trl.experimental` `ORPOTrainer.concatenated_forward` / `CPOTrainer.concatenated_forward`
+  (model, batch) -> (chosen_logps, rejected_logps, chosen_logits, rejected_logits, nll_loss),
+  which `get_batch_loss_metrics` consumes: overridden to compute them from packed rows
+  (`reference_free.PackedPairs`; the logits as per-token means, which TRL only averages into
+  its `logits/*` metrics), and `aux_loss_enabled` / `is_encoder_decoder`, read to stay off.
 
 Per-example weights (a `weight` column) need no private member: the trainers keep the column with
 the public `remove_unused_columns=False`, collate it with `common.WeightedCollator` and weight
@@ -37,7 +42,8 @@ from packaging.specifiers import SpecifierSet
 from alignment import _compat
 
 TESTED = {"trl": SpecifierSet(">=1.16,<1.17"), "transformers": SpecifierSet(">=5.24,<5.25")}
-FEATURES = ("dpo", "reward", "sft", "kto")  # the packed DPO, reward, SFT and KTO trainers' hooks
+# the packed DPO, reward, SFT, KTO and ORPO/SimPO ("reference_free") trainers' hooks
+FEATURES = ("dpo", "reward", "sft", "kto", "reference_free")
 
 
 def fast_path_enabled(feature: str) -> bool:

@@ -15,13 +15,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from alignment.training.common import GuardedTraining, MethodSpec
-from alignment.training.reference_free import EXPORT, REQUIRED_COLUMNS, MeasuredPairs, experimental
+from alignment.training.reference_free import (
+    EXPORT,
+    REQUIRED_COLUMNS,
+    MeasuredPairs,
+    PackedPairs,
+    PrefixSharing,
+    experimental,
+)
 
 _trl = experimental("orpo")
 
 
 @dataclass
-class ORPOConfig(_trl.ORPOConfig):
+class ORPOConfig(PrefixSharing, _trl.ORPOConfig):
     """TRL's ORPOConfig (`beta` is the weight of the odds-ratio term, the paper's lambda). The
     pairs keep their columns for TRL's pair collator (which TRL would otherwise switch on with a
     warning)."""
@@ -29,8 +36,14 @@ class ORPOConfig(_trl.ORPOConfig):
     remove_unused_columns: bool = False
 
 
-class ORPOTrainer(GuardedTraining, MeasuredPairs, _trl.ORPOTrainer):
-    """TRL's experimental ORPOTrainer, stopping on a non-finite loss."""
+class ORPOTrainer(GuardedTraining, MeasuredPairs, PackedPairs, _trl.ORPOTrainer):
+    """TRL's experimental ORPOTrainer on packed pairs (reference_free.PackedPairs), stopping on a
+    non-finite loss."""
+
+    nll_over_prompt = True  # TRL: "orpo chosen nll loss is computed over the full prompt and response"
+
+    def average_log_prob(self) -> bool:
+        return True  # the odds ratio uses the mean per-token log-prob
 
 
 METHOD = MethodSpec(

@@ -19,7 +19,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from alignment.training.common import GuardedTraining, MethodSpec
-from alignment.training.reference_free import EXPORT, REQUIRED_COLUMNS, MeasuredPairs, experimental
+from alignment.training.reference_free import (
+    EXPORT,
+    REQUIRED_COLUMNS,
+    MeasuredPairs,
+    PackedPairs,
+    PrefixSharing,
+    experimental,
+)
 
 _trl = experimental("cpo")
 
@@ -27,7 +34,7 @@ SIMPO_LOSSES = ("simpo", "alphapo")
 
 
 @dataclass
-class SimPOConfig(_trl.CPOConfig):
+class SimPOConfig(PrefixSharing, _trl.CPOConfig):
     """TRL's CPOConfig with SimPO's loss and the paper's defaults (the pairs keep their columns for
     TRL's pair collator, which TRL would otherwise switch on with a warning)."""
 
@@ -53,8 +60,15 @@ class SimPOConfig(_trl.CPOConfig):
         super().__post_init__()
 
 
-class SimPOTrainer(GuardedTraining, MeasuredPairs, _trl.CPOTrainer):
-    """TRL's experimental CPOTrainer (loss_type="simpo"), stopping on a non-finite loss."""
+class SimPOTrainer(GuardedTraining, MeasuredPairs, PackedPairs, _trl.CPOTrainer):
+    """TRL's experimental CPOTrainer (loss_type="simpo") on packed pairs (reference_free.PackedPairs),
+    stopping on a non-finite loss."""
+
+    def average_log_prob(self) -> bool:
+        return self.loss_type in ("ipo", "simpo")  # as CPOTrainer.concatenated_forward decides
+
+    def nll_enabled(self) -> bool:
+        return self.cpo_alpha != 0  # CPO computes no NLL term without its weight
 
 
 METHOD = MethodSpec(
