@@ -1,5 +1,5 @@
-"""DPO, reward-model, KTO and SFT training of the embedded default model with LoRA: prefloop's
-path against a plain TRL script configured like the seed, on the same 256 preference pairs.
+"""DPO, reward-model, KTO, SFT, ORPO and SimPO training of the embedded default model with LoRA:
+prefloop's path against a plain TRL script configured like the seed, on the same 256 preference pairs.
 
     python bench/train.py                 # about 8 minutes on 2 quiet cores
     python bench/train.py --quick         # a few minutes: fewer steps and pairs, 1-step memory runs
@@ -7,9 +7,11 @@ path against a plain TRL script configured like the seed, on the same 256 prefer
 
 Every method prefloop trains with TRL on stored pairs or examples is here: DPO and the reward
 model on the pairs, KTO on the same pairs split as `export_kto` splits them (winner desirable,
-loser undesirable, one after the other), SFT on prompt + winner (`export_sft`). ORPO and SimPO
-(prefloop's own reference-free trainers) are not measured yet; PPO, GRPO and RLOO are online
-(their cost is generation) and are measured by bench/ppo.py.
+loser undesirable, one after the other), SFT on prompt + winner (`export_sft`), ORPO and SimPO
+on the pairs (their plain scripts: TRL's experimental `ORPOTrainer`, and `CPOTrainer` with
+`loss_type="simpo"` and prefloop's SimPO defaults, beta 2.0, gamma 1.0, no NLL term). PPO, GRPO
+and RLOO are online (their cost is generation): PPO is measured by bench/ppo.py (TRL 1.16 has
+no PPO trainer to compare with); GRPO and RLOO run TRL's own trainers as they are.
 
 Speed: the TRL trainer and prefloop's trainer (built by prefloop's own entry point) live in
 one process and take their optimizer steps in alternation, so both see the same machine (on
@@ -64,7 +66,7 @@ WORDS = (
 SEED_LORA = dict(r=64, alpha=16, dropout=0.1, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj"])
 
 
-METHODS = ("dpo", "reward", "kto", "sft")
+METHODS = ("dpo", "reward", "kto", "sft", "orpo", "simpo")
 WARMUP_STEPS = 1  # per side, before the alternating timed steps
 PAIR_METHODS = ("dpo", "reward")  # MFU is computed for these (their FLOP count is worked out above)
 
@@ -165,6 +167,18 @@ def build_trl(method: str, data: str, steps: int, batch: int, out: str, callback
             seed_args = {**seed_args, "train_sampling_strategy": "sequential"}
         return trainer(model=model, args=config(**seed_args), train_dataset=dataset, processing_class=tokenizer,
                        peft_config=causal_lora, callbacks=list(callbacks))
+    if method in ("orpo", "simpo"):
+        from alignment.training.reference_free import experimental
+
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        if method == "orpo":
+            trainer, config = experimental("orpo").ORPOTrainer, experimental("orpo").ORPOConfig(**seed_args)
+        else:  # prefloop's SimPO recipe (the paper's): beta 2.0, gamma 1.0, no NLL term
+            cpo = experimental("cpo")
+            trainer, config = cpo.CPOTrainer, cpo.CPOConfig(**seed_args, loss_type="simpo", beta=2.0,
+                                                             simpo_gamma=1.0, cpo_alpha=0.0)
+        return trainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
+                       peft_config=causal_lora, callbacks=list(callbacks))
     if method == "dpo":
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         return DPOTrainer(model=model, args=DPOConfig(**seed_args), train_dataset=dataset, processing_class=tokenizer,
@@ -234,9 +248,7 @@ def stepper(trainer, steps: int):
 
     def step() -> tuple[int, float, float]:
         inputs = next(batches)
-        # TRL's num_tokens: the real tokens of both sequences (DPO, reward), of the sequence (SFT),
-        # of the sequence and its KL sequence (KTO)
-        tokens = int(inputs["attention_mask"].sum()) + int(inputs.get("KL_attention_mask", inputs["attention_mask"][:0]).sum())
+        tokens = batch_tokens(inputs)
         start = time.perf_counter()
         loss = trainer.training_step(model, inputs)
         torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)
@@ -246,6 +258,15 @@ def stepper(trainer, steps: int):
         return tokens, time.perf_counter() - start, float(loss)
 
     return step
+
+
+def batch_tokens(inputs: dict) -> int:
+    """TRL's num_tokens: the real tokens of both sequences (DPO, reward, ORPO, SimPO), of the
+    sequence (SFT), of the sequence and its KL sequence (KTO)."""
+    if "chosen_attention_mask" in inputs:  # ORPO/CPO rows: prompt + answer, each side
+        return int(inputs["chosen_attention_mask"].sum()) + int(inputs["rejected_attention_mask"].sum())
+    mask = inputs["attention_mask"]
+    return int(mask.sum()) + int(inputs.get("KL_attention_mask", mask[:0]).sum())
 
 
 def interleaved_worker(method: str, data: str, steps: int, batch: int, out: str) -> dict:
@@ -377,9 +398,9 @@ def main() -> None:
                 continue
             for worker in ("trl", "prefloop"):
                 m = memory[method, worker] = measure(worker, method, data, args.memory_steps, args.batch, args.threads)
+                rate = f"{m['tokens'] / m['seconds']:6.1f} tokens/s" if m["tokens"] else "no num_tokens logged"
                 print(f"  {method:6} {worker:8} full run of {args.memory_steps} steps: peak RSS "
-                      f"{m['peak_rss_mb']:6.0f} MB, {m['tokens'] / m['seconds']:6.1f} tokens/s "
-                      f"({m['cpu_seconds']:.1f} CPU-s)", flush=True)
+                      f"{m['peak_rss_mb']:6.0f} MB, {rate} ({m['cpu_seconds']:.1f} CPU-s)", flush=True)
         peak = max(peak, matmul_peak(threads=args.threads))
 
     print(f"\n{'':8}{'tokens/s TRL':>14}{'prefloop':>10}{'ratio':>8}{'peak MB TRL':>13}{'prefloop':>10}{'ratio':>8}"
