@@ -9,9 +9,14 @@ Every method prefloop trains with TRL on stored pairs or examples is here: DPO a
 model on the pairs, KTO on the same pairs split as `export_kto` splits them (winner desirable,
 loser undesirable, one after the other), SFT on prompt + winner (`export_sft`), ORPO and SimPO
 on the pairs (their plain scripts: TRL's experimental `ORPOTrainer`, and `CPOTrainer` with
-`loss_type="simpo"` and prefloop's SimPO defaults, beta 2.0, gamma 1.0, no NLL term). PPO, GRPO
-and RLOO are online (their cost is generation): PPO is measured by bench/ppo.py (TRL 1.16 has
-no PPO trainer to compare with); GRPO and RLOO run TRL's own trainers as they are.
+`loss_type="simpo"` and prefloop's SimPO defaults, beta 2.0, gamma 1.0, no NLL term). GRPO and
+RLOO on the pairs' prompts, against TRL's `GRPOTrainer` / `RLOOTrainer`: groups of 4 completions
+of at most 32 tokens per prompt (one prompt per step at batch 4), rewarded by the same plain
+function (`length_penalty`, given to prefloop as `--reward-function bench.train:length_penalty`);
+their tokens are the completion tokens sampled (counted as the reward sees them), since the two
+sides sample different completions. PPO (`--methods ppo`, not in the default list: its own bench
+runs four model copies) is bench/ppo.py's memory comparison at its `--quick` size, reported as
+`ppo_mem_ratio` (TRL 1.16 has no PPO trainer to time against).
 
 Speed: the TRL trainer and prefloop's trainer (built by prefloop's own entry point) live in
 one process and take their optimizer steps in alternation, so both see the same machine (on
@@ -66,19 +71,43 @@ WORDS = (
 SEED_LORA = dict(r=64, alpha=16, dropout=0.1, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj"])
 
 
-METHODS = ("dpo", "reward", "kto", "sft", "orpo", "simpo")
+METHODS = ("dpo", "reward", "kto", "sft", "orpo", "simpo", "grpo", "rloo")
+ONLINE_METHODS = ("grpo", "rloo")
+ONLINE = {"num_generations": 4, "max_completion_length": 32}  # both sides' group and completion sizes
+ALL_METHODS = (*METHODS, "ppo")
 WARMUP_STEPS = 1  # per side, before the alternating timed steps
 PAIR_METHODS = ("dpo", "reward")  # MFU is computed for these (their FLOP count is worked out above)
 
 
 def method_rows(method: str, pairs: list[dict]) -> list[dict]:
     """The rows a method trains on, from the pairs, as prefloop's exports shape them."""
+    if method in ONLINE_METHODS:  # export_prompts: the prompts alone
+        return [{"prompt": p["prompt"]} for p in pairs]
     if method == "kto":  # export_kto: the winner desirable, then the loser undesirable
         return [row for p in pairs for row in ({"prompt": p["prompt"], "completion": p["chosen"], "label": True},
                                                 {"prompt": p["prompt"], "completion": p["rejected"], "label": False})]
     if method == "sft":  # export_sft: prompt and winner
         return [{"prompt": p["prompt"], "completion": p["chosen"]} for p in pairs]
     return pairs
+
+
+def length_penalty(prompts, completions, completion_ids=None, **_) -> list[float]:
+    """The online methods' reward on both sides: shorter is better (cheap, so generation and the
+    update are what is timed)."""
+    return [-len(c if completion_ids is None else ids) / ONLINE["max_completion_length"]
+            for c, ids in zip(completions, completion_ids or completions)]
+
+
+class CountedReward:
+    """A reward function that also counts the completion tokens it scores: an online step's tokens."""
+
+    def __init__(self, function):
+        self.function, self.tokens = function, 0
+        self.__name__ = getattr(function, "__name__", "reward")
+
+    def __call__(self, prompts, completions, completion_ids=None, **kwargs):
+        self.tokens += sum(len(ids) for ids in completion_ids or ())
+        return self.function(prompts, completions, completion_ids=completion_ids, **kwargs)
 
 
 def make_pairs(n: int = 256, seed: int = 0) -> list[dict]:
@@ -167,6 +196,14 @@ def build_trl(method: str, data: str, steps: int, batch: int, out: str, callback
             seed_args = {**seed_args, "train_sampling_strategy": "sequential"}
         return trainer(model=model, args=config(**seed_args), train_dataset=dataset, processing_class=tokenizer,
                        peft_config=causal_lora, callbacks=list(callbacks))
+    if method in ONLINE_METHODS:
+        from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
+
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        trainer, config = (GRPOTrainer, GRPOConfig) if method == "grpo" else (RLOOTrainer, RLOOConfig)
+        return trainer(model=model, reward_funcs=[CountedReward(length_penalty)], args=config(**seed_args, **ONLINE),
+                       train_dataset=dataset, processing_class=tokenizer, peft_config=causal_lora,
+                       callbacks=list(callbacks))
     if method in ("orpo", "simpo"):
         from alignment.training.reference_free import experimental
 
@@ -211,6 +248,8 @@ def prefloop_request(method: str, data: str, steps: int, batch: int, out: str):
         overrides["reward"] = {"eval_fraction": 0.0}  # the baseline holds nothing out either
     if method == "kto":  # KTO samples in order (its KL term); prefloop would switch with a note
         overrides["trainer"]["train_sampling_strategy"] = "sequential"
+    if method in ONLINE_METHODS:  # the same reward function and sizes as the plain script
+        overrides[method] = {**ONLINE, "reward_function": "bench.train:length_penalty"}
     return TrainRequest(method, model="default", preset="seed-qlora", overrides=[overrides]), engine_for(url)
 
 
@@ -245,17 +284,22 @@ def stepper(trainer, steps: int):
     batches = iter(trainer.get_train_dataloader())
     trainable = [p for p in model.parameters() if p.requires_grad]
     model.train()
+    counted = getattr(trainer, "reward_funcs", [None])[0]
+    if counted is not None and not isinstance(counted, CountedReward):  # prefloop's, from --reward-function
+        counted = trainer.reward_funcs[0] = CountedReward(counted)
 
     def step() -> tuple[int, float, float]:
         inputs = next(batches)
-        tokens = batch_tokens(inputs)
+        before = counted.tokens if counted is not None else 0
         start = time.perf_counter()
         loss = trainer.training_step(model, inputs)
         torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)
         trainer.optimizer.step()
         trainer.lr_scheduler.step()
         model.zero_grad(set_to_none=True)
-        return tokens, time.perf_counter() - start, float(loss)
+        seconds = time.perf_counter() - start
+        tokens = counted.tokens - before if counted is not None else batch_tokens(inputs)
+        return tokens, seconds, float(loss)
 
     return step
 
@@ -347,7 +391,7 @@ def flops_per_token(method: str, params: dict) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", default=",".join(METHODS),
-                        help=f"comma-separated, among {', '.join(METHODS)} (default: all)")
+                        help=f"comma-separated, among {', '.join(ALL_METHODS)} (default: all but ppo)")
     parser.add_argument("--quick", action="store_true",
                         help="a few minutes on a quiet machine: 3 alternating steps, 32 pairs, 1-step memory runs")
     parser.add_argument("--steps", type=int, default=None, help="alternating steps of each side for the speed (6)")
@@ -368,9 +412,11 @@ def main() -> None:
     if args.worker:
         return worker_main(args)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = sorted(set(methods) - set(METHODS))
+    unknown = sorted(set(methods) - set(ALL_METHODS))
     if unknown or not methods:
-        parser.error(f"--methods: unknown {', '.join(unknown) or '(none given)'} (known: {', '.join(METHODS)})")
+        parser.error(f"--methods: unknown {', '.join(unknown) or '(none given)'} (known: {', '.join(ALL_METHODS)})")
+    with_ppo = "ppo" in methods
+    methods = [m for m in methods if m != "ppo"]
 
     from datasets import Dataset
 
@@ -436,8 +482,23 @@ def main() -> None:
             keys.append(f"{method}_mem_ratio={summary[method][1]:.2f}")
     if "dpo" in summary and summary["dpo"][2] is not None:
         keys.append(f"mfu={summary['dpo'][2]:.3f}")
+    if with_ppo:
+        ppo = ppo_memory(args.threads)
+        print(f"ppo     bench/ppo.py --quick: shared base {ppo['shared_mb']:.0f} MB vs four copies "
+              f"{ppo['separate_mb']:.0f} MB = {ppo['ratio']:.2f}x; {ppo['steps_per_s']:.4f} PPO steps/s")
+        keys += [f"ppo_mem_ratio={ppo['ratio']:.2f}", f"ppo_steps_per_s={ppo['steps_per_s']:.4f}"]
     keys.append(f"load={os.getloadavg()[0]:.1f}")
     print("RESULT train " + " ".join(keys))
+
+
+def ppo_memory(threads: int) -> dict:
+    """bench/ppo.py --quick's figures (its RESULT line): PPO has no plain TRL trainer to time against."""
+    process = subprocess.run([sys.executable, str(Path(__file__).with_name("ppo.py")), "--quick", "--threads",
+                              str(threads)], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    line = next((ln for ln in process.stdout.splitlines() if ln.startswith("RESULT ppo ")), None)
+    if process.returncode != 0 or line is None:
+        sys.exit(f"bench/ppo.py failed:\n{process.stderr[-3000:]}")
+    return {key: float(value) for key, value in (item.split("=", 1) for item in line.split()[2:])}
 
 
 def _load() -> str:

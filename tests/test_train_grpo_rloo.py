@@ -215,3 +215,51 @@ def test_a_judge_failing_mid_run_fails_the_run_and_registers_nothing(store, shar
         assert run.status == RunStatus.failed and "judge" in run.error
         assert session.exec(select(JudgeRun)).one().status == RunStatus.failed
     assert not any(name.startswith("grpo") for name in policies(store))
+
+
+# --------------------------------------------------------------------------- rollouts
+
+
+def test_completions_are_cut_after_the_first_end_token():
+    import torch
+
+    from alignment.training.rollouts import completions
+
+    tokens = torch.tensor([[5, 6, 2, 0, 0], [7, 8, 9, 10, 11], [2, 0, 0, 0, 0]])
+    assert completions(tokens, {2}) == [[5, 6, 2], [7, 8, 9, 10, 11], [2]]
+
+
+@pytest.mark.parametrize("method", ["grpo", "rloo"])
+def test_rollouts_go_through_the_decoding_loop_unless_switched_off(method, store, sharp_model_dir, tmp_path,
+                                                                   monkeypatch):
+    """TRL's generation is replaced by prefloop's decoding loop (on the LoRA policy's base, at TRL's
+    temperature/top-k/top-p, cut after the first EOS as TRL cuts); PREFLOOP_DECODE=generate and a
+    sampling option the loop does not have (repetition_penalty) send it back to TRL's `generate`."""
+    from alignment import decoding
+
+    calls, lengths = [], []
+    real = decoding.decode
+    monkeypatch.setattr(decoding, "decode", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+
+    def counted(prompts, completions, completion_ids=None, **_):
+        lengths.extend(len(ids) for ids in completion_ids)
+        return [0.0] * len(completions)
+
+    monkeypatch.setattr("tests.test_train_grpo_rloo.good_share", counted)
+    reward = "tests.test_train_grpo_rloo:good_share"
+    result = train(method, store, sharp_model_dir, tmp_path, reward_function=reward, temperature=0.9, top_p=0.95)
+    assert result.run_id and calls, "TRL's generate was used"
+    assert all(c["temperature"] == 0.9 and c["top_p"] == 0.95 and c["max_new_tokens"] == FAST["max_completion_length"]
+               for c in calls)
+    assert lengths and all(1 <= n <= FAST["max_completion_length"] for n in lengths)
+
+    for switch_off in ({"env": "generate"}, {"repetition_penalty": 1.2}):
+        calls.clear()
+        with monkeypatch.context() as patch:
+            if "env" in switch_off:
+                patch.setenv(decoding.ENV, "generate")
+                settings = {}
+            else:
+                settings = switch_off
+            train(method, store, sharp_model_dir, tmp_path / str(len(settings)), reward_function=reward, **settings)
+        assert not calls, switch_off

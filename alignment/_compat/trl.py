@@ -23,6 +23,13 @@ Written and tested for TRL 1.16 on transformers 5.24 (`TESTED`). What is relied 
   which `get_batch_loss_metrics` consumes: overridden to compute them from packed rows
   (`reference_free.PackedPairs`; the logits as per-token means, which TRL only averages into
   its `logits/*` metrics), and `aux_loss_enabled` / `is_encoder_decoder`, read to stay off.
+- `GRPOTrainer._generate_single_turn` / `RLOOTrainer._generate_single_turn` (prompt_ids,
+  images, multimodal_fields[, num_generations, has_tool_images]) -> (completion_ids, logprobs) /
+  completion_ids,
+  each row cut after its first EOS: overridden to sample with the decoding loop
+  (`grpo.OnlineTrainer`), reading `use_vllm`, `use_transformers_continuous_batching`,
+  `max_completion_length`, `temperature`, `top_k`, `top_p` and `eos_token_ids` to match TRL's
+  generation config (and to stay off where it could not).
 
 Per-example weights (a `weight` column) need no private member: the trainers keep the column with
 the public `remove_unused_columns=False`, collate it with `common.WeightedCollator` and weight
@@ -42,8 +49,9 @@ from packaging.specifiers import SpecifierSet
 from alignment import _compat
 
 TESTED = {"trl": SpecifierSet(">=1.16,<1.17"), "transformers": SpecifierSet(">=5.24,<5.25")}
-# the packed DPO, reward, SFT, KTO and ORPO/SimPO ("reference_free") trainers' hooks
-FEATURES = ("dpo", "reward", "sft", "kto", "reference_free")
+# the packed DPO, reward, SFT, KTO and ORPO/SimPO ("reference_free") trainers' hooks, and
+# GRPO/RLOO rollouts through the decoding loop ("online_decoding")
+FEATURES = ("dpo", "reward", "sft", "kto", "reference_free", "online_decoding")
 
 
 def fast_path_enabled(feature: str) -> bool:

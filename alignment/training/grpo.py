@@ -8,7 +8,10 @@ Prefloop's part: the config adds the reward source, `max_length` (prompts longer
 (groups of 4, completions of at most 128 tokens); the trainer builds the reward from the config,
 refuses data without a `prompt` column, and guards every step's loss (NaN/inf stops the run).
 `beta` (TRL's default 0: no reference) > 0 keeps the policy near the base with the adapter
-off, or near the parent for `--from-policy`. Checkpoints, `--resume`, curves (reward,
+off, or near the parent for `--from-policy`. Completions are sampled by `prefloop generate`'s
+decoding loop (rollouts.py) where TRL would call transformers' `generate` and the loop computes
+the same distribution (no vLLM, no images, no min-p / repetition penalty / extra generation
+kwargs, a Llama-family base, a TRL `alignment._compat` was tested with); else by TRL as is. Checkpoints, `--resume`, curves (reward,
 reward_std, rewards/<source>/mean, kl, completions/mean_length, ...) are the Trainer's own.
 """
 
@@ -17,9 +20,11 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+import torch
 from trl import GRPOConfig as TRLGRPOConfig
 from trl import GRPOTrainer as TRLGRPOTrainer
 
+from alignment._compat import trl as compat_trl
 from alignment.training import online_rewards
 from alignment.training.common import GuardedTraining, MethodSpec, TrainingError
 from alignment.training.online_rewards import RewardSource  # declared there (generation uses it without TRL)
@@ -38,7 +43,9 @@ class GRPOConfig(RewardSource, TRLGRPOConfig):
 
 class OnlineTrainer(GuardedTraining):
     """What prefloop adds to TRL's GRPO and RLOO trainers: the reward from the config, the data
-    check, prompts too long for max_length left out."""
+    check, prompts too long for max_length left out, rollouts through the decoding loop."""
+
+    returns_logprobs = True  # GRPO's generation returns (completion_ids, logprobs), RLOO's the ids alone
 
     def __init__(self, model, args, train_dataset, processing_class, callbacks=None, reward_funcs=None, **kwargs):
         if "prompt" not in train_dataset.column_names:
@@ -48,6 +55,40 @@ class OnlineTrainer(GuardedTraining):
         rewards = reward_funcs or online_rewards.build(args, processing_class, device=str(args.device))
         super().__init__(model=model, reward_funcs=rewards, args=args, train_dataset=train_dataset,
                          processing_class=processing_class, callbacks=callbacks, **kwargs)
+
+
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, *args, **kwargs):
+        completion_ids = self._decoded_rollouts(prompt_ids, images, multimodal_fields)
+        if completion_ids is None:  # GRPO's also takes num_generations and has_tool_images
+            return super()._generate_single_turn(prompt_ids, images, multimodal_fields, *args, **kwargs)
+        return (completion_ids, None) if self.returns_logprobs else completion_ids
+
+    def _decoded_rollouts(self, prompt_ids, images, multimodal_fields) -> list[list[int]] | None:
+        """The completions from the decoding loop, or None where TRL's own path must run."""
+        from alignment.training import rollouts
+
+        args = self.args
+        plain_sampling = (args.min_p is None and args.repetition_penalty == 1.0 and not args.generation_kwargs
+                          and not getattr(args, "cache_implementation", None))
+        if not (compat_trl.fast_path_enabled("online_decoding") and plain_sampling and not self.use_vllm
+                and not getattr(self, "use_transformers_continuous_batching", False)
+                and not any(_is_image(image) for image in images or ()) and not multimodal_fields):
+            return None
+        tokenizer = self.processing_class
+        tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
+        device = self.accelerator.device
+        batch = tokenizer.pad({"input_ids": [list(ids) for ids in prompt_ids]}, padding_side="left",
+                              return_tensors="pt").to(device)
+        with torch.no_grad():
+            tokens = rollouts.sample(self.accelerator.unwrap_model(self.model), batch["input_ids"],
+                                     batch["attention_mask"], max_new_tokens=self.max_completion_length,
+                                     temperature=self.temperature, top_k=self.top_k or 0, top_p=self.top_p,
+                                     stop_ids=self.eos_token_ids, pad_id=tokenizer.pad_token_id)
+        return None if tokens is None else rollouts.completions(tokens, self.eos_token_ids)
+
+
+def _is_image(item) -> bool:
+    return item is not None and not (isinstance(item, (list, tuple)) and len(item) == 0)
 
 
 def _fitting_prompts(dataset, tokenizer, args):

@@ -330,30 +330,14 @@ class PPOTrainer(Trainer):
         return responses
 
     def _decode_fast(self, batch) -> torch.Tensor | None:
-        """The completions' token ids from `prefloop generate`'s static-cache loop
-        (alignment.decoding), run on the policy's base model: its LoRA/DoRA layers are in place
-        there, so it samples the policy (or the reference, with the adapter switched off). Full
-        softmax at the PPO temperature: no top-k (the generation config's is set to 0 for the
-        call), no top-p. None where that loop does not apply (another architecture, a quantized
-        base, an untested transformers, PREFLOOP_DECODE=generate) or fails (non-finite logits of
-        a diverged policy: `generate` then drops them and the NaN guard reports the run)."""
-        from alignment import decoding
+        """The completions' token ids from `prefloop generate`'s static-cache loop (rollouts.sample:
+        the policy's base with its LoRA/DoRA layers in place) at the PPO temperature, full softmax
+        (no top-k, no top-p); None where that loop does not apply or fails."""
+        from alignment.training import rollouts
 
-        base = self.accelerator.unwrap_model(self.model).get_base_model()
-        if not decoding.supports(base):
-            return None
-        config = base.generation_config
-        top_k = config.top_k
-        config.top_k = 0
-        try:
-            return decoding.decode(base, batch["input_ids"], batch["attention_mask"],
-                                   max_new_tokens=self.args.max_new_tokens, temperature=self.args.temperature,
-                                   top_p=1.0, stop_ids=self.stop_ids, pad_id=self.tokenizer.pad_token_id)
-        except RuntimeError as error:
-            log.debug("PPO rollout: the decoding loop failed (%s); sampling with generate", error)
-            return None
-        finally:
-            config.top_k = top_k
+        return rollouts.sample(self.accelerator.unwrap_model(self.model), batch["input_ids"], batch["attention_mask"],
+                               max_new_tokens=self.args.max_new_tokens, temperature=self.args.temperature, top_k=0,
+                               top_p=1.0, stop_ids=self.stop_ids, pad_id=self.tokenizer.pad_token_id)
 
     @torch.no_grad()
     def rollout(self, step: int) -> Rollout:

@@ -28,7 +28,7 @@ class RLOOConfig(RewardSource, TRLRLOOConfig):
 
 
 class RLOOTrainer(OnlineTrainer, TRLRLOOTrainer):
-    pass
+    returns_logprobs = False
 
 
 def resolve(settings: dict, engine) -> dict:
