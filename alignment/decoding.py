@@ -39,6 +39,9 @@ import torch.nn.functional as F
 from alignment._compat import transformers as compat_transformers
 
 ENV = "PREFLOOP_DECODE"  # "generate": always transformers' generate
+# The attention alignment/training/packing.py registers for packed training batches: plain SDPA
+# for any other call, so a model being trained on packed rows still decodes here.
+PACKED_SDPA = "prefloop_sdpa"
 ARCHITECTURES = {"llama", "mistral", "qwen2"}
 TRANSFORMERS_DEFAULT_TOP_K = 50  # GenerationConfig._get_default_generation_params()["top_k"]
 # generation-config fields that change decoding, with the values under which this loop is exact
@@ -67,7 +70,7 @@ def supports(model) -> bool:
     rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
     if rope.get("rope_type", "default") != "default" or getattr(config, "pretraining_tp", 1) != 1:
         return False
-    if compat_transformers.attn_implementation(model) not in ("sdpa", "eager", None):
+    if compat_transformers.attn_implementation(model) not in ("sdpa", "eager", PACKED_SDPA, None):
         return False
     if getattr(model, "is_quantized", False) or getattr(model, "hf_quantizer", None) is not None:
         return False  # bitsandbytes layers: keep the path they are tested with

@@ -263,3 +263,55 @@ def test_rollouts_go_through_the_decoding_loop_unless_switched_off(method, store
                 settings = switch_off
             train(method, store, sharp_model_dir, tmp_path / str(len(settings)), reward_function=reward, **settings)
         assert not calls, switch_off
+
+
+@pytest.mark.parametrize("method", ["grpo", "rloo"])
+def test_packed_group_scoring_gives_trls_log_probs_entropies_and_gradients(method, sharp_model_dir, tmp_path):
+    """A group's completions share their prompt: scored as one packed row with the prompt once, the
+    per-token log-probs (at TRL's temperature), entropies and gradients are TRL's own."""
+    import torch
+    from datasets import Dataset
+
+    from alignment.models import ModelSpec, apply_adapter, load_model
+    from alignment.models.adapters import AdapterConfig
+    from alignment.training.grpo import GRPOConfig, GRPOTrainer
+    from alignment.training.rloo import RLOOConfig, RLOOTrainer
+
+    config_class, trainer_class = (GRPOConfig, GRPOTrainer) if method == "grpo" else (RLOOConfig, RLOOTrainer)
+    prompt = [1, 5, 9, 12, 7]
+    completions = [[20, 21, 22, 2], [30], [40, 41, 42, 43, 44, 45], [50, 51]]
+    others = [3, 8]  # a fifth row with another, shorter prompt: the shared prefix is then one token
+    rows = [(prompt, c) for c in completions] + [([1, *others], [60, 61, 62])]
+    width, keep = max(len(p) for p, _ in rows), max(len(c) for _, c in rows)
+    input_ids = torch.tensor([[0] * (width - len(p)) + p + c + [0] * (keep - len(c)) for p, c in rows])
+    attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * (len(p) + len(c)) + [0] * (keep - len(c))
+                                   for p, c in rows])
+    completion_mask = attention_mask[:, width:]
+    results = {}
+    for packed in (True, False):
+        torch.manual_seed(0)
+        model, tokenizer = load_model(ModelSpec(sharp_model_dir))
+        model = apply_adapter(model, AdapterConfig(method="lora", r=4, alpha=8, dropout=0.0))
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "lora_B" in name:
+                    param.normal_(std=0.05)
+        config = config_class(output_dir=str(tmp_path / str(packed)), use_cpu=True, bf16=False, report_to="none",
+                              per_device_train_batch_size=4, num_generations=2, max_completion_length=8,
+                              temperature=0.7, prefix_sharing=packed)
+        trainer = trainer_class(model=model, args=config, reward_funcs=[lambda prompts, completions, **_: [0.0]],
+                                train_dataset=Dataset.from_dict({"prompt": ["a", "b"]}), processing_class=tokenizer)
+        assert trainer._packed is packed
+        trainer.model.train()
+        logps, entropies, _ = trainer._get_per_token_logps_and_entropies(
+            trainer.model, input_ids, attention_mask, keep, compute_entropy=True)
+        (logps * completion_mask * torch.linspace(0.5, 1.5, keep)).sum().backward()
+        grads = {name: p.grad.clone() for name, p in trainer.model.named_parameters() if p.requires_grad}
+        results[packed] = (logps.detach() * completion_mask, entropies * completion_mask, grads)
+    (logps, entropies, grads), (trl_logps, trl_entropies, trl_grads) = results[True], results[False]
+    assert torch.allclose(logps, trl_logps, atol=1e-5), (logps - trl_logps).abs().max()
+    assert int((logps != 0).sum()) == int(completion_mask.sum())
+    assert torch.allclose(entropies, trl_entropies, atol=1e-4)
+    for name, grad in grads.items():
+        assert grad.abs().sum() > 0, name
+        assert torch.allclose(grad, trl_grads[name], atol=1e-5, rtol=1e-4), name

@@ -30,6 +30,11 @@ Written and tested for TRL 1.16 on transformers 5.24 (`TESTED`). What is relied 
   (`grpo.OnlineTrainer`), reading `use_vllm`, `use_transformers_continuous_batching`,
   `max_completion_length`, `temperature`, `top_k`, `top_p` and `eos_token_ids` to match TRL's
   generation config (and to stay off where it could not).
+- `GRPOTrainer._get_per_token_logps_and_entropies` / the same of `RLOOTrainer` (model,
+  input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy, compute_aux_loss,
+  **multimodal) -> (logps, entropies, aux_loss), [rows, logits_to_keep], logits divided by
+  `temperature`: overridden to score the batch packed with its common prefix once
+  (`grpo.OnlineTrainer`).
 
 Per-example weights (a `weight` column) need no private member: the trainers keep the column with
 the public `remove_unused_columns=False`, collate it with `common.WeightedCollator` and weight
@@ -50,8 +55,9 @@ from alignment import _compat
 
 TESTED = {"trl": SpecifierSet(">=1.16,<1.17"), "transformers": SpecifierSet(">=5.24,<5.25")}
 # the packed DPO, reward, SFT, KTO and ORPO/SimPO ("reference_free") trainers' hooks, and
-# GRPO/RLOO rollouts through the decoding loop ("online_decoding")
-FEATURES = ("dpo", "reward", "sft", "kto", "reference_free", "online_decoding")
+# GRPO/RLOO rollouts through the decoding loop ("online_decoding") and their packed scoring
+# ("online_packing")
+FEATURES = ("dpo", "reward", "sft", "kto", "reference_free", "online_decoding", "online_packing")
 
 
 def fast_path_enabled(feature: str) -> bool:

@@ -27,6 +27,20 @@ from transformers import TrainerCallback
 
 log = logging.getLogger("prefloop.train")
 
+
+@dataclass
+class PrefixSharing:
+    """The packed path's config field (mixed into the ORPO, SimPO, GRPO and RLOO configs)."""
+
+    prefix_sharing: bool = field(
+        default=True,
+        metadata={
+            "help": "Pack each batch as one row, what its sequences share (a pair's or a group's prompt) encoded "
+            "once, no padding, the LM head on the scored tokens only. Same loss, less compute. Models without "
+            "SDPA/eager attention fall back to TRL's padded batches."
+        },
+    )
+
 # Paging moves optimizer states through CUDA unified memory: without CUDA, torch's own AdamW
 # (its fused kernel, one pass over all LoRA tensors instead of a loop of small ops).
 CPU_OPTIMIZER = "adamw_torch_fused"

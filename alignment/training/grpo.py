@@ -25,15 +25,15 @@ from trl import GRPOConfig as TRLGRPOConfig
 from trl import GRPOTrainer as TRLGRPOTrainer
 
 from alignment._compat import trl as compat_trl
-from alignment.training import online_rewards
-from alignment.training.common import GuardedTraining, MethodSpec, TrainingError
+from alignment.training import online_rewards, packing
+from alignment.training.common import GuardedTraining, MethodSpec, PrefixSharing, TrainingError
 from alignment.training.online_rewards import RewardSource  # declared there (generation uses it without TRL)
 
 log = logging.getLogger("prefloop.train")
 
 
 @dataclass
-class GRPOConfig(RewardSource, TRLGRPOConfig):
+class GRPOConfig(PrefixSharing, RewardSource, TRLGRPOConfig):
     """TRL's GRPOConfig plus the reward source; smaller defaults for a CPU."""
 
     num_generations: int | None = field(default=4, metadata={"help": "completions sampled per prompt (a group)"})
@@ -55,6 +55,37 @@ class OnlineTrainer(GuardedTraining):
         rewards = reward_funcs or online_rewards.build(args, processing_class, device=str(args.device))
         super().__init__(model=model, reward_funcs=rewards, args=args, train_dataset=train_dataset,
                          processing_class=processing_class, callbacks=callbacks, **kwargs)
+        self._packed = False
+        if compat_trl.fast_path_enabled("online_packing") and getattr(args, "prefix_sharing", False):
+            base = packing.unwrap_peft(self.accelerator.unwrap_model(self.model))
+            if packing.supports_packing(base) and type(base).__name__.endswith("ForCausalLM") \
+                    and packing.use_packed_attention(base):
+                packing.add_packed_heads(base)
+                self._packed = True
+
+    # -- scoring: a group's completions share their prompt --------------------------------------
+    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep,
+                                           batch_size=None, compute_entropy=False, compute_aux_loss=False,
+                                           **multimodal):
+        """TRL's per-token log-probs of the completions ([rows, logits_to_keep]; entropies too), from
+        the batch packed as one row with its common prefix (a group's prompt) encoded once."""
+        packable = (self._packed and not compute_aux_loss and all(v is None for v in multimodal.values())
+                    and getattr(packing.unwrap_peft(model), "_prefloop_packed_heads", False))
+        if not packable:
+            return super()._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy, compute_aux_loss,
+                **multimodal)
+        packed, src, tgt, rows, columns = completion_positions(input_ids, attention_mask, logits_to_keep)
+        device = input_ids.device
+        with self.accelerator.autocast():
+            out = model(**packing.packed_model_kwargs(packed, device), prefloop_head="logprobs",
+                        prefloop_index=src.to(device), prefloop_targets=tgt.to(device),
+                        prefloop_outputs=("entropy",) if compute_entropy else (), prefloop_temperature=self.temperature)
+        shape = (input_ids.size(0), logits_to_keep)
+        rows, columns = rows.to(device), columns.to(device)
+        logps = packing.scatter_to_rows(out["log_probs"], rows, columns, shape)
+        entropies = packing.scatter_to_rows(out["entropy"], rows, columns, shape) if compute_entropy else None
+        return logps, entropies, None
 
 
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, *args, **kwargs):
@@ -85,6 +116,28 @@ class OnlineTrainer(GuardedTraining):
                                      temperature=self.temperature, top_k=self.top_k or 0, top_p=self.top_p,
                                      stop_ids=self.eos_token_ids, pad_id=tokenizer.pad_token_id)
         return None if tokens is None else rollouts.completions(tokens, self.eos_token_ids)
+
+
+def completion_positions(input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int):
+    """The batch packed as one row (its common prefix once: `packing.pack_sequences`) and, for
+    every real token of the last `logits_to_keep` columns (the completions), the packed index of
+    the state that predicts it, the token, and its [row, column] in TRL's output grid."""
+    width = input_ids.size(1)
+    real = attention_mask.bool()
+    sequences = [ids[keep].tolist() for ids, keep in zip(input_ids, real)]
+    packed, index = packing.pack_sequences(sequences)
+    order = real.long().cumsum(1) - 1  # a real token's place in its sequence
+    src, tgt, rows, columns = [], [], [], []
+    for row in range(input_ids.size(0)):
+        for column in range(width - logits_to_keep, width):
+            place = int(order[row, column])
+            if real[row, column] and place > 0:
+                src.append(index[row][place - 1])
+                tgt.append(sequences[row][place])
+                rows.append(row)
+                columns.append(column - (width - logits_to_keep))
+    as_long = lambda values: torch.tensor(values, dtype=torch.long)  # noqa: E731
+    return packed, as_long(src), as_long(tgt), as_long(rows), as_long(columns)
 
 
 def _is_image(item) -> bool:

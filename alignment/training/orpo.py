@@ -14,13 +14,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from alignment.training.common import GuardedTraining, MethodSpec
+from alignment.training.common import GuardedTraining, MethodSpec, PrefixSharing
 from alignment.training.reference_free import (
     EXPORT,
     REQUIRED_COLUMNS,
     MeasuredPairs,
     PackedPairs,
-    PrefixSharing,
     experimental,
 )
 

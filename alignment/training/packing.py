@@ -34,8 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from alignment._compat import transformers as compat
-
-PACKED_ATTENTION = "prefloop_sdpa"
+from alignment.decoding import PACKED_SDPA as PACKED_ATTENTION
 LOGPROB_OUTPUTS = ("entropy", "mean_logits", "is_top1")
 # Vocabulary tile of the log-prob kernel: [tokens, 8192] fp32 tiles keep the transient memory
 # small on CPU (TRL's default 32768-wide tile allocates ~0.5 GB per 4096 tokens).
@@ -252,7 +251,7 @@ def add_packed_heads(model: torch.nn.Module) -> None:
     previous_forward = model.forward
 
     def _forward(self, *args, prefloop_head=None, prefloop_index=None, prefloop_targets=None,
-                 prefloop_outputs=LOGPROB_OUTPUTS, **kwargs):
+                 prefloop_outputs=LOGPROB_OUTPUTS, prefloop_temperature=1.0, **kwargs):
         if prefloop_head is None:
             return previous_forward(*args, **kwargs)
         for unused in ("labels", "output_attentions", "output_hidden_states", "return_dict", "fused_lm_head"):
@@ -264,7 +263,8 @@ def add_packed_heads(model: torch.nn.Module) -> None:
         if prefloop_head == "score":
             return self.score(selected).squeeze(-1)
         if prefloop_head == "logprobs":
-            return selected_log_probs(self, selected, prefloop_targets, tuple(prefloop_outputs))
+            return selected_log_probs(self, selected, prefloop_targets, tuple(prefloop_outputs),
+                                      temperature=prefloop_temperature)
         raise ValueError(f"unknown prefloop_head {prefloop_head!r}")
 
     compat.replace_forward(model, _forward)
@@ -282,9 +282,11 @@ def packed_model_kwargs(packed: dict, device) -> dict:
     }
 
 
-def selected_log_probs(model, hidden: torch.Tensor, targets: torch.Tensor, outputs: tuple[str, ...]) -> dict:
-    """Per-token log-prob of `targets` under the LM head, plus the requested extras (as in
-    TRL's `FusedCausalLMOutput`: entropy, log_sum_sq_probs, mean_logits, is_top1)."""
+def selected_log_probs(model, hidden: torch.Tensor, targets: torch.Tensor, outputs: tuple[str, ...], *,
+                       temperature: float = 1.0) -> dict:
+    """Per-token log-prob of `targets` under the LM head (logits divided by `temperature`, as TRL's
+    online trainers score their samples), plus the requested extras (as in TRL's
+    `FusedCausalLMOutput`: entropy, log_sum_sq_probs, mean_logits, is_top1)."""
     from trl.kernels import ChunkedLogProbFunction
     from trl.trainer.utils import maybe_gather_lm_head_ctx
 
@@ -298,13 +300,13 @@ def selected_log_probs(model, hidden: torch.Tensor, targets: torch.Tensor, outpu
             bias = bias.full_tensor() if bias is not None else None
         with maybe_gather_lm_head_ctx(weight, bias):  # DeepSpeed ZeRO-3 partitions it
             values = ChunkedLogProbFunction.apply(
-                hidden, weight, bias, targets, 1.0, VOCAB_CHUNK,
+                hidden, weight, bias, targets, temperature, VOCAB_CHUNK,
                 getattr(config, "final_logit_softcapping", None), getattr(config, "logit_scale", None) or 1.0,
                 tuple(outputs),
             )
         return dict(zip(names, values))
     # A wrapped head (an adapter on lm_head, modules_to_save): call it so its own weights count.
-    logits = head(hidden).float()
+    logits = head(hidden).float() / temperature
     log_softmax = logits.log_softmax(-1)
     result = {name: None for name in names}
     result["log_probs"] = log_softmax.gather(-1, targets.unsqueeze(-1)).squeeze(-1)

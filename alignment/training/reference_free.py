@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import importlib
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
@@ -44,20 +44,6 @@ def experimental(name: str) -> ModuleType:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="You are importing from 'trl.experimental'")
         return importlib.import_module(f"trl.experimental.{name}")
-
-
-@dataclass
-class PrefixSharing:
-    """The config field of the packed path (mixed into ORPOConfig and SimPOConfig)."""
-
-    prefix_sharing: bool = field(
-        default=True,
-        metadata={
-            "help": "Pack each pair as one row [prompt | chosen | rejected]: the prompt is encoded once, no "
-            "padding inside a pair, the LM head on the scored tokens only. Same loss, less compute. Models "
-            "without SDPA/eager attention fall back to TRL's two-row batches."
-        },
-    )
 
 
 def pair_length(example: dict) -> dict:

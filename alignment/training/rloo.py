@@ -14,12 +14,12 @@ from trl import RLOOConfig as TRLRLOOConfig
 from trl import RLOOTrainer as TRLRLOOTrainer
 
 from alignment.training import online_rewards
-from alignment.training.common import MethodSpec
+from alignment.training.common import MethodSpec, PrefixSharing
 from alignment.training.grpo import OnlineTrainer, RewardSource
 
 
 @dataclass
-class RLOOConfig(RewardSource, TRLRLOOConfig):
+class RLOOConfig(PrefixSharing, RewardSource, TRLRLOOConfig):
     """TRL's RLOOConfig plus the reward source; smaller defaults for a CPU."""
 
     num_generations: int | None = field(default=4, metadata={"help": "completions sampled per prompt"})

@@ -18,13 +18,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from alignment.training.common import GuardedTraining, MethodSpec
+from alignment.training.common import GuardedTraining, MethodSpec, PrefixSharing
 from alignment.training.reference_free import (
     EXPORT,
     REQUIRED_COLUMNS,
     MeasuredPairs,
     PackedPairs,
-    PrefixSharing,
     experimental,
 )
 
