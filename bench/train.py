@@ -292,7 +292,7 @@ def stepper(trainer, steps: int):
         inputs = next(batches)
         before = counted.tokens if counted is not None else 0
         start = time.perf_counter()
-        loss = trainer.training_step(model, inputs)
+        loss = trainer.training_step(model, inputs, None)  # num_items_in_batch: GRPO and RLOO require it
         torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)
         trainer.optimizer.step()
         trainer.lr_scheduler.step()
@@ -494,7 +494,8 @@ def main() -> None:
 def ppo_memory(threads: int) -> dict:
     """bench/ppo.py --quick's figures (its RESULT line): PPO has no plain TRL trainer to time against."""
     process = subprocess.run([sys.executable, str(Path(__file__).with_name("ppo.py")), "--quick", "--threads",
-                              str(threads)], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+                              str(threads)], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)},
+                             check=False)
     line = next((ln for ln in process.stdout.splitlines() if ln.startswith("RESULT ppo ")), None)
     if process.returncode != 0 or line is None:
         sys.exit(f"bench/ppo.py failed:\n{process.stderr[-3000:]}")

@@ -35,6 +35,7 @@ import torch
 
 from alignment._compat import transformers as compat
 from alignment.decoding import PACKED_SDPA as PACKED_ATTENTION
+
 LOGPROB_OUTPUTS = ("entropy", "mean_logits", "is_top1")
 # Vocabulary tile of the log-prob kernel: [tokens, 8192] fp32 tiles keep the transient memory
 # small on CPU (TRL's default 32768-wide tile allocates ~0.5 GB per 4096 tokens).

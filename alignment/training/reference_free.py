@@ -80,14 +80,13 @@ def _unlabelled_prefix(labels) -> int:
 
 
 def prompt_token_index(layout: packing.PairLayout, packed_ids: torch.Tensor):
-    """For each prompt token after the first: the packed index of the state predicting it, the
-    token, and its pair (ORPO's NLL covers the prompt; `completion_token_index` starts after it)."""
-    src, tgt, seq = [], [], []
-    for i, (lp, base) in enumerate(zip(layout.prompt_lens, layout.starts)):
+    """For each prompt token after the first: the packed index of the state predicting it, and the
+    token (ORPO's NLL covers the prompt; `completion_token_index` starts after it)."""
+    src, tgt = [], []
+    for lp, base in zip(layout.prompt_lens, layout.starts):
         src += range(base, base + lp - 1)
         tgt += packed_ids[0, base + 1: base + lp].tolist()
-        seq += [i] * (lp - 1)
-    return torch.tensor(src, dtype=torch.long), torch.tensor(tgt, dtype=torch.long), torch.tensor(seq, dtype=torch.long)
+    return torch.tensor(src, dtype=torch.long), torch.tensor(tgt, dtype=torch.long)
 
 
 @dataclass
@@ -106,8 +105,7 @@ class PackedPairCollator:
         src, tgt, seq, _ = packing.completion_token_index(layout, packed["input_ids"])
         packed.update(src=src, tgt=tgt, seq=seq, n=len(pieces))
         if self.with_prompt_tokens:
-            packed["prompt_src"], packed["prompt_tgt"], packed["prompt_seq"] = prompt_token_index(
-                layout, packed["input_ids"])
+            packed["prompt_src"], packed["prompt_tgt"] = prompt_token_index(layout, packed["input_ids"])
         batch["prefloop_packed"] = packed
         return batch
 
