@@ -204,10 +204,23 @@ def test_rollout_masks_after_the_end_token_and_starts_at_ratio_one(sharp_model_d
     # Before any update the policy's log-probs (in training mode, micro-batched) are the rollout's: ratio 1.
     trainer.create_optimizer_and_scheduler(10)
     trainer.model.train()
-    logits, values = trainer._forward(batch.input_ids[:4], batch.attention_mask[:4], batch.prompt_width, values=True)
-    assert torch.allclose(ppo_math.token_logprobs(logits, batch.responses[:4]) * mask[:4],
-                          batch.logprobs[:4] * mask[:4], atol=1e-5)
+    logprobs, values, entropies = trainer._score(batch.input_ids[:4], batch.attention_mask[:4], batch.prompt_width,
+                                                 batch.responses[:4], values=True, entropy=True)
+    assert torch.allclose(logprobs * mask[:4], batch.logprobs[:4] * mask[:4], atol=1e-5)
     assert torch.allclose(values * mask[:4], batch.values[:4], atol=1e-5)
+
+    # The scoring path (backbone + chunked LM head on the completion tokens only) is the full-logits one.
+    assert trainer._backbone is not None
+    logits, full_values = trainer._forward(batch.input_ids[:4], batch.attention_mask[:4], batch.prompt_width,
+                                           values=True)
+    assert torch.allclose(logprobs, ppo_math.token_logprobs(logits, batch.responses[:4]), atol=1e-5)
+    assert torch.allclose(entropies, ppo_math.entropy_from_logits(logits), atol=1e-4)
+    assert torch.allclose(values, full_values, atol=1e-6)
+    weights = torch.linspace(0.5, 1.5, logprobs.numel()).view_as(logprobs)
+    trainable = [p for p in trainer.model.parameters() if p.requires_grad]
+    chunked = torch.autograd.grad((logprobs * weights).sum(), trainable)
+    full = torch.autograd.grad((ppo_math.token_logprobs(logits, batch.responses[:4]) * weights).sum(), trainable)
+    assert all(torch.allclose(a, b, atol=1e-5, rtol=1e-4) for a, b in zip(chunked, full))
 
 
 def test_sampler_and_ppo_log_probs_agree_under_left_padding(sharp_model_dir, tmp_path):
@@ -228,8 +241,8 @@ def test_sampler_and_ppo_log_probs_agree_under_left_padding(sharp_model_dir, tmp
     sampled = torch.stack([s.log_softmax(-1) for s in out.scores], 1).gather(-1, responses.unsqueeze(-1)).squeeze(-1)
     mask = torch.cat([batch["attention_mask"], torch.ones_like(responses)], 1)
     with torch.no_grad():
-        logits, _ = trainer._forward(out.sequences, mask, width, values=False)
-    assert torch.allclose(ppo_math.token_logprobs(logits, responses), sampled, atol=1e-4)
+        logprobs, _, _ = trainer._score(out.sequences, mask, width, responses, values=False)
+    assert torch.allclose(logprobs, sampled, atol=1e-4)
 
 
 def test_rollouts_sample_the_lora_policy_through_the_decoding_loop(sharp_model_dir, tmp_path, monkeypatch):

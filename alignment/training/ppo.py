@@ -247,8 +247,15 @@ class PPOTrainer(Trainer):
             device=reward_device, batch_size=args.generation_batch_size,
             policy=self.accelerator.unwrap_model(self.model), policy_tokenizer=self.tokenizer,
         )
-        forward = inspect.signature(self.accelerator.unwrap_model(self.model).get_base_model().forward).parameters
+        causal = self.accelerator.unwrap_model(self.model).get_base_model()
+        forward = inspect.signature(causal.forward).parameters
         self._forward_keys = {k for k in ("position_ids", "logits_to_keep") if k in forward}
+        # The backbone alone (hidden states), then the LM head on the completion tokens through the
+        # chunked log-prob kernel: no [batch, tokens, vocabulary] logits (the rollout's and the
+        # update's largest tensors) are ever materialised. Else the model's own forward and logits.
+        prefix = getattr(causal, "base_model_prefix", "")
+        self._backbone = getattr(causal, prefix, None) if prefix and "position_ids" in forward else None
+        self._causal = causal
 
     def _reference(self):
         """The reference: the adapter off, or the frozen copy of a policy this run continues
@@ -293,6 +300,28 @@ class PPOTrainer(Trainer):
         return [p for p in self.model.parameters() if p.requires_grad] + list(self.value_head.parameters())
 
     # -- forward passes ------------------------------------------------------------------------
+    def _score(self, input_ids, attention_mask, prompt_width: int, responses, *, values: bool,
+               entropy: bool = False):
+        """(log p of each completion token at the PPO temperature, values at the same positions or
+        None, per-token entropies or None)."""
+        if self._backbone is None:
+            logits, estimates = self._forward(input_ids, attention_mask, prompt_width, values=values)
+            return (ppo_math.token_logprobs(logits, responses), estimates,
+                    ppo_math.entropy_from_logits(logits.detach()) if entropy else None)
+        from alignment.training.packing import selected_log_probs
+
+        positions = (attention_mask.long().cumsum(1) - 1).clamp(min=0)  # left padding: real tokens only
+        with self.accelerator.autocast():
+            hidden = self._backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                                    use_cache=False).last_hidden_state
+        hidden = hidden[:, prompt_width - 1:-1]  # the states that predict the completion tokens
+        shape = responses.shape
+        out = selected_log_probs(self._causal, hidden.reshape(-1, hidden.size(-1)), responses.reshape(-1),
+                                 ("entropy",) if entropy else (), temperature=self.args.temperature)
+        estimates = self.value_head(hidden.float()).squeeze(-1) if values else None
+        entropies = out["entropy"].detach().view(shape) if entropy else None
+        return out["log_probs"].view(shape), estimates, entropies
+
     def _forward(self, input_ids, attention_mask, prompt_width: int, *, values: bool):
         """(logits predicting each completion token, values at the same positions or None)."""
         width = input_ids.size(1) - prompt_width
@@ -359,12 +388,14 @@ class PPOTrainer(Trainer):
 
         logprobs, ref_logprobs, values = [], [], []
         for part in _chunks(len(picked), args.generation_batch_size):
-            logits, value = self._forward(input_ids[part], attention_mask[part], prompt_width, values=True)
-            logprobs.append(ppo_math.token_logprobs(logits, responses[part]))
+            logprob, value, _ = self._score(input_ids[part], attention_mask[part], prompt_width, responses[part],
+                                            values=True)
+            logprobs.append(logprob)
             values.append(value)
             with self._reference():
-                ref_logits, _ = self._forward(input_ids[part], attention_mask[part], prompt_width, values=False)
-            ref_logprobs.append(ppo_math.token_logprobs(ref_logits, responses[part]))
+                ref_logprob, _, _ = self._score(input_ids[part], attention_mask[part], prompt_width, responses[part],
+                                                values=False)
+            ref_logprobs.append(ref_logprob)
         logprobs, ref_logprobs, values = torch.cat(logprobs), torch.cat(ref_logprobs), torch.cat(values)
         for name, tensor in (("policy log-probability", logprobs), ("reference log-probability", ref_logprobs),
                              ("value", values)):
@@ -471,9 +502,8 @@ class PPOTrainer(Trainer):
     def _micro_step(self, batch: Rollout, rows: torch.Tensor, minibatch_tokens: torch.Tensor) -> tuple[dict, float]:
         args = self.args
         mask = batch.mask[rows]
-        logits, values = self._forward(batch.input_ids[rows], batch.attention_mask[rows], batch.prompt_width,
-                                       values=True)
-        logprobs = ppo_math.token_logprobs(logits, batch.responses[rows])
+        logprobs, values, entropies = self._score(batch.input_ids[rows], batch.attention_mask[rows],
+                                                  batch.prompt_width, batch.responses[rows], values=True, entropy=True)
         pg_loss, clip_fraction = ppo_math.policy_loss(logprobs, batch.logprobs[rows], batch.advantages[rows], mask,
                                                       cliprange=args.cliprange)
         vf_loss, vf_clip_fraction = ppo_math.value_loss(values, batch.values[rows], batch.returns[rows], mask,
@@ -487,7 +517,7 @@ class PPOTrainer(Trainer):
         tokens = float(mask.sum())
         (loss * (tokens / float(minibatch_tokens))).backward()
         with torch.no_grad():
-            entropy = ppo_math.masked_mean(ppo_math.entropy_from_logits(logits), mask)
+            entropy = ppo_math.masked_mean(entropies, mask)
             approx_kl = 0.5 * ppo_math.masked_mean((logprobs - batch.logprobs[rows]) ** 2, mask)
         return {"loss": value, "policy_loss": float(pg_loss.detach()), "value_loss": float(vf_loss.detach()),
                 "clip_fraction": float(clip_fraction), "value_clip_fraction": float(vf_clip_fraction),
