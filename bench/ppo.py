@@ -40,9 +40,9 @@ reference's log-probs and the values in no-grad forwards, the reward model's sco
 decoded completions (its chat template), per-token rewards/GAE/whitening and the clipped losses
 from alignment/training/ppo_math.py (prefloop's arithmetic: a few small tensors), and
 `ppo_epochs` passes of minibatch updates of policy and value with AdamW. It is written to be
-a conservative baseline: its forwards also keep only the completion's logits (`logits_to_keep`,
-as prefloop does; a naive script would materialise the vocabulary logits of every prompt token
-too), and the value model trains a LoRA adapter like the policy rather than all its weights
+a conservative baseline: its forwards keep only the completion's logits (`logits_to_keep`; a
+naive script would materialise the vocabulary logits of every prompt token too; prefloop
+materialises none, its log-probs come from the chunked LM-head kernel), and the value model trains a LoRA adapter like the policy rather than all its weights
 (TRL trains the full value model, whose gradients and AdamW moments alone would add about three
 copies' worth of memory). The figure it gives is therefore a floor on the separate layout's
 memory, and the shared/separate ratio an upper bound.
