@@ -61,13 +61,8 @@ class OnlineTrainer(GuardedTraining):
         rewards = reward_funcs or online_rewards.build(args, processing_class, device=str(args.device))
         super().__init__(model=model, reward_funcs=rewards, args=args, train_dataset=train_dataset,
                          processing_class=processing_class, callbacks=callbacks, **kwargs)
-        self._packed = False
-        if compat_trl.fast_path_enabled("online_packing") and getattr(args, "prefix_sharing", False):
-            base = packing.unwrap_peft(self.accelerator.unwrap_model(self.model))
-            if packing.supports_packing(base) and type(base).__name__.endswith("ForCausalLM") \
-                    and packing.use_packed_attention(base):
-                packing.add_packed_heads(base)
-                self._packed = True
+        self._packed = (compat_trl.fast_path_enabled("online_packing") and getattr(args, "prefix_sharing", False)
+                        and packing.enable_for_causal_lm(self.accelerator.unwrap_model(self.model)))
 
     # -- scoring: a group's completions share their prompt --------------------------------------
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep,
@@ -128,22 +123,18 @@ def completion_positions(input_ids: torch.Tensor, attention_mask: torch.Tensor, 
     """The batch packed as one row (its common prefix once: `packing.pack_sequences`) and, for
     every real token of the last `logits_to_keep` columns (the completions), the packed index of
     the state that predicts it, the token, and its [row, column] in TRL's output grid."""
-    width = input_ids.size(1)
-    real = attention_mask.bool()
-    sequences = [ids[keep].tolist() for ids, keep in zip(input_ids, real)]
-    packed, index = packing.pack_sequences(sequences)
-    order = real.long().cumsum(1) - 1  # a real token's place in its sequence
-    src, tgt, rows, columns = [], [], [], []
-    for row in range(input_ids.size(0)):
-        for column in range(width - logits_to_keep, width):
-            place = int(order[row, column])
-            if real[row, column] and place > 0:
-                src.append(index[row][place - 1])
-                tgt.append(sequences[row][place])
-                rows.append(row)
-                columns.append(column - (width - logits_to_keep))
-    as_long = lambda values: torch.tensor(values, dtype=torch.long)  # noqa: E731
-    return packed, as_long(src), as_long(tgt), as_long(rows), as_long(columns)
+    start = input_ids.size(1) - logits_to_keep
+    real = attention_mask.bool().cpu()
+    ids = input_ids.cpu()
+    packed, index = packing.pack_sequences([row[keep].tolist() for row, keep in zip(ids, real)])
+    place = real.long().cumsum(1) - 1  # a real token's place in its sequence
+    scored = real[:, start:] & (place[:, start:] > 0)  # a first token has no state predicting it
+    rows, columns = scored.nonzero(as_tuple=True)  # row-major, as TRL's grid is read
+    by_place = torch.zeros(len(index), max(map(len, index)), dtype=torch.long)  # packed index of each place
+    for row, own in enumerate(index):
+        by_place[row, :len(own)] = torch.tensor(own, dtype=torch.long)
+    src = by_place[rows, place[rows, start + columns] - 1]
+    return packed, src, ids[rows, start + columns], rows, columns
 
 
 def _is_image(item) -> bool:

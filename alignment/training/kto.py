@@ -164,13 +164,10 @@ class PackedKTOTrainer(KTOTrainer):
     def __init__(self, model, *, args: KTOConfig | None = None, **kwargs):
         self._packed = False
         super().__init__(model, args=args, **kwargs)
-        if getattr(self.args, "prefix_sharing", False) and self.ref_model is None and not self.aux_loss_enabled:
-            base = packing.unwrap_peft(self.accelerator.unwrap_model(self.model))
-            if packing.supports_packing(base) and type(base).__name__.endswith("ForCausalLM") \
-                    and packing.use_packed_attention(base):
-                packing.add_packed_heads(base)
-                self.data_collator = PackedKTOCollator(self.data_collator)
-                self._packed = True
+        if (getattr(self.args, "prefix_sharing", False) and self.ref_model is None and not self.aux_loss_enabled
+                and packing.enable_for_causal_lm(self.accelerator.unwrap_model(self.model))):
+            self.data_collator = PackedKTOCollator(self.data_collator)
+            self._packed = True
 
     def _packed_forward(self, model, packed: dict, outputs: tuple[str, ...]) -> dict:
         device = self.accelerator.device

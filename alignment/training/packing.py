@@ -233,6 +233,16 @@ _BIDIRECTIONAL = frozenset({"bert", "roberta", "deberta", "deberta-v2", "distilb
                             "modernbert", "albert", "camembert"})
 
 
+def enable_for_causal_lm(model) -> bool:
+    """Switch a causal LM (under its PEFT/accelerate wrappers) to the packed attention and heads
+    that the packed trainers call; False, and nothing changed, where it cannot serve packed rows."""
+    base = unwrap_peft(model)
+    if not (supports_packing(base) and type(base).__name__.endswith("ForCausalLM") and use_packed_attention(base)):
+        return False
+    add_packed_heads(base)
+    return True
+
+
 def unwrap_peft(model):
     """The transformers model under a PEFT wrapper (the model itself otherwise)."""
     get_base = getattr(model, "get_base_model", None)

@@ -126,10 +126,7 @@ class PackedPairs:
         if not (compat_trl.fast_path_enabled("reference_free") and getattr(self.args, "prefix_sharing", False)
                 and not self.is_encoder_decoder and not self.aux_loss_enabled):
             return
-        base = packing.unwrap_peft(self.accelerator.unwrap_model(self.model))
-        if packing.supports_packing(base) and type(base).__name__.endswith("ForCausalLM") \
-                and packing.use_packed_attention(base):
-            packing.add_packed_heads(base)
+        if packing.enable_for_causal_lm(self.accelerator.unwrap_model(self.model)):
             self.data_collator = PackedPairCollator(self.data_collator, with_prompt_tokens=self.nll_over_prompt)
             self._packed = True
 

@@ -115,13 +115,10 @@ class PackedSFTTrainer(SFTTrainer):
             and self.label_smoother is None
             and not self.aux_loss_enabled
             and args.loss_type in ("nll", "dft")
+            and packing.enable_for_causal_lm(self.accelerator.unwrap_model(self.model))
         ):
-            base = packing.unwrap_peft(self.accelerator.unwrap_model(self.model))
-            if packing.supports_packing(base) and type(base).__name__.endswith("ForCausalLM") \
-                    and packing.use_packed_attention(base):
-                packing.add_packed_heads(base)
-                self.data_collator = PackedSFTCollator(self.data_collator)
-                self._packed = True
+            self.data_collator = PackedSFTCollator(self.data_collator)
+            self._packed = True
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         packed = inputs.pop("prefloop_packed", None)
