@@ -9,6 +9,8 @@ Same model calls, same numbers, less around them. The prompt goes through the mo
 each new token then runs through the layers' own modules (norms, projections, rotary
 embedding, MLP: whatever Linear is there, float or dynamically quantized) with
 
+- a prompt that stands in several rows (a GRPO group, `--samples 2`, best-of-n) is encoded
+  once, its key/value cache copied to its rows.
 - a static key/value cache: one buffer per layer, allocated once for prompt + budget; a step
   writes one column and attends over a view of the filled columns. `generate`'s dynamic cache
   concatenates (copies) every layer's whole cache at every step.
@@ -134,19 +136,29 @@ def decode(
 
     mask = attention_mask.to(torch.long)
     positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)  # what generate passes
+    # A prompt sampled several times (a GRPO group, `--samples`, best-of-n) is encoded once and
+    # its key/value cache and last logits copied to each of its rows.
+    rows = torch.cat([input_ids, mask], dim=1)
+    unique, row_of = torch.unique(rows, dim=0, return_inverse=True)
+    if len(unique) == batch:
+        unique, row_of = None, None
+    else:
+        input_ids, mask, positions = (x[_first_rows(row_of, len(unique))] for x in (input_ids, mask, positions))
     output = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
                    logits_to_keep=1)
     cache = output["cache"] if "cache" in output else output["past_key_values"]  # 5.x / 4.x name
     logits = output["logits"][:, -1].float()
     del output
+    if row_of is not None:
+        logits, mask, positions = logits[row_of], mask[row_of], positions[row_of]
     total = prompt_len + max_new_tokens
     keys, values = [], []
     for layer_cache in cache.layers:
         k, v = layer_cache.keys, layer_cache.values
         kbuf = k.new_empty(batch, k.shape[1], total, k.shape[3])
         vbuf = v.new_empty(batch, v.shape[1], total, v.shape[3])
-        kbuf[:, :, :prompt_len] = k
-        vbuf[:, :, :prompt_len] = v
+        kbuf[:, :, :prompt_len] = k if row_of is None else k[row_of]
+        vbuf[:, :, :prompt_len] = v if row_of is None else v[row_of]
         keys.append(kbuf)
         values.append(vbuf)
     del cache
@@ -207,6 +219,12 @@ def decode(
         logits = model.lm_head(hidden[:, -1]).float()
         next_position = next_position + 1
     return torch.stack(new_tokens, dim=1)
+
+
+def _first_rows(row_of: torch.Tensor, count: int) -> torch.Tensor:
+    """For each of `count` distinct rows, the index of its first occurrence in `row_of`."""
+    first = torch.full((count,), len(row_of), dtype=torch.long, device=row_of.device)
+    return first.scatter_reduce(0, row_of, torch.arange(len(row_of), device=row_of.device), reduce="amin")
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """Batched vs one-prompt-at-a-time generation, and cold vs cached loading, of the embedded default model.
 
 Throughput: the same prompts (the first --prompts of the bundled set, chat template applied),
-the same model (SmolLM2-135M-Instruct, float32 on CPU), the same token budget: min_new_tokens =
+the same model (SmolLM2-135M-Instruct in the dtype `prefloop generate` picks: --dtype auto is
+bfloat16 on a CPU with AMX or AVX512-BF16, float32 elsewhere), the same token budget: min_new_tokens =
 max_new_tokens, so every sequence generates exactly that many tokens either way. Batched runs
 `generate_local` with batch_size=16 (length-bucketed, left-padded); sequential runs it with
 batch_size=1. One run each, after a short warm-up. Goal: >= 5x.
@@ -18,6 +19,11 @@ aggregate tokens/s is measured in the same run, alternating with prefloop's batc
 peer_ratio = prefloop batched / llama.cpp. A URL ending in /v1 uses /v1/completions instead.
 Goal (issue 15): >= 1.5x llama.cpp at 128 tokens.
 
+Fidelity: with weights other than float32 (bfloat16, int8), the bench reports how far the
+measured model is from the float32 one: float32's greedy continuations of the prompts
+(--max-new-tokens of them, at most 64) scored teacher-forced by both, top-1 agreement and the
+mean KL(float32 || measured) in nats per token.
+
 --quantize int8 (opt-in, lossy; alignment/cpu_int8.py): fbgemm int8 weights for every Linear
 but down_proj, after SmoothQuant-style smoothing calibrated on bundled prompts 17-48 (not the
 measured ones); int8-all quantizes down_proj too. Both paths of the run then use that model.
@@ -28,12 +34,14 @@ Loading: cold = GGUF dequantization + safetensors cache write + load, into a tem
 directory; cached = `load_model` again from that cache, same process. Goal: >= 10x.
 
     .venv/bin/python bench/generation.py [--prompts 16] [--batch-size 16] [--max-new-tokens 32]
-        [--repeats 2] [--peer http://127.0.0.1:8080] [--threads N] [--quantize none|int8|int8-all]
+        [--repeats 2] [--peer http://127.0.0.1:8080] [--threads N] [--dtype auto|float32|bfloat16]
+        [--quantize none|int8|int8-all]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import tempfile
@@ -62,6 +70,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="alternating batched runs per path")
     parser.add_argument("--peer", default=None, help="a llama-server URL to measure alongside")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                        help="weights dtype; auto = prefloop generate's choice (bfloat16 where the CPU computes it natively)")
     parser.add_argument("--quantize", choices=("none", "int8", "int8-all"), default="none",
                         help="int8 weights (alignment/cpu_int8.py; lossy): int8 keeps down_proj float")
     args = parser.parse_args()
@@ -73,6 +83,7 @@ def main() -> None:
 
     from alignment.generation import SamplingConfig, generate_local
     from alignment.models import ModelSpec, default_model_dir, load_model
+    from alignment.models.spec import inference_dtype
     from alignment.sampling import render_prompt
     from labeling.data import DEFAULT_PROMPTS
 
@@ -81,7 +92,9 @@ def main() -> None:
         (model, tokenizer), cold = timed(lambda: load_model(ModelSpec()))
         assert default_model_dir().is_relative_to(cache)
         del model
-        (model, tokenizer), cached = timed(lambda: load_model(ModelSpec()))
+        (reference, tokenizer), cached = timed(lambda: load_model(ModelSpec()))
+        dtype = "float32" if args.quantize != "none" else inference_dtype(ModelSpec(dtype=args.dtype))
+        model = reference if dtype == "float32" else load_model(ModelSpec(dtype=dtype))[0]
 
         rows = [json.loads(line) for line in DEFAULT_PROMPTS.read_text().splitlines() if line.strip()]
         conversations = [[{"role": "user", "content": row["prompt"]}] for row in rows[: args.prompts]]
@@ -93,7 +106,13 @@ def main() -> None:
             calibration = [render_prompt(tokenizer, [{"role": "user", "content": row["prompt"]}])
                            for row in rows[args.prompts : args.prompts + 32]] or [render_prompt(tokenizer, conversations[0])]
             keep = () if args.quantize == "int8-all" else ("down_proj",)
+            model = copy.deepcopy(reference)
             _, quantize_s = timed(lambda: quantize_int8(model, tokenizer, calibration, keep_float=keep))
+        prompt_texts = [render_prompt(tokenizer, messages) for messages in conversations]
+        agreement = kl = None
+        if model is not reference:
+            agreement, kl = fidelity(reference, model, tokenizer, prompt_texts, min(n, 64))
+        del reference
 
         def run(batch_size: int):
             sampling = SamplingConfig(max_new_tokens=n, min_new_tokens=n, temperature=0.7, seed=0,
@@ -110,7 +129,6 @@ def main() -> None:
             finally:
                 del os.environ[decoding.ENV]
 
-        prompt_texts = [render_prompt(tokenizer, messages) for messages in conversations]
         generate_local(model, tokenizer, conversations[:1], SamplingConfig(max_new_tokens=2))  # warm-up
         if args.peer:
             peer_run(args.peer, prompt_texts[:1], 2)  # warm-up, and fail early on a bad URL
@@ -133,7 +151,7 @@ def main() -> None:
     sequential_rate = sequential_tokens / sequential_s
     ratio = batched_rate / sequential_rate
     load_ratio = cold / cached
-    weights = "float32" if args.quantize == "none" else f"{args.quantize} weights ({quantize_s:.1f} s to quantize)"
+    weights = dtype if args.quantize == "none" else f"{args.quantize} weights ({quantize_s:.1f} s to quantize)"
     print(f"model: embedded default (SmolLM2-135M-Instruct), {weights}, {torch.get_num_threads()} torch threads, "
           f"{len(conversations)} prompts x {n} new tokens")
     print(f"{'':28}{'batched (' + str(args.batch_size) + ')':>16}{'one at a time':>16}{'ratio':>8}")
@@ -157,6 +175,9 @@ def main() -> None:
         peer_ratio = best["decoding"] / best["peer"]
         print(f"prefloop vs llama.cpp: {peer_ratio:.2f}x (goal >= 1.5x)")
         peer = f"peer_ratio={peer_ratio:.2f} peer_tok_s={best['peer']:.1f} "
+    if agreement is not None:
+        print(f"fidelity to float32 ({weights}): top-1 agreement {agreement:.1%}, KL {kl:.4f} nat/token "
+              f"(teacher-forced on float32's greedy tokens)")
     print(f"machine load average (1 min) before/after the generation runs: {load_before:.1f} / {load_after:.1f} "
           f"on {os.cpu_count()} CPUs")
     print(
@@ -164,8 +185,32 @@ def main() -> None:
         f"best_batched_tok_s={best['decoding']:.1f} generate_tok_s={best['generate']:.1f} load_ratio={load_ratio:.1f} batched_tok_s={batched_rate:.1f} "
         f"sequential_tok_s={sequential_rate:.1f} cold_load_s={cold:.1f} cached_load_s={cached:.2f} "
         f"cpu_ratio={sequential_cpu / batched_cpu:.2f} batch={args.batch_size} prompts={len(conversations)} "
-        f"new_tokens={n} quantize={args.quantize} load_avg={max(load_before, load_after):.1f}"
+        f"new_tokens={n} dtype={dtype} quantize={args.quantize} "
+        + (f"top1_agreement={agreement:.3f} kl={kl:.4f} " if agreement is not None else "")
+        + f"load_avg={max(load_before, load_after):.1f}"
     )
+
+
+def fidelity(reference, model, tokenizer, prompts: list[str], n: int) -> tuple[float, float]:
+    """Top-1 agreement and mean KL(reference || model) per token over the reference's greedy
+    continuations of `prompts`, both models teacher-forced on the same tokens."""
+    import torch
+    import torch.nn.functional as F
+
+    from alignment.decoding import decode
+
+    encoded = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
+    tokens = decode(reference, encoded["input_ids"], encoded["attention_mask"], max_new_tokens=n, min_new_tokens=n)
+    ids = torch.cat([encoded["input_ids"], tokens], dim=1)
+    mask = torch.cat([encoded["attention_mask"], torch.ones_like(tokens)], dim=1)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.inference_mode():
+        logits = [m(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=n + 1).logits[:, :-1].float()
+                  for m in (reference, model)]
+    log_p, log_q = (F.log_softmax(x, dim=-1) for x in logits)
+    agreement = (log_p.argmax(-1) == log_q.argmax(-1)).float().mean().item()
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1).mean().item()
+    return agreement, kl
 
 
 def peer_run(url: str, prompts: list[str], n: int) -> int:

@@ -38,10 +38,10 @@ def test_the_tiny_models_take_the_fast_path(tiny):
     assert decoding.supports(model)
 
 
-@pytest.mark.parametrize("padded", [True, False])
-def test_greedy_tokens_equal_generate(tiny, padded):
+@pytest.mark.parametrize("texts", [PROMPTS, [PROMPTS[0]] * 3, [PROMPTS[2], PROMPTS[1], PROMPTS[2], PROMPTS[3], PROMPTS[1]]],
+                         ids=["padded", "one-prompt", "repeated-and-padded"])
+def test_greedy_tokens_equal_generate(tiny, texts):
     model, tokenizer = tiny
-    texts = PROMPTS if padded else [PROMPTS[0]] * 3
     encoded = _encoded(tokenizer, texts)
     with torch.inference_mode():
         expected = model.generate(**encoded, max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id)
@@ -49,6 +49,22 @@ def test_greedy_tokens_equal_generate(tiny, padded):
     got = decoding.decode(model, encoded["input_ids"], encoded["attention_mask"], max_new_tokens=12,
                           stop_ids={tokenizer.eos_token_id}, pad_id=tokenizer.pad_token_id)
     assert got.tolist() == expected.tolist()
+
+
+def test_a_repeated_prompt_is_encoded_once(tiny):
+    model, tokenizer = tiny
+    encoded = _encoded(tokenizer, [PROMPTS[2], PROMPTS[1], PROMPTS[2], PROMPTS[2], PROMPTS[1]])
+    prompt_rows = []
+    hook = model.model.register_forward_pre_hook(
+        lambda module, args, kwargs: prompt_rows.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
+    try:
+        tokens = decoding.decode(model, encoded["input_ids"], encoded["attention_mask"], max_new_tokens=6,
+                                 min_new_tokens=6)
+    finally:
+        hook.remove()
+    assert prompt_rows == [2]  # one prompt pass, two distinct prompts
+    assert tokens.shape == (5, 6)
+    assert tokens[0].tolist() == tokens[2].tolist() == tokens[3].tolist()  # greedy: same prompt, same tokens
 
 
 def test_generate_local_greedy_is_the_same_on_both_paths(tiny, monkeypatch):

@@ -173,6 +173,23 @@ def test_adapter_that_does_not_fit_stores_nothing(engine, tiny_path, tmp_path):
     assert _rows(engine, Response) == []
 
 
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_local_generation_runs_in_the_native_dtype_and_records_it(engine, tiny_path, monkeypatch, native_bf16):
+    """dtype auto: bfloat16 where the CPU computes it natively (AMX / AVX512-BF16), else float32;
+    an explicit dtype wins. Each response records the dtype it was sampled in."""
+    from alignment.models import spec
+
+    monkeypatch.setattr(spec, "cpu_has_native_bf16", lambda: native_bf16)
+    _add_prompts(engine, PROMPTS[:2])
+    sampling = SamplingConfig(max_new_tokens=3, samples=2)
+    run_generation(engine, GenerationJob(policies=(tiny_path,), prompts=1, sampling=sampling), show_progress=False)
+    run_generation(engine, GenerationJob(policies=(tiny_path,), prompts=2, sampling=sampling, dtype="float32"),
+                   show_progress=False)
+    dtypes = [(r.prompt_id, r.generation_params["dtype"]) for r in _rows(engine, Response)]
+    auto = "bfloat16" if native_bf16 else "float32"
+    assert dtypes == [(1, auto), (1, auto), (2, "float32"), (2, "float32")]
+
+
 def test_cli_generate(sqlite_url, tiny_path, capsys):
     from feedback_store.db import engine_for
 

@@ -236,10 +236,16 @@ def test_rollouts_go_through_the_decoding_loop_unless_switched_off(method, store
     temperature/top-k/top-p, cut after the first EOS as TRL cuts); PREFLOOP_DECODE=generate and a
     sampling option the loop does not have (repetition_penalty) send it back to TRL's `generate`."""
     from alignment import decoding
+    from alignment.training.rollouts import FoldedLinear
 
     calls, lengths = [], []
     real = decoding.decode
-    monkeypatch.setattr(decoding, "decode", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+
+    def recorded(model, *args, **kwargs):
+        calls.append({**kwargs, "folded": sum(isinstance(m, FoldedLinear) for m in model.modules())})
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(decoding, "decode", recorded)
 
     def counted(prompts, completions, completion_ids=None, **_):
         lengths.extend(len(ids) for ids in completion_ids)
@@ -251,6 +257,7 @@ def test_rollouts_go_through_the_decoding_loop_unless_switched_off(method, store
     assert result.run_id and calls, "TRL's generate was used"
     assert all(c["temperature"] == 0.9 and c["top_p"] == 0.95 and c["max_new_tokens"] == FAST["max_completion_length"]
                for c in calls)
+    assert all(c["folded"] > 0 for c in calls), "the LoRA layers were not folded for the rollout"
     assert lengths and all(1 <= n <= FAST["max_completion_length"] for n in lengths)
 
     for switch_off in ({"env": "generate"}, {"repetition_penalty": 1.2}):
@@ -315,3 +322,37 @@ def test_packed_group_scoring_gives_trls_log_probs_entropies_and_gradients(metho
     for name, grad in grads.items():
         assert grad.abs().sum() > 0, name
         assert torch.allclose(grad, trl_grads[name], atol=1e-5, rtol=1e-4), name
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_folded_lora_gives_the_policys_logits_and_puts_its_layers_back(method, sharp_model_dir):
+    """Rollouts fold each LoRA Linear into one weight for the call: the same logits as peft's layers,
+    the base weights untouched, peft's modules back afterwards; DoRA layers are left to peft."""
+    import torch
+
+    from alignment.models import ModelSpec, apply_adapter, load_model
+    from alignment.models.adapters import AdapterConfig
+    from alignment.training.rollouts import FoldedLinear, folded_lora
+
+    model, _ = load_model(ModelSpec(sharp_model_dir))
+    model = apply_adapter(model, AdapterConfig(method=method, r=4, alpha=8, dropout=0.0))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.05)
+    base = model.get_base_model()
+    base.eval()
+    before = {name: p.detach().clone() for name, p in base.named_parameters()}
+    modules = dict(base.named_modules())
+    ids = torch.tensor([[1, 5, 9, 12, 7, 3]])
+    with torch.no_grad():
+        expected = base(input_ids=ids).logits
+        with folded_lora(base) as folded:
+            got = base(input_ids=ids).logits
+            inside = sum(isinstance(m, FoldedLinear) for m in base.modules())
+    adapted = sum(1 for name in modules if name.endswith("lora_A"))
+    assert folded == inside == (adapted if method == "lora" else 0)
+    assert torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()
+    assert dict(base.named_modules()).keys() == modules.keys()
+    assert all(module is modules[name] for name, module in base.named_modules())
+    assert all(torch.equal(p, before[name]) for name, p in base.named_parameters())

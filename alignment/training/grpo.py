@@ -115,7 +115,7 @@ class OnlineTrainer(GuardedTraining):
             tokens = rollouts.sample(self.accelerator.unwrap_model(self.model), batch["input_ids"],
                                      batch["attention_mask"], max_new_tokens=self.max_completion_length,
                                      temperature=self.temperature, top_k=self.top_k or 0, top_p=self.top_p,
-                                     stop_ids=self.eos_token_ids, pad_id=tokenizer.pad_token_id)
+                                     stop_ids=self.eos_token_ids, pad_id=tokenizer.pad_token_id, fold_lora=True)
         return None if tokens is None else rollouts.completions(tokens, self.eos_token_ids)
 
 

@@ -57,6 +57,9 @@ def add_generation_options(p: argparse.ArgumentParser, *, samples_temperature: f
     gen.add_argument("--gen-batch-size", type=int, default=16, help="sequences per forward pass")
     gen.add_argument("--quantize", choices=("auto", "none", "8bit", "4bit"), default="auto",
                      help="policies' precision (auto: 4bit on CUDA, none on CPU)")
+    gen.add_argument("--gen-dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                     help="policies' weights dtype (auto: bfloat16 where the hardware computes it natively, "
+                          "else float32)")
     gen.add_argument("--seed", type=int, default=0, help="sampling seed")
 
 
@@ -97,6 +100,7 @@ def eval_config(args: argparse.Namespace):
         return EvalConfig(
             against=args.against, prompts=args.prompts, max_new_tokens=args.gen_max_new_tokens,
             temperature=args.gen_temperature, seed=args.seed, batch_size=args.gen_batch_size, quantize=args.quantize,
+            dtype=args.gen_dtype,
             judge=judge_run_config(args, progress=progress), show_progress=progress,
         )
     except (ModelError, ValueError) as error:

@@ -69,7 +69,7 @@ def _add_flags(parser: argparse.ArgumentParser) -> None:
     """The flags: fields of GenerationJob, SamplingConfig and BestOfN (alignment/generation.py,
     sampling.py) and the reward's RewardSource (alignment/training/online_rewards.py)."""
     from alignment.generation import BestOfN, GenerationJob, SamplingConfig
-    from alignment.models.spec import QUANTIZE_MODES
+    from alignment.models.spec import DTYPES, QUANTIZE_MODES
     from alignment.training.online_rewards import RewardSource
 
     policies = format_default(field_default(get_field(GenerationJob, "policies")))
@@ -90,6 +90,7 @@ def _add_flags(parser: argparse.ArgumentParser) -> None:
         Flag("base_url"),
         Flag("model"),
         Flag("quantize", choices=QUANTIZE_MODES),
+        Flag("dtype", choices=("auto", *DTYPES)),
     ])
     add_flags(parser, SamplingConfig, [Flag("batch_size")])
     add_flags(parser, BestOfN, [Flag("n", flag="--best-of", metavar="N", unset=True)])
@@ -144,7 +145,8 @@ def run_generate(args: argparse.Namespace) -> int:
         job = GenerationJob(
             policies=policies, prompts=args.prompts, split=None if args.split == "all" else args.split,
             sampling=sampling, backend=args.backend,
-            model=args.model, base_url=args.base_url, quantize=args.quantize, best_of=best_of,
+            model=args.model, base_url=args.base_url, quantize=args.quantize, dtype=args.dtype,
+            best_of=best_of,
         )
         if best_of is not None:
             check_best_of(engine, job)  # a bad reward fails before anything is written

@@ -49,6 +49,8 @@ class EvalConfig:
     seed: int = field(default=0, metadata={"help": "sampling seed"})
     batch_size: int = field(default=16, metadata={"help": "sequences per forward pass"})
     quantize: str = field(default="auto", metadata={"help": "none, 8bit, 4bit or auto (4bit on CUDA)"})
+    dtype: str = field(default="auto", metadata={"help": "policies' weights dtype; auto = bfloat16 where native, "
+                                                          "else float32 (as prefloop generate)"})
     confidence: float = field(default=CONFIDENCE, metadata={"help": "level of the win rate's interval"})
     judge: JudgeRunConfig = field(default_factory=lambda: JudgeRunConfig(progress=False))
     show_progress: bool = field(default=True, metadata={"help": "progress bars for generation and judging"})
@@ -145,7 +147,7 @@ def _generate(engine: Engine, names: tuple[str, str], config: EvalConfig) -> int
         sampling = SamplingConfig(max_new_tokens=config.max_new_tokens, temperature=config.temperature, samples=1,
                                   seed=config.seed, batch_size=config.batch_size)
         job = GenerationJob(policies=names, prompts=config.prompts, split=EVAL, sampling=sampling,
-                            quantize=config.quantize)
+                            quantize=config.quantize, dtype=config.dtype)
         return run_generation(engine, job, show_progress=config.show_progress).responses
     except ModelError as error:
         raise EvaluationError(str(error)) from None
@@ -208,6 +210,7 @@ def evaluate_policy(engine: Engine, policy: str, judge: JudgeBackend, config: Ev
         "sampling": {"max_new_tokens": config.max_new_tokens, "temperature": config.temperature,
                      "seed": config.seed, "samples": 1},
         "quantize": config.quantize,
+        "dtype": config.dtype,
         "confidence": config.confidence,
         "judge": {"backend": judge.kind, "model": judge.model_id, "template": config.judge.template,
                   "criteria": config.judge.criteria},
