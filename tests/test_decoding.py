@@ -105,6 +105,35 @@ def test_sample_next_keeps_the_nucleus():
     assert drawn == {0}
 
 
+@pytest.mark.parametrize("temperature, top_k, top_p", [(0.7, 0, 1.0), (1.0, 3, 1.0), (1.0, 0, 0.9)],
+                         ids=["full-softmax", "top-k", "top-p"])
+def test_sample_next_draws_from_the_warped_softmax(temperature, top_k, top_p):
+    """Frequencies over many draws match the distribution generate's warpers define (chi-square),
+    zero-probability tokens are never drawn, and a seeded generator repeats its draws."""
+    from scipy.stats import chisquare
+
+    probs = torch.tensor([0.4, 0.25, 0.15, 0.1, 0.06, 0.04, 0.0], dtype=torch.float64)
+    expected = torch.softmax(torch.log(probs) / temperature, 0)
+    if top_k:
+        expected[top_k:] = 0
+    if top_p < 1.0:
+        expected[(torch.cumsum(expected, 0) - expected) >= top_p] = 0
+    expected = expected / expected.sum()
+    logits = torch.log(probs).float().expand(4000, -1).contiguous()  # one draw per row
+
+    def draw():
+        return decoding.sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p,
+                                    generator=torch.Generator().manual_seed(3))
+
+    drawn = draw()
+    counts = torch.bincount(drawn, minlength=len(probs)).double()
+    keep = expected > 0
+    assert counts[~keep].sum() == 0
+    observed, wanted = counts[keep].numpy(), (expected[keep] * len(drawn)).numpy()
+    assert chisquare(observed, wanted * observed.sum() / wanted.sum()).pvalue > 1e-3
+    assert torch.equal(draw(), drawn)
+
+
 def test_other_models_keep_generate(tmp_path):
     model, _ = load_model(ModelSpec(str(save_tiny_causal_lm(tmp_path / "m", name="mixtral"))))
     assert not decoding.supports(model)
