@@ -151,12 +151,11 @@ def decode(
     positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)  # what generate passes
     # A prompt sampled several times (a GRPO group, `--samples`, best-of-n) is encoded once and
     # its key/value cache and last logits copied to each of its rows.
-    rows = torch.cat([input_ids, mask], dim=1)
-    unique, row_of = torch.unique(rows, dim=0, return_inverse=True)
-    if len(unique) == batch:
-        unique, row_of = None, None
+    distinct, row_of = torch.unique(torch.cat([input_ids, mask], dim=1), dim=0, return_inverse=True)
+    if len(distinct) == batch:
+        row_of = None
     else:
-        input_ids, mask, positions = (x[_first_rows(row_of, len(unique))] for x in (input_ids, mask, positions))
+        input_ids, mask, positions = (x[_first_rows(row_of, len(distinct))] for x in (input_ids, mask, positions))
     output = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
                    logits_to_keep=1)
     cache = output["cache"] if "cache" in output else output["past_key_values"]  # 5.x / 4.x name

@@ -171,7 +171,8 @@ def _current_policy(done: list[LoopRound], config: LoopConfig, engine: Engine) -
 
 def _sample(engine, config: LoopConfig, round_id: int, number: int, start: str, console: Console) -> str:
     console.print(f"[bold]1. sample[/] {config.pairs} new train prompts × {config.sampling.samples} from {start}")
-    job = GenerationJob(policies=(start,), prompts=config.pairs * number, split="train", sampling=config.sampling)
+    job = GenerationJob(policies=(start,), prompts=config.pairs * number, split="train", sampling=config.sampling,
+                        quantize=config.evaluation.quantize, dtype=config.evaluation.dtype)
     report = run_generation(engine, job, show_progress=config.show_progress)
     console.print(f"   {report.summary()}")
     with session_scope(engine) as session:

@@ -96,22 +96,24 @@ def folded_lora(model) -> Iterator[int]:
     """For the duration of the block, every foldable LoRA Linear of `model` is a FoldedLinear
     (yields how many); the originals are back in place afterwards, whatever happens."""
     swapped = []
-    with torch.no_grad():
-        for parent in list(model.modules()):
-            for name, child in list(parent.named_children()):
-                if not _foldable(child):
-                    continue
-                base = child.get_base_layer()
-                weight = base.weight.detach()
-                for adapter in (name for name in child.active_adapters if name in child.lora_A):
-                    # peft's get_delta_weight (B @ A * scaling), fused into one new tensor
-                    weight = torch.addmm(weight, child.lora_B[adapter].weight.to(weight.dtype),
-                                         child.lora_A[adapter].weight.to(weight.dtype), alpha=child.scaling[adapter])
-                bias = None if base.bias is None else base.bias.detach()
-                setattr(parent, name, FoldedLinear(weight, bias))
-                swapped.append((parent, name, child))
     try:
+        with torch.no_grad():
+            for parent in list(model.modules()):
+                for name, child in list(parent.named_children()):
+                    if _foldable(child):
+                        setattr(parent, name, _folded(child))
+                        swapped.append((parent, name, child))
         yield len(swapped)
     finally:
         for parent, name, child in swapped:
             setattr(parent, name, child)
+
+
+def _folded(layer) -> FoldedLinear:
+    base = layer.get_base_layer()
+    weight = base.weight.detach()
+    for adapter in [a for a in layer.active_adapters if a in layer.lora_A]:
+        # peft's get_delta_weight (B @ A * scaling), fused into one new tensor
+        weight = torch.addmm(weight, layer.lora_B[adapter].weight.to(weight.dtype),
+                             layer.lora_A[adapter].weight.to(weight.dtype), alpha=layer.scaling[adapter])
+    return FoldedLinear(weight, None if base.bias is None else base.bias.detach())
