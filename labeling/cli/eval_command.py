@@ -57,9 +57,9 @@ def add_generation_options(p: argparse.ArgumentParser, *, samples_temperature: f
     gen.add_argument("--gen-batch-size", type=int, default=16, help="sequences per forward pass")
     gen.add_argument("--quantize", choices=("auto", "none", "8bit", "4bit"), default="auto",
                      help="policies' precision (auto: 4bit on CUDA, none on CPU)")
-    gen.add_argument("--gen-dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
-                     help="policies' weights dtype (auto: bfloat16 where the hardware computes it natively, "
-                          "else float32)")
+    gen.add_argument("--gen-dtype", choices=("auto", "float32", "bfloat16", "float16"), default="float32",
+                     help="policies' weights dtype for the evaluated responses (float32: a small policy change is "
+                          "not rounded away; auto: bfloat16 where the hardware computes it natively, faster)")
     gen.add_argument("--seed", type=int, default=0, help="sampling seed")
 
 

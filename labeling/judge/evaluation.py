@@ -49,8 +49,10 @@ class EvalConfig:
     seed: int = field(default=0, metadata={"help": "sampling seed"})
     batch_size: int = field(default=16, metadata={"help": "sequences per forward pass"})
     quantize: str = field(default="auto", metadata={"help": "none, 8bit, 4bit or auto (4bit on CUDA)"})
-    dtype: str = field(default="auto", metadata={"help": "policies' weights dtype; auto = bfloat16 where native, "
-                                                          "else float32 (as prefloop generate)"})
+    dtype: str = field(default="float32", metadata={
+        "help": "policies' weights dtype: float32 by default, so that a small policy change is not lost to "
+                "bfloat16's rounding (a LoRA delta under 0.4% of an activation vanishes); auto = bfloat16 where "
+                "native, as prefloop generate samples"})
     confidence: float = field(default=CONFIDENCE, metadata={"help": "level of the win rate's interval"})
     judge: JudgeRunConfig = field(default_factory=lambda: JudgeRunConfig(progress=False))
     show_progress: bool = field(default=True, metadata={"help": "progress bars for generation and judging"})
