@@ -218,7 +218,7 @@ def test_the_loop_learns_on_held_out_prompts_round_after_round(sqlite_url, model
     learning = {"trainer": {"max_steps": 24, "learning_rate": 5e-3, "per_device_train_batch_size": 8,
                             "logging_steps": 4, "save_steps": 24}}
     judge = RubricJudge("tests.loop_rules:more_good_words")
-    # Which 12 pairs the tiny random model samples decides whether 24 steps teach it the rule: about
+    # Which 12 pairs the tiny random model samples decides whether 24 steps teach it the rule: only
     # some sampling seeds do (3 of 6 with torch.multinomial's draws, 1 of 6 with the decoding
     # loop's inverse-CDF draws, seeds 0-5). Seed 1 is one that does with the current draws.
     reports = run_loop(engine, config(tmp_path, pairs=12, train_overrides=(learning,),
