@@ -22,7 +22,7 @@ from alignment.training.job import TrainRequest, run_training
 from alignment.training.runs import get_run
 from feedback_store.db import upgrade
 from feedback_store.models import RunStatus
-from tests.train_helpers import preference_store, tiny_model
+from tests.train_helpers import float_4bit_kernels, preference_store, tiny_model
 
 PROMPTS = ["what is the capital", [{"role": "system", "content": "be brief"}, {"role": "user", "content": "why"}],
            "write a short poem"]
@@ -93,7 +93,8 @@ def test_shared_adapter_scores_as_the_reward_scorer(setup, method):
         scorer.score_batch(PROMPTS, ANSWERS)
 
 
-def test_shared_adapter_on_a_4bit_base(setup, tmp_path):
+def test_shared_adapter_on_a_4bit_base(setup, tmp_path, monkeypatch):
+    float_4bit_kernels(monkeypatch)
     reward = _copy_reward(setup["reward"], tmp_path / "reward-4bit", quantize="4bit")
     policy, tokenizer = _policy(setup["model"], "lora", quantize="4bit")
     scorer, why_not = shared_reward.attach(policy, tokenizer, reward, device="cpu")

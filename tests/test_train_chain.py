@@ -19,7 +19,7 @@ from alignment.training.runs import find_policy, lineage, run_metrics
 from feedback_store.catalog import get_or_create_policy
 from feedback_store.db import session_scope
 from feedback_store.models import PolicyVersion, RunStatus, TrainingRun
-from tests.train_helpers import preference_store, tiny_model
+from tests.train_helpers import float_4bit_kernels, preference_store, tiny_model
 
 FAST = {"max_steps": 2, "save_steps": 2, "per_device_train_batch_size": 4, "logging_steps": 1}
 PROBE = torch.tensor([[4, 20, 30, 40, 5, 50, 60]])  # a fixed input whose logits are compared
@@ -168,7 +168,8 @@ def test_resume_of_a_run_from_a_policy(store, model_dir, tmp_path):
     torch.testing.assert_close(policy_logits(store, resumed.policy_name), seen.final, atol=1e-4, rtol=1e-4)
 
 
-def test_4bit_run_from_a_policy_keeps_the_parent_as_reference(store, model_dir, tmp_path):
+def test_4bit_run_from_a_policy_keeps_the_parent_as_reference(store, model_dir, tmp_path, monkeypatch):
+    float_4bit_kernels(monkeypatch)
     four_bit = {"quantize": "4bit"}
     sft = train(store, "sft", model_dir, tmp_path, model=four_bit, trainer={"learning_rate": 5e-2, "max_steps": 1})
     seen = Logits()

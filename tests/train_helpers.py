@@ -49,6 +49,19 @@ def preference_store(db_url: str, *, n_prompts: int = 12, seed: int = 0, ratings
     return engine
 
 
+# bitsandbytes 0.50 repacks 4-bit weights for a bfloat16 CPU kernel when the CPU has AVX512-BF16
+# and a layer runs in eval mode without gradients. That kernel rounds to bfloat16 (~1e-3 from the
+# training path) and its repacking assumes in_features >= the 64-wide quantization block (a
+# 32-wide tiny layer fails: "shape '[32, 0]' is invalid"); real models are far wider.
+def float_4bit_kernels(monkeypatch) -> None:
+    """Keep bitsandbytes on its float 4-bit path in eval mode too, for tests that compare logits
+    seen in training with those of the registered policy on tiny models. Patches the probe
+    Linear4bit reads at init (test-only: prefloop itself keeps bitsandbytes' faster kernel)."""
+    import bitsandbytes.nn.modules as bnb_modules
+
+    monkeypatch.setattr(bnb_modules, "has_avx512bf16", lambda: False)
+
+
 def tiny_model(directory: Path, name: str = "llama", **overrides) -> str:
     path = Path(directory) / f"tiny-{name}"
     if not (path / "config.json").is_file():
