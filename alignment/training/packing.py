@@ -20,9 +20,9 @@ TRL's own paths are unchanged. Gradient checkpointing recomputes layers with the
 arguments, so it stays exact.
 
 Only the hidden states that matter go through a head: for DPO the positions that predict a
-completion token (TRL's chunked log-prob kernel on those rows only; on CPU TRL itself runs
-the LM head over every position, prompt and padding included), for a reward model the last
-token of each sequence.
+completion token (a chunked log-prob head on those rows only, `logprob_head.py`; on CPU TRL
+itself runs the LM head over every position, prompt and padding included), for a reward model
+the last token of each sequence.
 """
 
 from __future__ import annotations
@@ -298,11 +298,11 @@ def selected_log_probs(model, hidden: torch.Tensor, targets: torch.Tensor, outpu
     """Per-token log-prob of `targets` under the LM head (logits divided by `temperature`, as TRL's
     online trainers score their samples), plus the requested extras (as in TRL's
     `FusedCausalLMOutput`: entropy, log_sum_sq_probs, mean_logits, is_top1)."""
-    from trl.kernels import ChunkedLogProbFunction
     from trl.trainer.utils import maybe_gather_lm_head_ctx
 
+    from alignment.training.logprob_head import OUTPUT_NAMES, chunked_log_probs
+
     head = model.get_output_embeddings()
-    names = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
     if type(head) is torch.nn.Linear:
         config = model.config.get_text_config()
         weight, bias = head.weight, head.bias
@@ -310,16 +310,15 @@ def selected_log_probs(model, hidden: torch.Tensor, targets: torch.Tensor, outpu
             weight = weight.full_tensor()
             bias = bias.full_tensor() if bias is not None else None
         with maybe_gather_lm_head_ctx(weight, bias):  # DeepSpeed ZeRO-3 partitions it
-            values = ChunkedLogProbFunction.apply(
-                hidden, weight, bias, targets, temperature, VOCAB_CHUNK,
-                getattr(config, "final_logit_softcapping", None), getattr(config, "logit_scale", None) or 1.0,
-                tuple(outputs),
+            return chunked_log_probs(
+                hidden, weight, bias, targets, temperature=temperature, chunk_size=VOCAB_CHUNK,
+                softcap=getattr(config, "final_logit_softcapping", None),
+                logit_scale=getattr(config, "logit_scale", None) or 1.0, outputs=tuple(outputs),
             )
-        return dict(zip(names, values))
     # A wrapped head (an adapter on lm_head, modules_to_save): call it so its own weights count.
     logits = head(hidden).float() / temperature
     log_softmax = logits.log_softmax(-1)
-    result = {name: None for name in names}
+    result = {name: None for name in OUTPUT_NAMES}
     result["log_probs"] = log_softmax.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     with torch.no_grad():
         if "entropy" in outputs:
