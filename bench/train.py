@@ -1,9 +1,10 @@
-"""DPO, reward-model, KTO, SFT, ORPO and SimPO training of the embedded default model with LoRA:
+"""DPO, reward-model, KTO, SFT, ORPO, SimPO, GRPO and RLOO training of the embedded default with LoRA:
 prefloop's path against a plain TRL script configured like the seed, on the same 256 preference pairs.
 
-    python bench/train.py                 # about 8 minutes on 2 quiet cores
+    python bench/train.py                 # about 11 minutes on 2 quiet cores
     python bench/train.py --quick         # a few minutes: fewer steps and pairs, 1-step memory runs
     python bench/train.py --methods dpo,sft --steps 6 --batch 8 --threads 1
+    python bench/train.py --methods dpo --no-memory --lockstep   # + the two-process check
 
 Every method prefloop trains with TRL on stored pairs or examples is here: DPO and the reward
 model on the pairs, KTO on the same pairs split as `export_kto` splits them (winner desirable,
@@ -21,7 +22,9 @@ runs four model copies) is bench/ppo.py's memory comparison at its `--quick` siz
 Speed: the TRL trainer and prefloop's trainer (built by prefloop's own entry point) live in
 one process and take their optimizer steps in alternation, so both see the same machine (on
 a shared machine the speed available drifts by several times within minutes; consecutive
-whole runs would compare the load, not the code). Memory: one full run of each side in its
+whole runs would compare the load, not the code). `--lockstep` repeats the alternation with each
+trainer in its own process (one steps while the other waits on a pipe): a check that sharing one
+process (allocator, caches, garbage collector) favours neither side. Memory: one full run of each side in its
 own process, so that its peak RSS is its own. Same model (SmolLM2-135M-Instruct, float32), same
 rows, same LoRA (the seed's r=64 / alpha=16 / dropout 0.1 on q/k/v/o/gate), same batch size,
 steps, learning rate, max_grad_norm, weight decay and gradient checkpointing (on, as in the
@@ -317,11 +320,8 @@ def interleaved_worker(method: str, data: str, steps: int, batch: int, out: str)
     """Both trainers in one process, their steps alternating (which goes first alternates too), so that
     both see the same machine: on a shared machine the speed available drifts by several times
     within minutes, and consecutive whole runs would compare load, not code."""
-    from alignment.training.job import run_training
-
-    trl = build_trl(method, data, steps + WARMUP_STEPS, batch, out)
-    request, engine = prefloop_request(method, data, steps + WARMUP_STEPS, batch, out)
-    ours = run_training(request, engine=engine, progress=False, build_only=True).trainer
+    trl = build_side("trl", method, data, steps + WARMUP_STEPS, batch, out)
+    ours = build_side("prefloop", method, data, steps + WARMUP_STEPS, batch, out)
     step = {"trl": stepper(trl, steps + WARMUP_STEPS), "prefloop": stepper(ours, steps + WARMUP_STEPS)}
     totals = {name: {"tokens": 0, "seconds": 0.0, "losses": []} for name in step}
     ratios = []
@@ -339,6 +339,62 @@ def interleaved_worker(method: str, data: str, steps: int, batch: int, out: str)
             times[name] = seconds
         ratios.append(times["trl"] / times["prefloop"])
     return {"totals": totals, "step_ratios": ratios, "params": _param_counts(trl.model)}
+
+
+def build_side(side: str, method: str, data: str, steps: int, batch: int, out: str):
+    """A trainer of one side, built as interleaved_worker builds it."""
+    from alignment.training.job import run_training
+
+    if side == "trl":
+        return build_trl(method, data, steps, batch, out)
+    request, engine = prefloop_request(method, data, steps, batch, out)
+    return run_training(request, engine=engine, progress=False, build_only=True).trainer
+
+
+def lockstep_side(side: str, method: str, data: str, steps: int, batch: int, threads: int, conn) -> None:
+    """One side of the two-process check (a spawned process): one trainer, a step whenever told."""
+    os.environ.update(TQDM_DISABLE="1", HF_DATASETS_DISABLE_PROGRESS_BARS="1")  # before the libraries read them
+    import torch
+
+    torch.set_num_threads(threads)
+    with tempfile.TemporaryDirectory() as out:
+        step = stepper(build_side(side, method, data, steps + WARMUP_STEPS, batch, out), steps + WARMUP_STEPS)
+        for _ in range(WARMUP_STEPS):
+            step()
+        conn.send("ready")
+        while conn.recv() == "step":
+            conn.send(step()[:2])
+
+
+def lockstep(method: str, data: str, steps: int, batch: int, threads: int) -> dict:
+    """The alternating steps again, each trainer in its own process (one steps while the other
+    waits): a check that sharing one process, its allocator and caches, favours neither side."""
+    from multiprocessing import get_context
+
+    context = get_context("spawn")
+    pipes, processes = {}, []
+    for side in ("trl", "prefloop"):
+        ours, theirs = context.Pipe()
+        process = context.Process(target=lockstep_side, args=(side, method, data, steps, batch, threads, theirs))
+        process.start()
+        pipes[side] = ours
+        processes.append(process)
+    for side, pipe in pipes.items():
+        if pipe.recv() != "ready":
+            sys.exit(f"lockstep {side} {method} failed to start")
+    totals = {side: [0, 0.0] for side in pipes}
+    for i in range(steps):
+        for side in ("trl", "prefloop") if i % 2 == 0 else ("prefloop", "trl"):
+            pipes[side].send("step")
+            tokens, seconds = pipes[side].recv()
+            totals[side][0] += tokens
+            totals[side][1] += seconds
+    for pipe in pipes.values():
+        pipe.send("stop")
+    for process in processes:
+        process.join()
+    rates = {side: tokens / seconds for side, (tokens, seconds) in totals.items()}
+    return {**rates, "ratio": rates["prefloop"] / rates["trl"]}
 
 
 def _param_counts(model) -> dict:
@@ -397,6 +453,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="alternating steps of each side for the speed (6)")
     parser.add_argument("--memory-steps", type=int, default=None, help="steps of the separate full runs for memory (2)")
     parser.add_argument("--no-memory", action="store_true", help="skip the separate memory runs")
+    parser.add_argument("--lockstep", action="store_true",
+                        help="also alternate the steps between two processes, one trainer each (a check on the "
+                             "one-process timing; adds METHOD_lockstep_ratio keys)")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--pairs", type=int, default=None, help="preference pairs (256)")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all cores)")
@@ -440,6 +499,10 @@ def main() -> None:
                       flush=True)
             print(f"  {method:6} step time ratios TRL/prefloop: {' '.join(f'{x:.2f}' for x in r['step_ratios'])}"
                   f" (load average {_load()})", flush=True)
+            if args.lockstep:
+                r["lockstep"] = lockstep(method, data, args.steps, args.batch, args.threads)
+                print(f"  {method:6} two processes in lockstep: TRL {r['lockstep']['trl']:6.1f}, prefloop "
+                      f"{r['lockstep']['prefloop']:6.1f} tokens/s = {r['lockstep']['ratio']:.2f}x", flush=True)
             if args.no_memory:
                 continue
             for worker in ("trl", "prefloop"):
@@ -480,6 +543,7 @@ def main() -> None:
     for method in methods:
         if summary[method][1] is not None:
             keys.append(f"{method}_mem_ratio={summary[method][1]:.2f}")
+    keys += [f"{m}_lockstep_ratio={speed[m]['lockstep']['ratio']:.2f}" for m in methods if "lockstep" in speed[m]]
     if "dpo" in summary and summary["dpo"][2] is not None:
         keys.append(f"mfu={summary['dpo'][2]:.3f}")
     if with_ppo:
