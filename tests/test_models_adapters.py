@@ -113,6 +113,23 @@ def test_full_fine_tuning_trains_everything():
     assert all(p.requires_grad and p.grad is not None for p in model.parameters())
 
 
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_checkpointing_goes_through_transformers_current_api(method):
+    """Activations are recomputed (the layers say so) and the gradients still reach the weights,
+    without transformers' deprecation warning for the old `gradient_checkpointing_enable`."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = apply_adapter(build("llama"), AdapterConfig(method=method, r=4, gradient_checkpointing=True))
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    assert base.is_gradient_checkpointing
+    assert not [w for w in caught if "gradient_checkpointing_enable" in str(w.message)]
+    model.train()
+    loss_of(model).backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
 def test_lm_head_only_unties_and_leaves_embeddings_alone(tmp_path):
     model = build("llama")
     assert model.lm_head.weight is model.model.embed_tokens.weight  # tied, like SmolLM2
