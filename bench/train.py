@@ -24,8 +24,8 @@ one process and take their optimizer steps in alternation, so both see the same 
 a shared machine the speed available drifts by several times within minutes; consecutive
 whole runs would compare the load, not the code). `--lockstep` repeats the alternation with each
 trainer in its own process (one steps while the other waits on a pipe): a check that sharing one
-process (allocator, caches, garbage collector) favours neither side. Memory: one full run of each side in its
-own process, so that its peak RSS is its own. Same model (SmolLM2-135M-Instruct, float32), same
+process (allocator, caches, garbage collector) favours neither side. Memory: one full run of each
+side in its own process, so that its peak RSS is its own. Same model (SmolLM2-135M-Instruct, float32), same
 rows, same LoRA (the seed's r=64 / alpha=16 / dropout 0.1 on q/k/v/o/gate), same batch size,
 steps, learning rate, max_grad_norm, weight decay and gradient checkpointing (on, as in the
 seed). The baseline is TRL's defaults plus the seed's settings, except group_by_length: TRL's
@@ -377,11 +377,14 @@ def lockstep(method: str, data: str, steps: int, batch: int, threads: int) -> di
         ours, theirs = context.Pipe()
         process = context.Process(target=lockstep_side, args=(side, method, data, steps, batch, threads, theirs))
         process.start()
+        theirs.close()  # the child's end lives in the child: a child that dies ends our reads (EOFError)
         pipes[side] = ours
         processes.append(process)
-    for side, pipe in pipes.items():
-        if pipe.recv() != "ready":
-            sys.exit(f"lockstep {side} {method} failed to start")
+    try:
+        for pipe in pipes.values():
+            pipe.recv()  # "ready"
+    except EOFError:
+        sys.exit(f"lockstep {method}: a side died while building its trainer (its traceback is above)")
     totals = {side: [0, 0.0] for side in pipes}
     for i in range(steps):
         for side in ("trl", "prefloop") if i % 2 == 0 else ("prefloop", "trl"):
