@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 
 import pytest
 import torch
@@ -117,8 +118,6 @@ def test_full_fine_tuning_trains_everything():
 def test_checkpointing_goes_through_transformers_current_api(method):
     """Activations are recomputed (the layers say so) and the gradients still reach the weights,
     without transformers' deprecation warning for the old `gradient_checkpointing_enable`."""
-    import warnings
-
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         model = apply_adapter(build("llama"), AdapterConfig(method=method, r=4, gradient_checkpointing=True))

@@ -20,7 +20,6 @@ from __future__ import annotations
 import torch
 
 OUTPUT_NAMES = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
-OPTIONAL_OUTPUTS = OUTPUT_NAMES[1:]
 
 
 def chunked_log_probs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -65,7 +64,8 @@ class CpuLogProbHead(torch.autograd.Function):
             # the first maximum wins, as in argmax: a later tile takes over only when strictly larger
             better = tile_max > running_max
             argmax = torch.where(better, tile_arg + start, argmax)
-            _take_target_logits(z, targets, start, stats["target_logit"])
+            rows, columns = _targets_in_tile(targets, start, end)
+            stats["target_logit"][rows] = z[rows, columns]
             new_max = torch.maximum(running_max, tile_max)
             rescale = torch.exp(running_max - new_max)
             z.sub_(new_max.unsqueeze(-1))  # z - m: every exp below is <= 1
@@ -105,7 +105,6 @@ class CpuLogProbHead(torch.autograd.Function):
         grad_bias = torch.zeros(bias.shape) if needs_bias else None
         tile_buffer = torch.empty(n, min(chunk_size, vocab))
         exp_buffer = torch.empty_like(tile_buffer) if grad_entropy is not None else None
-        rows = torch.arange(n)
         for start in range(0, vocab, chunk_size):
             end = min(start + chunk_size, vocab)
             z = _logit_tile(h, weight, bias, start, end, scale, tile_buffer)
@@ -118,9 +117,8 @@ class CpuLogProbHead(torch.autograd.Function):
                 if grad_log_probs is not None:
                     grad.addcmul_(p, grad_log_probs.unsqueeze(-1), value=-1.0)
             if grad_log_probs is not None:
-                local = targets - start
-                inside = (local >= 0) & (local < end - start)
-                grad.index_put_((rows[inside], local[inside]), grad_log_probs[inside], accumulate=True)
+                rows, columns = _targets_in_tile(targets, start, end)
+                grad.index_put_((rows, columns), grad_log_probs[rows], accumulate=True)
             grad.mul_(scale)
             if grad_hidden is not None:
                 grad_hidden.addmm_(grad, weight[start:end].float())
@@ -149,10 +147,7 @@ def _logit_tile(h, weight, bias, start: int, end: int, scale: float, buffer: tor
     return tile
 
 
-def _take_target_logits(z: torch.Tensor, targets: torch.Tensor, start: int, into: torch.Tensor) -> None:
-    """into[i] = z[i, targets[i] - start] for the rows whose target falls in this tile."""
-    local = targets - start
-    inside = (local >= 0) & (local < z.size(1))
-    if inside.any():
-        rows = inside.nonzero().squeeze(-1)
-        into[rows] = z[rows, local[rows]]
+def _targets_in_tile(targets: torch.Tensor, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, columns in the tile) of the rows whose target falls in vocabulary entries [start, end)."""
+    rows = ((targets >= start) & (targets < end)).nonzero().squeeze(-1)
+    return rows, targets[rows] - start
