@@ -79,6 +79,7 @@ ONLINE_METHODS = ("grpo", "rloo")
 ONLINE = {"num_generations": 4, "max_completion_length": 32}  # both sides' group and completion sizes
 ALL_METHODS = (*METHODS, "ppo")
 WARMUP_STEPS = 1  # per side, before the alternating timed steps
+SIDES = ("trl", "prefloop")  # the plain TRL script, prefloop's entry point
 PAIR_METHODS = ("dpo", "reward")  # MFU is computed for these (their FLOP count is worked out above)
 
 
@@ -320,25 +321,34 @@ def interleaved_worker(method: str, data: str, steps: int, batch: int, out: str)
     """Both trainers in one process, their steps alternating (which goes first alternates too), so that
     both see the same machine: on a shared machine the speed available drifts by several times
     within minutes, and consecutive whole runs would compare load, not code."""
-    trl = build_side("trl", method, data, steps + WARMUP_STEPS, batch, out)
-    ours = build_side("prefloop", method, data, steps + WARMUP_STEPS, batch, out)
-    step = {"trl": stepper(trl, steps + WARMUP_STEPS), "prefloop": stepper(ours, steps + WARMUP_STEPS)}
+    trainers = {side: build_side(side, method, data, steps + WARMUP_STEPS, batch, out) for side in SIDES}
+    step = {side: warm_stepper(trainer, steps) for side, trainer in trainers.items()}
     totals = {name: {"tokens": 0, "seconds": 0.0, "losses": []} for name in step}
     ratios = []
-    for take_step in step.values():  # one untimed step each first: first-call costs (optimizer state) left out
-        for _ in range(WARMUP_STEPS):
-            take_step()
     for i in range(steps):
-        order = ("trl", "prefloop") if i % 2 == 0 else ("prefloop", "trl")
         times = {}
-        for name in order:
+        for name in turn_order(i):
             tokens, seconds, loss = step[name]()
             totals[name]["tokens"] += tokens
             totals[name]["seconds"] += seconds
             totals[name]["losses"].append(loss)
             times[name] = seconds
         ratios.append(times["trl"] / times["prefloop"])
-    return {"totals": totals, "step_ratios": ratios, "params": _param_counts(trl.model)}
+    return {"totals": totals, "step_ratios": ratios, "params": _param_counts(trainers["trl"].model)}
+
+
+def turn_order(step_index: int) -> tuple[str, str]:
+    """Which side steps first alternates too, so that neither always follows the other."""
+    return SIDES if step_index % 2 == 0 else SIDES[::-1]
+
+
+def warm_stepper(trainer, steps: int):
+    """`stepper` for `steps` timed steps, after WARMUP_STEPS untimed ones (first-call costs such as
+    the optimizer state left out)."""
+    step = stepper(trainer, steps + WARMUP_STEPS)
+    for _ in range(WARMUP_STEPS):
+        step()
+    return step
 
 
 def build_side(side: str, method: str, data: str, steps: int, batch: int, out: str):
@@ -358,9 +368,7 @@ def lockstep_side(side: str, method: str, data: str, steps: int, batch: int, thr
 
     torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory() as out:
-        step = stepper(build_side(side, method, data, steps + WARMUP_STEPS, batch, out), steps + WARMUP_STEPS)
-        for _ in range(WARMUP_STEPS):
-            step()
+        step = warm_stepper(build_side(side, method, data, steps + WARMUP_STEPS, batch, out), steps)
         conn.send("ready")
         while conn.recv() == "step":
             conn.send(step()[:2])
@@ -373,7 +381,7 @@ def lockstep(method: str, data: str, steps: int, batch: int, threads: int) -> di
 
     context = get_context("spawn")
     pipes, processes = {}, []
-    for side in ("trl", "prefloop"):
+    for side in SIDES:
         ours, theirs = context.Pipe()
         process = context.Process(target=lockstep_side, args=(side, method, data, steps, batch, threads, theirs))
         process.start()
@@ -387,7 +395,7 @@ def lockstep(method: str, data: str, steps: int, batch: int, threads: int) -> di
         sys.exit(f"lockstep {method}: a side died while building its trainer (its traceback is above)")
     totals = {side: [0, 0.0] for side in pipes}
     for i in range(steps):
-        for side in ("trl", "prefloop") if i % 2 == 0 else ("prefloop", "trl"):
+        for side in turn_order(i):
             pipes[side].send("step")
             tokens, seconds = pipes[side].recv()
             totals[side][0] += tokens
@@ -508,7 +516,7 @@ def main() -> None:
                       f"{r['lockstep']['prefloop']:6.1f} tokens/s = {r['lockstep']['ratio']:.2f}x", flush=True)
             if args.no_memory:
                 continue
-            for worker in ("trl", "prefloop"):
+            for worker in SIDES:
                 m = memory[method, worker] = measure(worker, method, data, args.memory_steps, args.batch, args.threads)
                 rate = f"{m['tokens'] / m['seconds']:6.1f} tokens/s" if m["tokens"] else "no num_tokens logged"
                 print(f"  {method:6} {worker:8} full run of {args.memory_steps} steps: peak RSS "
